@@ -1,0 +1,104 @@
+//! Finding the daemon, and starting it (and, for root, the helper) when it
+//! is not running.
+
+use anyhow::{bail, Context, Result};
+use banger_config::Config;
+use banger_proto::methods::{daemon as d, helper as h, Empty};
+use banger_proto::Client;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const START_DEADLINE: Duration = Duration::from_secs(15);
+
+/// A sibling binary of this executable, else the name for a PATH lookup.
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn spawn_detached(cmd: &mut Command, log: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(log.parent().unwrap_or(std::path::Path::new(".")))?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our
+    // terminal so Ctrl-C here never reaches the daemon.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    Ok(())
+}
+
+async fn wait_until<F, Fut>(what: &str, mut ready: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + START_DEADLINE;
+    while Instant::now() < deadline {
+        if ready().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{what} did not become ready within {}s", START_DEADLINE.as_secs())
+}
+
+async fn ensure_helper(cfg: &Config) -> Result<()> {
+    let helper = Client::new(cfg.helper_socket.clone());
+    if helper.call::<h::Ping>(&Empty {}, None).await.is_ok() {
+        return Ok(());
+    }
+    let log = cfg.log_dir().join("helper.log");
+    spawn_detached(
+        Command::new(sibling("banger-helper"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&cfg.helper_socket)
+            .arg("--owner-uid")
+            .arg("0")
+            .arg("--log-file")
+            .arg(&log),
+        &log,
+    )?;
+    wait_until("banger-helper", || async {
+        helper.call::<h::Ping>(&Empty {}, None).await.is_ok()
+    })
+    .await
+}
+
+/// A client for a running daemon, starting one if needed.
+pub async fn connect(cfg: &Config) -> Result<Client> {
+    let client = Client::new(cfg.daemon_socket());
+    if client.call::<d::Ping>(&Empty {}, None).await.is_ok() {
+        return Ok(client);
+    }
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        // Single-user setup: root runs the helper itself.
+        ensure_helper(cfg).await.context("starting the root helper")?;
+    }
+    let log = cfg.log_dir().join("bangerd.out");
+    spawn_detached(&mut Command::new(sibling("bangerd")), &log)?;
+    wait_until("bangerd", || async {
+        client.call::<d::Ping>(&Empty {}, None).await.is_ok()
+    })
+    .await
+    .with_context(|| format!("see {}", log.display()))?;
+    Ok(client)
+}
+
+/// A client for the daemon only if it already runs.
+pub async fn running(cfg: &Config) -> Option<Client> {
+    let client = Client::new(cfg.daemon_socket());
+    client.call::<d::Ping>(&Empty {}, None).await.ok().map(|_| client)
+}

@@ -1,0 +1,157 @@
+//! `banger`: the command line. It talks only to the daemon.
+
+mod daemon;
+
+use anyhow::Result;
+use banger_config::Config;
+use banger_proto::methods::{daemon as d, Empty};
+use banger_proto::ClientError;
+use clap::{CommandFactory, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "banger",
+    version,
+    about = "One-command development sandboxes on microVMs"
+)]
+struct Cli {
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check that the daemon answers (starting it if needed).
+    Ping,
+    /// Manage the daemon.
+    #[command(subcommand)]
+    Daemon(DaemonCmd),
+    /// Host networking.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum DaemonCmd {
+    /// Show whether the daemon runs.
+    Status,
+    /// Stop the daemon (running VMs keep running).
+    Stop,
+    /// List asynchronous operations.
+    Operations,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Make sure the bridge exists (through the root helper).
+    Ensure,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e);
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Prints an error with its op id; for a daemon error also its code.
+fn report(e: &anyhow::Error) {
+    match e.downcast_ref::<ClientError>().and_then(ClientError::rpc) {
+        Some(rpc) => eprintln!("error: {rpc}\n  code: {}", rpc.code),
+        None => eprintln!("error: {e:#}"),
+    }
+}
+
+fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+    } else {
+        human(v)
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let cfg = Config::load()?;
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
+        }
+        Cmd::Ping => {
+            let c = daemon::connect(&cfg).await?;
+            let info = c.call::<d::Ping>(&Empty {}, None).await?;
+            print(json, &info, |i| {
+                println!("pong: bangerd {} (pid {})", i.version, i.pid)
+            });
+        }
+        Cmd::Daemon(DaemonCmd::Status) => match daemon::running(&cfg).await {
+            Some(c) => {
+                let info = c.call::<d::Ping>(&Empty {}, None).await?;
+                print(json, &info, |i| {
+                    println!(
+                        "bangerd {} running, pid {}, up {} s",
+                        i.version,
+                        i.pid,
+                        i.uptime_ms / 1000
+                    );
+                    println!("socket: {}\nstate:  {}", i.socket, i.state_dir);
+                });
+            }
+            None => {
+                if json {
+                    println!("{{\"running\": false}}");
+                } else {
+                    println!("bangerd is not running");
+                }
+                return Ok(3);
+            }
+        },
+        Cmd::Daemon(DaemonCmd::Stop) => match daemon::running(&cfg).await {
+            Some(c) => {
+                c.call::<d::Shutdown>(&Empty {}, None).await?;
+                println!("bangerd stopping");
+            }
+            None => println!("bangerd is not running"),
+        },
+        Cmd::Daemon(DaemonCmd::Operations) => {
+            let c = daemon::connect(&cfg).await?;
+            let ops = c.call::<d::OperationsList>(&Empty {}, None).await?;
+            print(json, &ops, |ops| {
+                for o in ops {
+                    let state = if o.done {
+                        if o.error.is_some() {
+                            "failed"
+                        } else {
+                            "done"
+                        }
+                    } else {
+                        "running"
+                    };
+                    println!(
+                        "{}  {:<12} {:<16} {:<10} {:<14} {} ms",
+                        o.op_id, o.kind, o.subject, state, o.stage, o.elapsed_ms
+                    );
+                }
+            });
+        }
+        Cmd::Network(NetworkCmd::Ensure) => {
+            let c = daemon::connect(&cfg).await?;
+            let st = c.call::<d::NetworkEnsure>(&Empty {}, None).await?;
+            print(json, &st, |s| {
+                println!("bridge {} ready (helper {})", s.bridge, s.helper_version)
+            });
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,172 @@
+//! Paths and configuration, shared by the CLI (to find and start the daemon)
+//! and the daemon.
+//!
+//! Precedence: environment variable > `config.toml` > built-in default.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The optional `config.toml` in the state directory. Every field defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub log_level: Option<String>,
+    pub helper_socket: Option<PathBuf>,
+    pub bridge: Option<String>,
+    pub bridge_address: Option<String>,
+    pub vmm: Option<String>,
+    pub firecracker: Option<PathBuf>,
+    pub qemu: Option<PathBuf>,
+    pub default_vcpus: Option<u32>,
+    pub default_memory_mib: Option<u32>,
+    pub default_work_disk_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Durable state: database, images, kernels, VM directories, logs.
+    pub state_dir: PathBuf,
+    /// Sockets and pid files; mode 0700.
+    pub runtime_dir: PathBuf,
+    pub helper_socket: PathBuf,
+    pub log_level: Option<String>,
+    pub bridge: String,
+    pub bridge_address: String,
+    pub vmm: String,
+    pub firecracker: Option<PathBuf>,
+    pub qemu: Option<PathBuf>,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u32,
+    pub default_work_disk_mib: u64,
+}
+
+pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(p) = env_path("XDG_DATA_HOME") {
+        return p.join("banger");
+    }
+    match env_path("HOME") {
+        Some(h) => h.join(".local/share/banger"),
+        None => PathBuf::from(format!("/var/lib/banger-{}", uid())),
+    }
+}
+
+fn default_runtime_dir() -> PathBuf {
+    if let Some(p) = env_path("XDG_RUNTIME_DIR") {
+        return p.join("banger");
+    }
+    if uid() == 0 {
+        return PathBuf::from("/run/banger");
+    }
+    PathBuf::from(format!("/tmp/banger-{}", uid()))
+}
+
+impl Config {
+    /// Loads from the environment and `<state_dir>/config.toml`.
+    pub fn load() -> Result<Self, ConfigError> {
+        let state_dir = env_path("BANGER_HOME").unwrap_or_else(default_state_dir);
+        let file = state_dir.join("config.toml");
+        let fc = match std::fs::read_to_string(&file) {
+            Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: file.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
+            Err(source) => return Err(ConfigError::Read { path: file, source }),
+        };
+        Self::from_parts(state_dir, fc)
+    }
+
+    pub fn from_parts(state_dir: PathBuf, fc: FileConfig) -> Result<Self, ConfigError> {
+        let vmm = std::env::var("BANGER_VMM")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .or(fc.vmm)
+            .unwrap_or_else(|| "auto".into());
+        if !["auto", "qemu", "firecracker"].contains(&vmm.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "vmm must be auto, qemu or firecracker, not {vmm:?}"
+            )));
+        }
+        Ok(Config {
+            runtime_dir: env_path("BANGER_RUNTIME_DIR").unwrap_or_else(default_runtime_dir),
+            helper_socket: env_path("BANGER_HELPER_SOCKET")
+                .or(fc.helper_socket)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_HELPER_SOCKET)),
+            log_level: fc.log_level,
+            bridge: std::env::var("BANGER_BRIDGE")
+                .ok()
+                .or(fc.bridge)
+                .unwrap_or_else(|| "banger0".into()),
+            bridge_address: fc.bridge_address.unwrap_or_else(|| "172.30.0.1/24".into()),
+            vmm,
+            firecracker: env_path("BANGER_FIRECRACKER").or(fc.firecracker),
+            qemu: env_path("BANGER_QEMU").or(fc.qemu),
+            default_vcpus: fc.default_vcpus.unwrap_or(2),
+            default_memory_mib: fc.default_memory_mib.unwrap_or(1024),
+            default_work_disk_mib: fc.default_work_disk_mib.unwrap_or(8192),
+            state_dir,
+        })
+    }
+
+    pub fn daemon_socket(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.sock")
+    }
+
+    pub fn daemon_pid_file(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.pid")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.state_dir.join("logs")
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.state_dir.join("kernels")
+    }
+
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.vms_dir().join(id)
+    }
+}
+
+/// Creates `dir` (and parents) and sets its mode.
+pub fn ensure_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}

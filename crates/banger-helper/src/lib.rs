@@ -1,0 +1,9 @@
+//! The root helper: every privileged effect banger needs, behind a narrow,
+//! validated API. It trusts nothing the daemon sends: each name, address and
+//! path is checked here, whatever the daemon already checked.
+
+pub mod net;
+pub mod service;
+pub mod validate;
+
+pub use service::{router, PrivService};

@@ -1,0 +1,223 @@
+//! Privileged network effects behind a trait, so the service's validation and
+//! sequencing can be tested without root (youki's approach). `LinuxNet` is
+//! the real implementation: rtnetlink for links and addresses, the TUN ioctls
+//! for persistent taps.
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    Tap,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub kind: LinkKind,
+    pub up: bool,
+    pub controller: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("{what}: {source}")]
+    Os { what: String, source: std::io::Error },
+    #[error("no link named {0:?}")]
+    NoLink(String),
+}
+
+/// The network effects the helper performs. Every method is given names the
+/// service has already validated.
+pub trait NetOps: Send + Sync + 'static {
+    fn link(&self, name: &str) -> impl Future<Output = Result<Option<Link>, NetError>> + Send;
+    fn create_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn create_tap(
+        &self,
+        name: &str,
+        owner_uid: Option<u32>,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn set_up(
+        &self,
+        index: u32,
+        controller: Option<u32>,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn add_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn delete_link(&self, index: u32) -> impl Future<Output = Result<(), NetError>> + Send;
+}
+
+/// The real thing.
+pub struct LinuxNet {
+    handle: Handle,
+}
+
+impl LinuxNet {
+    /// Opens a netlink connection; must be called inside a tokio runtime.
+    pub fn new() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetError::Os {
+            what: "opening a netlink socket".into(),
+            source,
+        })?;
+        tokio::spawn(conn);
+        Ok(LinuxNet { handle })
+    }
+}
+
+fn describe(msg: &LinkMessage) -> Link {
+    let mut kind = LinkKind::Other;
+    let mut controller = None;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(k) = info {
+                        kind = match k {
+                            InfoKind::Bridge => LinkKind::Bridge,
+                            InfoKind::Tun => LinkKind::Tap,
+                            _ => LinkKind::Other,
+                        };
+                    }
+                }
+            }
+            LinkAttribute::Controller(c) => controller = Some(*c),
+            _ => {}
+        }
+    }
+    let up = msg
+        .header
+        .flags
+        .contains(rtnetlink::packet_route::link::LinkFlags::Up);
+    Link {
+        index: msg.header.index,
+        kind,
+        up,
+        controller,
+    }
+}
+
+impl NetOps for LinuxNet {
+    async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(describe(&msg))),
+            Ok(None) => Ok(None),
+            // ENODEV: no such link.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn create_bridge(&self, name: &str) -> Result<(), NetError> {
+        Ok(self
+            .handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await?)
+    }
+
+    async fn create_tap(&self, name: &str, owner_uid: Option<u32>) -> Result<(), NetError> {
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || tun::create_persistent_tap(&name, owner_uid))
+            .await
+            .map_err(|e| NetError::Os {
+                what: "tap creation task".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    async fn set_up(&self, index: u32, controller: Option<u32>) -> Result<(), NetError> {
+        let mut msg = LinkUnspec::new_with_index(index).up();
+        if let Some(c) = controller {
+            msg = msg.controller(c);
+        }
+        Ok(self.handle.link().set(msg.build()).execute().await?)
+    }
+
+    async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+        Ok(self
+            .handle
+            .address()
+            .add(index, ip.into(), prefix)
+            .replace()
+            .execute()
+            .await?)
+    }
+
+    async fn delete_link(&self, index: u32) -> Result<(), NetError> {
+        let mut links = self.handle.link();
+        Ok(links.del(index).execute().await?)
+    }
+}
+
+/// The TUN/TAP ioctls: netlink cannot create a tap.
+mod tun {
+    use super::*;
+
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+    const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+
+    fn os(what: &str) -> NetError {
+        NetError::Os {
+            what: what.to_string(),
+            source: std::io::Error::last_os_error(),
+        }
+    }
+
+    pub fn create_persistent_tap(name: &str, owner_uid: Option<u32>) -> Result<(), NetError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|source| NetError::Os {
+                what: "opening /dev/net/tun".into(),
+                source,
+            })?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let fd = f.as_raw_fd();
+        // SAFETY: `req` is a properly sized, initialised ifreq that outlives the call.
+        if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+            return Err(os("TUNSETIFF"));
+        }
+        if let Some(uid) = owner_uid {
+            // SAFETY: plain integer argument.
+            if unsafe { libc::ioctl(fd, TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+                return Err(os("TUNSETOWNER"));
+            }
+        }
+        // SAFETY: plain integer argument.
+        if unsafe { libc::ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+            return Err(os("TUNSETPERSIST"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! The `priv.*` methods: validate, then sequence idempotent effects.
+
+use crate::net::{LinkKind, NetError, NetOps};
+use crate::validate::{self, Invalid};
+use banger_proto::methods::helper::{self as m, BridgeEnsure, Changed, HelperInfo, LinkName, TapCreate};
+use banger_proto::methods::Empty;
+use banger_proto::{Router, RpcError, PROTOCOL_VERSION};
+use std::sync::Arc;
+
+fn invalid(e: Invalid) -> RpcError {
+    RpcError::bad_request(e.to_string())
+}
+
+fn failed(what: &str, e: NetError) -> RpcError {
+    RpcError::failed(format!("{what}: {e}"))
+}
+
+pub struct PrivService<N> {
+    net: N,
+}
+
+impl<N: NetOps> PrivService<N> {
+    pub fn new(net: N) -> Self {
+        PrivService { net }
+    }
+
+    pub fn ping(&self) -> HelperInfo {
+        HelperInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            protocol: PROTOCOL_VERSION,
+        }
+    }
+
+    pub async fn bridge_ensure(&self, p: BridgeEnsure) -> Result<Changed, RpcError> {
+        validate::bridge_name(&p.name).map_err(invalid)?;
+        let addr = p
+            .address
+            .as_deref()
+            .map(validate::ipv4_cidr)
+            .transpose()
+            .map_err(invalid)?;
+        let mut changed = false;
+        let link = match self
+            .net
+            .link(&p.name)
+            .await
+            .map_err(|e| failed("looking up the bridge", e))?
+        {
+            Some(l) if l.kind != LinkKind::Bridge => {
+                return Err(RpcError::already_exists(format!(
+                    "{} exists and is not a bridge",
+                    p.name
+                )));
+            }
+            Some(l) => l,
+            None => {
+                self.net
+                    .create_bridge(&p.name)
+                    .await
+                    .map_err(|e| failed("creating the bridge", e))?;
+                changed = true;
+                self.net
+                    .link(&p.name)
+                    .await
+                    .map_err(|e| failed("looking up the new bridge", e))?
+                    .ok_or_else(|| RpcError::failed(format!("bridge {} vanished after creation", p.name)))?
+            }
+        };
+        if let Some((ip, len)) = addr {
+            self.net
+                .add_address(link.index, ip, len)
+                .await
+                .map_err(|e| failed("adding the bridge address", e))?;
+        }
+        if !link.up {
+            self.net
+                .set_up(link.index, None)
+                .await
+                .map_err(|e| failed("bringing the bridge up", e))?;
+            changed = true;
+        }
+        Ok(Changed { changed })
+    }
+
+    pub async fn tap_create(&self, p: TapCreate) -> Result<Changed, RpcError> {
+        validate::tap_name(&p.name).map_err(invalid)?;
+        let controller = match &p.bridge {
+            Some(b) => {
+                validate::bridge_name(b).map_err(invalid)?;
+                match self
+                    .net
+                    .link(b)
+                    .await
+                    .map_err(|e| failed("looking up the bridge", e))?
+                {
+                    Some(l) if l.kind == LinkKind::Bridge => Some(l.index),
+                    _ => return Err(RpcError::not_found(format!("bridge {b} does not exist"))),
+                }
+            }
+            None => None,
+        };
+        let mut changed = false;
+        let link = match self
+            .net
+            .link(&p.name)
+            .await
+            .map_err(|e| failed("looking up the tap", e))?
+        {
+            Some(l) if l.kind != LinkKind::Tap => {
+                return Err(RpcError::already_exists(format!(
+                    "{} exists and is not a tap",
+                    p.name
+                )));
+            }
+            Some(l) => l,
+            None => {
+                self.net
+                    .create_tap(&p.name, p.owner_uid)
+                    .await
+                    .map_err(|e| failed("creating the tap", e))?;
+                changed = true;
+                self.net
+                    .link(&p.name)
+                    .await
+                    .map_err(|e| failed("looking up the new tap", e))?
+                    .ok_or_else(|| RpcError::failed(format!("tap {} vanished after creation", p.name)))?
+            }
+        };
+        if !link.up || link.controller != controller {
+            self.net
+                .set_up(link.index, controller)
+                .await
+                .map_err(|e| failed("bringing the tap up", e))?;
+            changed = true;
+        }
+        Ok(Changed { changed })
+    }
+
+    pub async fn tap_delete(&self, p: LinkName) -> Result<Changed, RpcError> {
+        validate::tap_name(&p.name).map_err(invalid)?;
+        match self
+            .net
+            .link(&p.name)
+            .await
+            .map_err(|e| failed("looking up the tap", e))?
+        {
+            None => Ok(Changed { changed: false }),
+            Some(l) if l.kind != LinkKind::Tap => Err(RpcError::bad_request(format!(
+                "{} is not a tap; refusing to delete it",
+                p.name
+            ))),
+            Some(l) => {
+                self.net
+                    .delete_link(l.index)
+                    .await
+                    .map_err(|e| failed("deleting the tap", e))?;
+                Ok(Changed { changed: true })
+            }
+        }
+    }
+}
+
+/// The helper's router: root and `owner_uid` may call it, nobody else.
+pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
+    let s1 = svc.clone();
+    let s2 = svc.clone();
+    let s3 = svc.clone();
+    Router::new("helper")
+        .authorize(move |uid| uid == 0 || uid == owner_uid)
+        .method::<m::Ping, _, _>(move |_, _: Empty| {
+            let info = svc.ping();
+            async move { Ok(info) }
+        })
+        .method::<m::BridgeEnsureM, _, _>(move |_, p| {
+            let s = s1.clone();
+            async move { s.bridge_ensure(p).await }
+        })
+        .method::<m::TapCreateM, _, _>(move |_, p| {
+            let s = s2.clone();
+            async move { s.tap_create(p).await }
+        })
+        .method::<m::TapDeleteM, _, _>(move |_, p| {
+            let s = s3.clone();
+            async move { s.tap_delete(p).await }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Link;
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+
+    /// In-memory stand-in for the kernel's link table, for unit tests of
+    /// validation and sequencing only. The real effects are tested against
+    /// `LinuxNet` in a network namespace by the end-to-end suite.
+    #[derive(Default)]
+    struct FakeNetForTests {
+        links: Mutex<HashMap<String, Link>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeNetForTests {
+        fn add(&self, name: &str, kind: LinkKind) {
+            let mut l = self.links.lock().unwrap();
+            let index = l.len() as u32 + 10;
+            l.insert(
+                name.into(),
+                Link {
+                    index,
+                    kind,
+                    up: false,
+                    controller: None,
+                },
+            );
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl NetOps for FakeNetForTests {
+        async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
+            Ok(self.links.lock().unwrap().get(name).cloned())
+        }
+        async fn create_bridge(&self, name: &str) -> Result<(), NetError> {
+            self.calls.lock().unwrap().push(format!("create_bridge {name}"));
+            self.add(name, LinkKind::Bridge);
+            Ok(())
+        }
+        async fn create_tap(&self, name: &str, _: Option<u32>) -> Result<(), NetError> {
+            self.calls.lock().unwrap().push(format!("create_tap {name}"));
+            self.add(name, LinkKind::Tap);
+            Ok(())
+        }
+        async fn set_up(&self, index: u32, controller: Option<u32>) -> Result<(), NetError> {
+            self.calls.lock().unwrap().push(format!("set_up {index}"));
+            for l in self
+                .links
+                .lock()
+                .unwrap()
+                .values_mut()
+                .filter(|l| l.index == index)
+            {
+                l.up = true;
+                l.controller = controller;
+            }
+            Ok(())
+        }
+        async fn add_address(&self, _: u32, _: Ipv4Addr, _: u8) -> Result<(), NetError> {
+            Ok(())
+        }
+        async fn delete_link(&self, index: u32) -> Result<(), NetError> {
+            self.calls.lock().unwrap().push(format!("delete {index}"));
+            self.links.lock().unwrap().retain(|_, l| l.index != index);
+            Ok(())
+        }
+    }
+
+    fn br(name: &str) -> BridgeEnsure {
+        BridgeEnsure {
+            name: name.into(),
+            address: Some("172.30.0.1/24".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn ensure_is_idempotent() {
+        let s = PrivService::new(FakeNetForTests::default());
+        assert!(s.bridge_ensure(br("banger0")).await.unwrap().changed);
+        assert!(!s.bridge_ensure(br("banger0")).await.unwrap().changed);
+        let tap = TapCreate {
+            name: "bgt1".into(),
+            bridge: Some("banger0".into()),
+            owner_uid: None,
+        };
+        assert!(s.tap_create(tap.clone()).await.unwrap().changed);
+        assert!(!s.tap_create(tap).await.unwrap().changed);
+        assert!(
+            s.tap_delete(LinkName { name: "bgt1".into() })
+                .await
+                .unwrap()
+                .changed
+        );
+        assert!(
+            !s.tap_delete(LinkName { name: "bgt1".into() })
+                .await
+                .unwrap()
+                .changed
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_names_cause_no_effect() {
+        let s = PrivService::new(FakeNetForTests::default());
+        for name in ["eth0", "docker0", "lo"] {
+            assert_eq!(
+                s.bridge_ensure(br(name)).await.unwrap_err().code,
+                banger_proto::ErrorCode::BadRequest
+            );
+            let e = s.tap_delete(LinkName { name: name.into() }).await.unwrap_err();
+            assert_eq!(e.code, banger_proto::ErrorCode::BadRequest);
+        }
+        assert!(
+            s.net.calls().is_empty(),
+            "effects ran for bad input: {:?}",
+            s.net.calls()
+        );
+    }
+
+    #[tokio::test]
+    async fn never_deletes_what_is_not_a_tap() {
+        let s = PrivService::new(FakeNetForTests::default());
+        s.net.add("bgtveth", LinkKind::Other);
+        assert!(s
+            .tap_delete(LinkName {
+                name: "bgtveth".into()
+            })
+            .await
+            .is_err());
+        assert!(s.net.calls().is_empty());
+    }
+}

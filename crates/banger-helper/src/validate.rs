@@ -1,0 +1,119 @@
+//! Validation of everything a caller hands the helper.
+
+use std::net::Ipv4Addr;
+
+/// Every bridge banger manages starts with this.
+pub const BRIDGE_PREFIX: &str = "banger";
+/// Every tap banger manages starts with this.
+pub const TAP_PREFIX: &str = "bgt";
+/// Linux's IFNAMSIZ minus the terminating NUL.
+const MAX_IFNAME: usize = 15;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Invalid {
+    #[error("interface name {0:?} must be 1-15 characters of [a-z0-9-]")]
+    IfName(String),
+    #[error("{kind} name {name:?} must start with {prefix:?}")]
+    Prefix {
+        kind: &'static str,
+        name: String,
+        prefix: &'static str,
+    },
+    #[error(
+        "address {0:?} must be an IPv4 address with a prefix length between 8 and 30, e.g. 172.30.0.1/24"
+    )]
+    Address(String),
+}
+
+fn ifname(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::IfName(name.to_string()))
+    }
+}
+
+fn prefixed(kind: &'static str, name: &str, prefix: &'static str) -> Result<(), Invalid> {
+    ifname(name)?;
+    // The prefix alone is not a name: "banger" would be too easy to collide with.
+    if name.len() > prefix.len() && name.starts_with(prefix) {
+        Ok(())
+    } else {
+        Err(Invalid::Prefix {
+            kind,
+            name: name.to_string(),
+            prefix,
+        })
+    }
+}
+
+pub fn bridge_name(name: &str) -> Result<(), Invalid> {
+    prefixed("bridge", name, BRIDGE_PREFIX)
+}
+
+pub fn tap_name(name: &str) -> Result<(), Invalid> {
+    prefixed("tap", name, TAP_PREFIX)
+}
+
+/// Parses `a.b.c.d/len`.
+pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
+    let bad = || Invalid::Address(s.to_string());
+    let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&len) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(bad());
+    }
+    Ok((ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_interfaces_are_never_accepted() {
+        for name in ["eth0", "docker0", "lo", "wlan0", "banger", "bgt", ""] {
+            assert!(bridge_name(name).is_err(), "{name} accepted as bridge");
+            assert!(tap_name(name).is_err(), "{name} accepted as tap");
+        }
+        for name in [
+            "banger0/../x",
+            "banger0 ",
+            "Banger0",
+            "banger0123456789",
+            "bgt;rm -rf /",
+        ] {
+            assert!(
+                bridge_name(name).is_err() && tap_name(name).is_err(),
+                "{name:?} accepted"
+            );
+        }
+        assert!(bridge_name("banger0").is_ok());
+        assert!(tap_name("bgt0a1b2c3d").is_ok());
+        assert!(tap_name("banger0").is_err(), "a bridge name is not a tap name");
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            ipv4_cidr("172.30.0.1/24").unwrap(),
+            ("172.30.0.1".parse().unwrap(), 24)
+        );
+        for bad in [
+            "172.30.0.1",
+            "172.30.0.1/33",
+            "0.0.0.0/24",
+            "x/24",
+            "172.30.0.1/4",
+            "1.2.3.4/24/1",
+        ] {
+            assert!(ipv4_cidr(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

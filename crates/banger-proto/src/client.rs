@@ -1,0 +1,151 @@
+//! A typed client for one-request-per-connection RPC over a Unix socket.
+
+use crate::error::{ErrorCode, RpcError};
+use crate::frame::{read_json, write_json, Frame, FrameError, Request, PROTOCOL_VERSION};
+use crate::methods::Method;
+use crate::opid::{self, OpId};
+use std::path::{Path, PathBuf};
+use tokio::io::BufReader;
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    /// The server answered with an error: code, message and op id.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("talking to {path}: {source}")]
+    Frame { path: PathBuf, source: FrameError },
+    #[error("{path} closed the connection without an answer")]
+    NoAnswer { path: PathBuf },
+    #[error("unexpected answer from {path}: {detail}")]
+    Decode { path: PathBuf, detail: String },
+}
+
+impl ClientError {
+    /// The server's error, when the call reached it.
+    pub fn rpc(&self) -> Option<&RpcError> {
+        match self {
+            ClientError::Rpc(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.rpc().map(|e| e.code)
+    }
+
+    pub fn op_id(&self) -> Option<&OpId> {
+        self.rpc().and_then(|e| e.op_id.as_ref())
+    }
+
+    /// True when nothing listens on the socket (daemon not started).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Connect { .. })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Client { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Calls `M`. The op id is `op`, else the current task's, else none (the
+    /// server mints one).
+    pub async fn call<M: Method>(
+        &self,
+        params: &M::Params,
+        op: Option<&OpId>,
+    ) -> Result<M::Output, ClientError> {
+        self.call_with_events::<M>(params, op, |_| {}).await
+    }
+
+    /// Calls `M`, handing each streamed event to `on_event` as it arrives.
+    pub async fn call_with_events<M: Method>(
+        &self,
+        params: &M::Params,
+        op: Option<&OpId>,
+        mut on_event: impl FnMut(M::Event),
+    ) -> Result<M::Output, ClientError> {
+        let params = serde_json::to_value(params).map_err(|e| self.decode(e))?;
+        let result = self
+            .call_value(M::NAME, params, op, |v| {
+                if let Ok(ev) = serde_json::from_value(v) {
+                    on_event(ev);
+                }
+            })
+            .await?;
+        serde_json::from_value(result).map_err(|e| self.decode(e))
+    }
+
+    async fn call_value(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+        op: Option<&OpId>,
+        mut on_event: impl FnMut(serde_json::Value),
+    ) -> Result<serde_json::Value, ClientError> {
+        let op = op.cloned().or_else(opid::current);
+        let req = Request {
+            version: PROTOCOL_VERSION,
+            method: method.to_string(),
+            params,
+            op_id: op.map(|o| o.to_string()),
+        };
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        write_json(&mut wr, &req).await.map_err(|e| self.frame(e))?;
+        loop {
+            let frame: Option<Frame> = read_json(&mut rd).await.map_err(|e| self.frame(e))?;
+            match frame {
+                None => {
+                    return Err(ClientError::NoAnswer {
+                        path: self.path.clone(),
+                    })
+                }
+                Some(Frame::Event { event }) => on_event(event),
+                Some(Frame::Result { result, .. }) => return Ok(result),
+                Some(Frame::Error { error }) => return Err(ClientError::Rpc(error)),
+            }
+        }
+    }
+
+    fn frame(&self, source: FrameError) -> ClientError {
+        ClientError::Frame {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn decode(&self, e: serde_json::Error) -> ClientError {
+        ClientError::Decode {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// An untyped call by method name, for diagnostic tools at a binary's edge.
+pub async fn raw_call(
+    client: &Client,
+    method: &str,
+    params: serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    client.call_value(method, params, None, |_| {}).await
+}

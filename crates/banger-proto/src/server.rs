@@ -1,0 +1,318 @@
+//! Server plumbing shared by the daemon and the helper: a typed method
+//! router, per-request op ids and spans, peer checks, and request-scoped
+//! cancellation when the client goes away.
+
+use crate::error::{ErrorCode, RpcError};
+use crate::frame::{read_frame, write_json, Frame, Request, PROTOCOL_VERSION};
+use crate::methods::Method;
+use crate::opid::{self, OpId};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long a connected client may take to send its request.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a handler knows about the call it serves.
+#[derive(Clone)]
+pub struct Ctx {
+    pub op_id: OpId,
+    /// Cancelled when the client disconnects before the call finished.
+    pub cancel: CancellationToken,
+    /// The peer's uid as read with SO_PEERCRED.
+    pub peer_uid: u32,
+    events: mpsc::UnboundedSender<Value>,
+}
+
+impl Ctx {
+    /// Streams one event to the client ahead of the result.
+    pub fn emit<E: Serialize>(&self, event: &E) {
+        if let Ok(v) = serde_json::to_value(event) {
+            let _ = self.events.send(v);
+        }
+    }
+
+    /// A context for work not tied to a connection (start-up, background
+    /// tasks): events go nowhere.
+    pub fn detached(op_id: OpId) -> Self {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Ctx {
+            op_id,
+            cancel: CancellationToken::new(),
+            // SAFETY: getuid has no preconditions and cannot fail.
+            peer_uid: unsafe { libc::getuid() },
+            events: tx,
+        }
+    }
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
+type Handler = Arc<dyn Fn(Ctx, Value) -> Result<BoxFut, RpcError> + Send + Sync>;
+type Authorizer = Arc<dyn Fn(u32) -> bool + Send + Sync>;
+/// A decoded call ready to run: its context, future and event stream.
+type Prepared = (Ctx, BoxFut, mpsc::UnboundedReceiver<Value>);
+
+/// Maps method names to typed handlers.
+pub struct Router {
+    label: &'static str,
+    handlers: HashMap<&'static str, Handler>,
+    authorize: Option<Authorizer>,
+}
+
+impl Router {
+    /// `label` prefixes the per-call log line: `"<label> rpc completed"`.
+    pub fn new(label: &'static str) -> Self {
+        Router {
+            label,
+            handlers: HashMap::new(),
+            authorize: None,
+        }
+    }
+
+    /// Only peers whose uid passes `f` are served; others get `unauthorized`.
+    pub fn authorize(mut self, f: impl Fn(u32) -> bool + Send + Sync + 'static) -> Self {
+        self.authorize = Some(Arc::new(f));
+        self
+    }
+
+    /// Registers the handler of method `M`.
+    pub fn method<M, F, Fut>(mut self, f: F) -> Self
+    where
+        M: Method,
+        F: Fn(Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Output, RpcError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let h: Handler = Arc::new(move |ctx, params| {
+            let params: M::Params = decode_params(params)?;
+            let fut = f(ctx, params);
+            Ok(Box::pin(async move {
+                let out = fut.await?;
+                serde_json::to_value(out).map_err(|e| RpcError::failed(format!("encoding result: {e}")))
+            }))
+        });
+        self.handlers.insert(M::NAME, h);
+        self
+    }
+
+    pub fn methods(&self) -> impl Iterator<Item = &&'static str> {
+        self.handlers.keys()
+    }
+
+    /// Accepts connections until `shutdown` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let router = self.clone();
+                        tokio::spawn(async move { router.serve_connection(stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Serves the single request of one connection.
+    pub async fn serve_connection(&self, stream: UnixStream) {
+        let peer_uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+                return;
+            }
+        };
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        let started = Instant::now();
+
+        let (op, method, call) = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut rd)).await {
+            Ok(Ok(None)) => return,
+            Err(_) => (
+                OpId::mint(),
+                String::new(),
+                Err(RpcError::bad_request("timed out waiting for the request")),
+            ),
+            Ok(Err(e)) => (
+                OpId::mint(),
+                String::new(),
+                Err(RpcError::bad_request(e.to_string())),
+            ),
+            Ok(Ok(Some(bytes))) => self.prepare(&bytes, peer_uid),
+        };
+
+        let span = tracing::info_span!("rpc", op_id = %op, method = %method, peer_uid);
+        let label = self.label;
+        async {
+            let outcome = match call {
+                Err(e) => Some(Err(e)),
+                Ok(fut_ctx) => run_call(fut_ctx, &mut rd, &mut wr).await,
+            };
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let frame = match outcome {
+                None => {
+                    tracing::warn!(
+                        duration_ms,
+                        "{label} rpc failed: client disconnected, request cancelled"
+                    );
+                    return;
+                }
+                Some(Ok(result)) => {
+                    tracing::info!(duration_ms, "{label} rpc completed");
+                    Frame::Result {
+                        result,
+                        op_id: Some(op.to_string()),
+                    }
+                }
+                Some(Err(e)) => {
+                    let e = e.with_op_id(&op);
+                    tracing::warn!(duration_ms, code = %e.code, error = %e.message, "{label} rpc failed");
+                    Frame::Error { error: e }
+                }
+            };
+            if let Err(e) = write_json(&mut wr, &frame).await {
+                tracing::debug!(error = %e, "could not write the response");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Decodes the envelope and looks the handler up. Every early failure is
+    /// returned with the op id it will be stamped with.
+    fn prepare(&self, bytes: &[u8], peer_uid: u32) -> (OpId, String, Result<Prepared, RpcError>) {
+        let req: Request = match serde_json::from_slice(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep the peer's op id if the frame was at least an object with one.
+                let op = serde_json::from_slice::<Value>(bytes)
+                    .ok()
+                    .and_then(|v| v.get("op_id").and_then(|o| o.as_str()).map(str::to_owned));
+                let op = OpId::adopt_or_mint(op.as_deref());
+                return (
+                    op,
+                    String::new(),
+                    Err(RpcError::bad_request(format!("malformed request: {e}"))),
+                );
+            }
+        };
+        let op = OpId::adopt_or_mint(req.op_id.as_deref());
+        let method = req.method.clone();
+        if let Some(auth) = &self.authorize {
+            if !auth(peer_uid) {
+                return (
+                    op,
+                    method,
+                    Err(RpcError::new(
+                        ErrorCode::Unauthorized,
+                        format!("uid {peer_uid} may not use this socket"),
+                    )),
+                );
+            }
+        }
+        if req.version != PROTOCOL_VERSION {
+            return (
+                op,
+                method,
+                Err(RpcError::new(
+                    ErrorCode::BadVersion,
+                    format!(
+                        "protocol version {} is not supported (this side speaks {PROTOCOL_VERSION})",
+                        req.version
+                    ),
+                )),
+            );
+        }
+        let Some(handler) = self.handlers.get(req.method.as_str()) else {
+            return (
+                op,
+                method.clone(),
+                Err(RpcError::new(
+                    ErrorCode::UnknownMethod,
+                    format!("unknown method {method:?}"),
+                )),
+            );
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ctx = Ctx {
+            op_id: op.clone(),
+            cancel: CancellationToken::new(),
+            peer_uid,
+            events: tx,
+        };
+        let fut = handler(ctx.clone(), req.params).map(|f| (ctx, f, rx));
+        (op, method, fut)
+    }
+}
+
+fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError> {
+    // A method without params accepts a missing or null `params`.
+    let v = if v.is_null() {
+        Value::Object(Default::default())
+    } else {
+        v
+    };
+    serde_json::from_value(v).map_err(|e| RpcError::bad_request(format!("invalid params: {e}")))
+}
+
+/// Runs the handler while forwarding its events and watching for the client
+/// to hang up. `None` means the client left and the call was cancelled.
+async fn run_call(
+    (ctx, fut, mut events): Prepared,
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Option<Result<Value, RpcError>> {
+    let cancel = ctx.cancel.clone();
+    let fut = opid::scope(ctx.op_id.clone(), fut);
+    drop(ctx);
+    tokio::pin!(fut);
+    let hung_up = async {
+        // Anything after the request is ignored; only end-of-stream matters.
+        loop {
+            match rd.fill_buf().await {
+                Ok([]) | Err(_) => return,
+                Ok(b) => {
+                    let n = b.len();
+                    rd.consume(n);
+                }
+            }
+        }
+    };
+    tokio::pin!(hung_up);
+    loop {
+        tokio::select! {
+            res = &mut fut => {
+                while let Ok(ev) = events.try_recv() {
+                    if write_json(wr, &Frame::Event { event: ev }).await.is_err() {
+                        break;
+                    }
+                }
+                return Some(res);
+            }
+            Some(ev) = events.recv() => {
+                if write_json(wr, &Frame::Event { event: ev }).await.is_err() {
+                    cancel.cancel();
+                    return None;
+                }
+            }
+            _ = &mut hung_up => {
+                cancel.cancel();
+                return None;
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Durable state: what a VM *is* and which images exist.
+//!
+//! Nothing here describes what is true right now (PIDs, taps, loop devices);
+//! that lives in the daemon's memory and per-VM scratch files, rebuilt from
+//! the OS at start-up. See ARCHITECTURE.md.
+
+mod migrations;
+mod records;
+
+pub use records::{ImageRecord, VmRecord, VmRuntime, VmSpec, VmState};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::path::Path;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt record {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("database schema version {found} is newer than this build understands ({known})")]
+    TooNew { found: i64, known: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The store. One connection behind a mutex: SQLite serialises writers
+/// anyway, and every statement here is short.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        // WAL + synchronous=FULL: an acknowledged commit survives power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut conn = conn;
+        migrations::apply(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens read-only for diagnostics: never creates, never migrates.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (statements are atomic), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        migrations::current_version(&self.conn())
+    }
+
+    // ---- VMs ----
+
+    pub fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
+        let conn = self.conn();
+        let res = conn.execute(
+            "INSERT INTO vms (id, name, image, state, spec, runtime, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            params![
+                vm.id,
+                vm.name,
+                vm.spec.image,
+                vm.runtime.state.as_str(),
+                to_json(&vm.spec),
+                to_json(&vm.runtime),
+                vm.created_at
+            ],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::AlreadyExists(format!("vm {:?}", vm.name)))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub fn update_vm_runtime(&self, id: &str, runtime: &VmRuntime) -> Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET state = ?2, runtime = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, runtime.state.as_str(), to_json(runtime), now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_vm(&self, name_or_id: &str) -> Result<Option<VmRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, spec, runtime, created_at FROM vms WHERE name = ?1 OR id = ?1 LIMIT 1",
+        )?;
+        let row = stmt.query_row([name_or_id], raw_vm).optional()?;
+        row.map(decode_vm).transpose()
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, name, spec, runtime, created_at FROM vms ORDER BY created_at, name")?;
+        let rows = stmt
+            .query_map([], raw_vm)?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.into_iter().map(decode_vm).collect()
+    }
+
+    pub fn delete_vm(&self, id: &str) -> Result<bool> {
+        Ok(self.conn().execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
+    }
+
+    // ---- images ----
+
+    pub fn insert_image(&self, img: &ImageRecord) -> Result<()> {
+        let conn = self.conn();
+        let res = conn.execute(
+            "INSERT INTO images (name, rootfs, kernel, initrd, size_bytes, source, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                img.name,
+                img.rootfs,
+                img.kernel,
+                img.initrd,
+                img.size_bytes as i64,
+                img.source,
+                img.created_at
+            ],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::AlreadyExists(format!("image {:?}", img.name)))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub fn get_image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, rootfs, kernel, initrd, size_bytes, source, created_at FROM images WHERE name = ?1",
+        )?;
+        Ok(stmt.query_row([name], image_row).optional()?)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, rootfs, kernel, initrd, size_bytes, source, created_at FROM images ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], image_row)?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Deletes an image row. Refused by a foreign key while a VM uses it.
+    pub fn delete_image(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM images WHERE name = ?1", [name])?
+            > 0)
+    }
+}
+
+type RawVm = (String, String, String, String, String);
+
+fn raw_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn decode_vm((id, name, spec, runtime, created_at): RawVm) -> Result<VmRecord> {
+    let corrupt = |what: &str, e: serde_json::Error| StoreError::Corrupt {
+        what: format!("vm {name:?} {what}"),
+        detail: e.to_string(),
+    };
+    Ok(VmRecord {
+        spec: serde_json::from_str(&spec).map_err(|e| corrupt("spec", e))?,
+        runtime: serde_json::from_str(&runtime).map_err(|e| corrupt("runtime", e))?,
+        id,
+        name,
+        created_at,
+    })
+}
+
+fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
+    Ok(ImageRecord {
+        name: r.get(0)?,
+        rootfs: r.get(1)?,
+        kernel: r.get(2)?,
+        initrd: r.get(3)?,
+        size_bytes: r.get::<_, i64>(4)? as u64,
+        source: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("store records always serialise")
+}
+
+/// Seconds since the epoch, as text: sortable and timezone-free.
+pub fn now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}

@@ -1,0 +1,65 @@
+//! Forward-only schema migrations, recorded in `schema_migrations`.
+//! Never edit a shipped migration: append a new one.
+
+use crate::{Result, StoreError};
+use rusqlite::Connection;
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE images (
+        name        TEXT PRIMARY KEY,
+        rootfs      TEXT NOT NULL,
+        kernel      TEXT NOT NULL,
+        initrd      TEXT,
+        size_bytes  INTEGER NOT NULL,
+        source      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE vms (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        image       TEXT NOT NULL REFERENCES images(name) ON DELETE RESTRICT,
+        state       TEXT NOT NULL,
+        spec        TEXT NOT NULL,
+        runtime     TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );",
+)];
+
+pub fn current_version(conn: &Connection) -> Result<i64> {
+    let exists: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(0);
+    }
+    Ok(conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+pub fn apply(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )?;
+    let have = current_version(conn)?;
+    let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    if have > known {
+        return Err(StoreError::TooNew { found: have, known });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > have) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            rusqlite::params![version, crate::now()],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The durable records. Spec = what the user asked for; runtime = what the
+//! daemon must remember across crashes to manage and clean up the VM.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    #[default]
+    Creating,
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub work_disk_bytes: u64,
+    /// The VMM back-end, resolved at create time ("qemu" or "firecracker").
+    pub vmm: String,
+    #[serde(default)]
+    pub nat: bool,
+}
+
+/// What the daemon must remember about a VM across its own crashes. Enough
+/// to find and tear down every host resource if nothing else survives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRuntime {
+    pub state: VmState,
+    #[serde(default)]
+    pub vm_dir: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    #[serde(default)]
+    pub vsock_cid: u32,
+    #[serde(default)]
+    pub api_socket: String,
+    #[serde(default)]
+    pub vsock_uds: String,
+    #[serde(default)]
+    pub log_path: String,
+    #[serde(default)]
+    pub metrics_path: String,
+    #[serde(default)]
+    pub overlay_path: String,
+    #[serde(default)]
+    pub work_disk_path: String,
+    /// Name of the tap the VM uses; recorded so a crash cannot leak it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub spec: VmSpec,
+    pub runtime: VmRuntime,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub rootfs: String,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub size_bytes: u64,
+    pub source: String,
+    pub created_at: String,
+}

@@ -1,0 +1,101 @@
+use banger_store::{ImageRecord, Store, StoreError, VmRecord, VmRuntime, VmSpec, VmState};
+
+fn image(name: &str) -> ImageRecord {
+    ImageRecord {
+        name: name.into(),
+        rootfs: "/images/rootfs.ext4".into(),
+        kernel: "/kernels/vmlinuz".into(),
+        initrd: None,
+        size_bytes: 1 << 30,
+        source: "test".into(),
+        created_at: banger_store::now(),
+    }
+}
+
+fn vm(name: &str) -> VmRecord {
+    VmRecord {
+        id: format!("id-{name}"),
+        name: name.into(),
+        spec: VmSpec {
+            image: "default".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            work_disk_bytes: 1 << 30,
+            vmm: "qemu".into(),
+            nat: false,
+        },
+        runtime: VmRuntime::default(),
+        created_at: banger_store::now(),
+    }
+}
+
+#[test]
+fn records_survive_reopen_and_names_are_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    {
+        let s = Store::open(&db).unwrap();
+        s.insert_image(&image("default")).unwrap();
+        s.insert_vm(&vm("alpha")).unwrap();
+        let mut rt = VmRuntime {
+            state: VmState::Running,
+            tap: Some("bgtap0".into()),
+            ..Default::default()
+        };
+        rt.guest_ip = Some("172.30.0.2".into());
+        s.update_vm_runtime("id-alpha", &rt).unwrap();
+        assert!(matches!(
+            s.insert_vm(&vm("alpha")),
+            Err(StoreError::AlreadyExists(_))
+        ));
+    }
+    let s = Store::open(&db).unwrap();
+    let got = s.get_vm("alpha").unwrap().expect("vm persisted");
+    assert_eq!(got.runtime.state, VmState::Running);
+    assert_eq!(got.runtime.tap.as_deref(), Some("bgtap0"));
+    assert_eq!(s.get_vm("id-alpha").unwrap().unwrap().name, "alpha");
+    assert_eq!(s.list_vms().unwrap().len(), 1);
+    assert_eq!(s.schema_version().unwrap(), 1);
+}
+
+#[test]
+fn foreign_keys_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("state.db")).unwrap();
+    // No such image: the VM row is refused.
+    assert!(s.insert_vm(&vm("orphan")).is_err());
+    s.insert_image(&image("default")).unwrap();
+    s.insert_vm(&vm("user")).unwrap();
+    // An image in use cannot be deleted from under its VM.
+    assert!(s.delete_image("default").is_err());
+    assert!(s.delete_vm("id-user").unwrap());
+    assert!(s.delete_image("default").unwrap());
+}
+
+#[test]
+fn read_only_open_never_creates_or_migrates() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    assert!(
+        Store::open_read_only(&db).is_err(),
+        "read-only open must not create a database"
+    );
+    assert!(!db.exists());
+    Store::open(&db).unwrap().insert_image(&image("default")).unwrap();
+    let ro = Store::open_read_only(&db).unwrap();
+    assert_eq!(ro.list_images().unwrap().len(), 1);
+    assert!(
+        ro.insert_image(&image("other")).is_err(),
+        "read-only store accepted a write"
+    );
+}
+
+#[test]
+fn wal_and_full_sync_are_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let _s = Store::open(&db).unwrap();
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+}

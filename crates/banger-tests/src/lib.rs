@@ -1,0 +1,241 @@
+//! A test harness that runs the real binaries. Each [`Env`] gets its own
+//! state and runtime directories and its own root helper, started inside a
+//! fresh network namespace so that bridges and taps it creates can never
+//! touch the host's network and vanish with it.
+//!
+//! The binaries must be built first (`cargo build --workspace`); the test
+//! command in the README does that.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries (next to `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for b in ["banger", "bangerd", "banger-helper"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo build --workspace` first",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `f` until it returns `Some`, failing the test at the deadline.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub helper: Option<Child>,
+}
+
+impl Env {
+    /// A fresh environment with a helper in its own network namespace.
+    pub fn new() -> Env {
+        let mut env = Env::without_helper();
+        env.start_helper();
+        env
+    }
+
+    /// A fresh environment with no helper running.
+    pub fn without_helper() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("banger-e2e")
+            .tempdir()
+            .expect("tempdir");
+        // Traversable by the unprivileged callers some tests impersonate.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        Env { dir, helper: None }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn helper_socket(&self) -> PathBuf {
+        self.dir.path().join("helper.sock")
+    }
+
+    pub fn daemon_socket(&self) -> PathBuf {
+        self.runtime().join("bangerd.sock")
+    }
+
+    pub fn helper_log(&self) -> PathBuf {
+        self.dir.path().join("helper.log")
+    }
+
+    pub fn daemon_log(&self) -> PathBuf {
+        self.home().join("logs/bangerd.log")
+    }
+
+    pub fn start_helper(&mut self) {
+        let mut cmd = Command::new(bin("banger-helper"));
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(self.helper_socket())
+            .arg("--owner-uid")
+            .arg("0")
+            .arg("--log-file")
+            .arg(self.helper_log())
+            .stdin(Stdio::null());
+        // SAFETY: unshare is async-signal-safe; the child gets a private
+        // network namespace before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn banger-helper");
+        let sock = self.helper_socket();
+        wait_for("the helper socket", Duration::from_secs(10), || {
+            UnixStream::connect(&sock).ok()
+        });
+        self.helper = Some(child);
+    }
+
+    pub fn helper_pid(&self) -> u32 {
+        self.helper.as_ref().expect("helper").id()
+    }
+
+    /// A command for one of the binaries with this environment applied.
+    pub fn cmd(&self, bin_name: &str) -> Command {
+        let mut c = Command::new(bin(bin_name));
+        c.env("BANGER_HOME", self.home())
+            .env("BANGER_RUNTIME_DIR", self.runtime())
+            .env("BANGER_HELPER_SOCKET", self.helper_socket())
+            .env_remove("BANGER_LOG_LEVEL")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn banger(&self, args: &[&str]) -> Output {
+        self.cmd("banger").args(args).output().expect("run banger")
+    }
+
+    /// Runs banger and asserts it succeeded; returns stdout.
+    pub fn banger_ok(&self, args: &[&str]) -> String {
+        let out = self.banger(args);
+        assert!(
+            out.status.success(),
+            "banger {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Sends raw bytes to the daemon and returns the frames it answered.
+    pub fn raw_daemon(&self, bytes: &[u8]) -> Vec<Value> {
+        raw_exchange(&self.daemon_socket(), bytes)
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.runtime().join("bangerd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn daemon_records(&self) -> Vec<Value> {
+        json_lines(&self.daemon_log())
+    }
+
+    pub fn helper_records(&self) -> Vec<Value> {
+        json_lines(&self.helper_log())
+    }
+
+    /// Runs `ip` inside the helper's network namespace.
+    pub fn ip_in_helper_ns(&self, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(self.helper_pid().to_string())
+            .arg("-n")
+            .arg("ip")
+            .args(args)
+            .output()
+            .expect("nsenter ip")
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Env::new()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(pid) = self.daemon_pid() {
+            // SAFETY: signalling a pid we started; a stale pid is harmless
+            // here because the pid file lives in this test's private dir.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if let Some(mut h) = self.helper.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
+/// Writes `bytes`, half-closes, and reads every frame until EOF.
+pub fn raw_exchange(sock: &Path, bytes: &[u8]) -> Vec<Value> {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The server may answer (and close) before taking all of an oversize
+    // frame, so a failed write is not an error here; the answer is.
+    let _ = s.write_all(bytes);
+    // Not shutting down the write side: the server treats a hang-up as a
+    // cancelled request. It answers and closes on its own.
+    let mut frames = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.expect("read (timed out?)");
+        frames.push(serde_json::from_str(&line).expect("server wrote JSON"));
+    }
+    frames
+}
+
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("non-JSON log line in {}: {e}: {l}", path.display()))
+        })
+        .collect()
+}

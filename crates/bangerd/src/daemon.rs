@@ -1,0 +1,64 @@
+//! Process-level concerns: the single-instance lock, the socket, signals.
+
+use crate::app::{self, App};
+use anyhow::{bail, Context, Result};
+use banger_config::{ensure_private_dir, Config};
+use banger_store::Store;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(cfg: Config) -> Result<()> {
+    ensure_private_dir(&cfg.state_dir, 0o700)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    ensure_private_dir(&cfg.runtime_dir, 0o700)
+        .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
+
+    // One daemon per runtime dir. The lock dies with the process, so a
+    // daemon killed with -9 never blocks its successor.
+    let pid_path = cfg.daemon_pid_file();
+    let mut pid_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&pid_path)
+        .with_context(|| format!("opening {}", pid_path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(pid_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another bangerd already runs for {}", cfg.runtime_dir.display());
+    }
+    pid_file.set_len(0)?;
+    writeln!(pid_file, "{}", std::process::id())?;
+
+    let store =
+        Store::open(&cfg.db_path()).with_context(|| format!("opening {}", cfg.db_path().display()))?;
+    let socket = cfg.daemon_socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+
+    let shutdown = CancellationToken::new();
+    let app = App::new(cfg, store, shutdown.clone());
+    let router = Arc::new(app::router(&app));
+
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        stop.cancel();
+    });
+
+    tracing::info!(socket = %socket.display(), pid = std::process::id(), "bangerd listening");
+    router.serve(listener, shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("bangerd stopped");
+    drop(pid_file);
+    Ok(())
+}

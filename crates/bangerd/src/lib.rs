@@ -1,0 +1,9 @@
+//! The daemon. `app` is the composition root: it builds each service and
+//! wires the RPC router; services own their state and locks and never see
+//! the wire format.
+
+pub mod app;
+pub mod daemon;
+pub mod helper_client;
+pub mod network;
+pub mod ops;
