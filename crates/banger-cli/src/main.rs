@@ -1,6 +1,9 @@
 //! `banger`: the command line. It talks only to the daemon.
 
 mod daemon;
+mod image;
+mod output;
+mod vm;
 
 use anyhow::Result;
 use banger_config::Config;
@@ -32,6 +35,15 @@ enum Cmd {
     /// Host networking.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+    /// Root filesystem images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Guest kernels.
+    #[command(subcommand)]
+    Kernel(image::KernelCmd),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -73,13 +85,7 @@ fn report(e: &anyhow::Error) {
     }
 }
 
-fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
-    if json {
-        println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
-    } else {
-        human(v)
-    }
-}
+use output::print;
 
 async fn run(cli: Cli) -> Result<i32> {
     let cfg = Config::load()?;
@@ -145,6 +151,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             });
         }
+        Cmd::Vm(cmd) => return vm::run(&daemon::connect(&cfg).await?, cmd, json).await,
+        Cmd::Image(cmd) => return image::run_image(&daemon::connect(&cfg).await?, cmd, json).await,
+        Cmd::Kernel(cmd) => return image::run_kernel(&daemon::connect(&cfg).await?, cmd, json).await,
         Cmd::Network(NetworkCmd::Ensure) => {
             let c = daemon::connect(&cfg).await?;
             let st = c.call::<d::NetworkEnsure>(&Empty {}, None).await?;

@@ -75,7 +75,7 @@ impl Client {
         &self,
         params: &M::Params,
         op: Option<&OpId>,
-        mut on_event: impl FnMut(M::Event),
+        mut on_event: impl FnMut(M::Event) + Send,
     ) -> Result<M::Output, ClientError> {
         let params = serde_json::to_value(params).map_err(|e| self.decode(e))?;
         let result = self
@@ -93,7 +93,7 @@ impl Client {
         method: &str,
         params: serde_json::Value,
         op: Option<&OpId>,
-        mut on_event: impl FnMut(serde_json::Value),
+        mut on_event: impl FnMut(serde_json::Value) + Send,
     ) -> Result<serde_json::Value, ClientError> {
         let op = op.cloned().or_else(opid::current);
         let req = Request {
@@ -108,9 +108,49 @@ impl Client {
                 path: self.path.clone(),
                 source,
             })?;
-        let (rd, mut wr) = stream.into_split();
+        self.exchange(stream, &req, &mut on_event).await
+    }
+
+    /// Runs one request over an already connected stream (used for vsock,
+    /// where a handshake precedes the protocol).
+    pub async fn call_on<M: Method, S>(
+        &self,
+        stream: S,
+        params: &M::Params,
+        op: Option<&OpId>,
+        mut on_event: impl FnMut(M::Event) + Send,
+    ) -> Result<M::Output, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let req = Request {
+            version: PROTOCOL_VERSION,
+            method: M::NAME.to_string(),
+            params: serde_json::to_value(params).map_err(|e| self.decode(e))?,
+            op_id: op.cloned().or_else(opid::current).map(|o| o.to_string()),
+        };
+        let result = self
+            .exchange(stream, &req, &mut |v| {
+                if let Ok(ev) = serde_json::from_value(v) {
+                    on_event(ev);
+                }
+            })
+            .await?;
+        serde_json::from_value(result).map_err(|e| self.decode(e))
+    }
+
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        req: &Request,
+        on_event: &mut (dyn FnMut(serde_json::Value) + Send),
+    ) -> Result<serde_json::Value, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (rd, mut wr) = tokio::io::split(stream);
         let mut rd = BufReader::new(rd);
-        write_json(&mut wr, &req).await.map_err(|e| self.frame(e))?;
+        write_json(&mut wr, req).await.map_err(|e| self.frame(e))?;
         loop {
             let frame: Option<Frame> = read_json(&mut rd).await.map_err(|e| self.frame(e))?;
             match frame {

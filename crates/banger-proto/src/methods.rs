@@ -5,6 +5,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
+pub mod agent;
 pub mod daemon;
 pub mod helper;
 

@@ -136,7 +136,16 @@ impl Router {
                 return;
             }
         };
-        let (rd, mut wr) = stream.into_split();
+        self.serve_stream(stream, peer_uid).await
+    }
+
+    /// Serves the single request of any byte stream (e.g. vsock), whose
+    /// peer the caller has already identified as `peer_uid`.
+    pub async fn serve_stream<S>(&self, stream: S, peer_uid: u32)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+    {
+        let (rd, mut wr) = tokio::io::split(stream);
         let mut rd = BufReader::new(rd);
         let started = Instant::now();
 
@@ -271,11 +280,15 @@ fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError
 
 /// Runs the handler while forwarding its events and watching for the client
 /// to hang up. `None` means the client left and the call was cancelled.
-async fn run_call(
+async fn run_call<R, W>(
     (ctx, fut, mut events): Prepared,
-    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
-    wr: &mut tokio::net::unix::OwnedWriteHalf,
-) -> Option<Result<Value, RpcError>> {
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+) -> Option<Result<Value, RpcError>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let cancel = ctx.cancel.clone();
     let fut = opid::scope(ctx.op_id.clone(), fut);
     drop(ctx);

@@ -2,13 +2,17 @@
 //! No logic lives here.
 
 use crate::helper_client::HelperClient;
+use crate::image::ImageService;
+use crate::kernel::KernelService;
 use crate::network::NetworkService;
 use crate::ops::Operations;
+use crate::vm::{Settings, VmService};
 use banger_config::Config;
 use banger_proto::methods::daemon as d;
 use banger_proto::methods::Empty;
 use banger_proto::{Router, RpcError};
 use banger_store::Store;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -18,22 +22,64 @@ pub struct App {
     pub store: Arc<Store>,
     pub ops: Arc<Operations>,
     pub network: Arc<NetworkService>,
+    pub kernels: Arc<KernelService>,
+    pub images: Arc<ImageService>,
+    pub vms: Arc<VmService>,
     pub shutdown: CancellationToken,
     started: Instant,
 }
 
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .or_else(|| banger_vmm::which(name))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 impl App {
     pub fn new(cfg: Config, store: Store, shutdown: CancellationToken) -> Arc<Self> {
+        let store = Arc::new(store);
         let helper = HelperClient::new(cfg.helper_socket.clone());
         let network = Arc::new(NetworkService::new(
             helper,
             cfg.bridge.clone(),
             cfg.bridge_address.clone(),
         ));
+        let ops = Arc::new(Operations::default());
+        let kernels = Arc::new(KernelService::new(cfg.kernels_dir()));
+        let images = Arc::new(ImageService::new(
+            cfg.images_dir(),
+            store.clone(),
+            kernels.clone(),
+        ));
+        let settings = Settings {
+            vms_dir: cfg.vms_dir(),
+            vmm: cfg.vmm.clone(),
+            qemu: cfg.qemu.clone(),
+            firecracker: cfg.firecracker.clone(),
+            default_vcpus: cfg.default_vcpus,
+            default_memory_mib: cfg.default_memory_mib,
+            default_work_disk_mib: cfg.default_work_disk_mib,
+            agent_binary: sibling("banger-agent"),
+            busybox: std::env::var_os("BANGER_BUSYBOX")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/bin/busybox".into()),
+        };
+        let vms = Arc::new(VmService::new(
+            settings,
+            store.clone(),
+            images.clone(),
+            ops.clone(),
+        ));
         Arc::new(App {
-            store: Arc::new(store),
-            ops: Arc::new(Operations::default()),
+            store,
+            ops,
             network,
+            kernels,
+            images,
+            vms,
             shutdown,
             started: Instant::now(),
             cfg,
@@ -62,6 +108,18 @@ macro_rules! with {
     }};
 }
 
+/// A progress callback that streams stages to the caller as events.
+fn progress(ctx: &banger_proto::Ctx) -> impl Fn(&str) + Sync + '_ {
+    let started = Instant::now();
+    move |s: &str| {
+        tracing::info!(stage = s, "progress");
+        ctx.emit(&d::Progress {
+            stage: s.to_string(),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}
+
 pub fn router(app: &Arc<App>) -> Router {
     Router::new("daemon")
         .method::<d::Ping, _, _>(with!(app, |_, _| Ok(app.info())))
@@ -77,4 +135,55 @@ pub fn router(app: &Arc<App>) -> Router {
         }))
         .method::<d::OperationsList, _, _>(with!(app, |_, _| Ok(app.ops.list())))
         .method::<d::NetworkEnsure, _, _>(with!(app, |ctx, _| app.network.ensure(&ctx.op_id).await))
+        // VMs
+        .method::<d::VmCreateBegin, _, _>(with!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
+        .method::<d::VmCreateStatusM, _, _>(with!(app, |_, p| app.vms.create_status(&p.op_id)))
+        .method::<d::VmCreateCancel, _, _>(with!(app, |_, p| app.vms.create_cancel(&p.op_id)))
+        .method::<d::VmStart, _, _>(with!(app, |_, p| app.vms.start(&p.name).await))
+        .method::<d::VmStop, _, _>(with!(app, |ctx, p| app.vms.stop(&ctx.op_id, &p.name).await))
+        .method::<d::VmRestart, _, _>(with!(app, |ctx, p| app.vms.restart(&ctx.op_id, &p.name).await))
+        .method::<d::VmKill, _, _>(with!(app, |ctx, p| app.vms.kill(&ctx.op_id, &p.name).await))
+        .method::<d::VmDelete, _, _>(with!(app, |ctx, p| app
+            .vms
+            .delete(&ctx.op_id, &p.name)
+            .await
+            .map(|_| Empty {})))
+        .method::<d::VmPrune, _, _>(with!(app, |ctx, _| app
+            .vms
+            .prune(&ctx.op_id)
+            .await
+            .map(|deleted| d::Pruned { deleted })))
+        .method::<d::VmList, _, _>(with!(app, |_, _| app.vms.list()))
+        .method::<d::VmShow, _, _>(with!(app, |_, p| app.vms.show(&p.name)))
+        .method::<d::VmLogsM, _, _>(with!(app, |_, p| app
+            .vms
+            .logs(&p.name, p.tail_bytes)
+            .map(|(serial, path)| d::VmLogs { serial, path })))
+        .method::<d::VmExecM, _, _>(with!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
+        // images and kernels
+        .method::<d::ImageBuildM, _, _>(with!(app, |ctx, p| {
+            let name = if p.name.is_empty() {
+                crate::image::DEFAULT_IMAGE.to_string()
+            } else {
+                p.name
+            };
+            app.images
+                .build(&name, p.force, &progress(&ctx))
+                .await
+                .map(|r| crate::image::info(&r))
+        }))
+        .method::<d::ImageList, _, _>(with!(app, |_, _| app.images.list()))
+        .method::<d::ImageShow, _, _>(with!(app, |_, p| app
+            .images
+            .get(&p.name)
+            .map(|r| crate::image::info(&r))))
+        .method::<d::ImageDelete, _, _>(with!(app, |_, p| app.images.delete(&p.name).map(|_| Empty {})))
+        .method::<d::ImageRegisterM, _, _>(with!(app, |_, p| app
+            .images
+            .register(&p.name, &p.rootfs, &p.kernel)
+            .map(|r| crate::image::info(&r))))
+        .method::<d::KernelFetch, _, _>(with!(app, |ctx, _| app.kernels.fetch(&progress(&ctx)).await))
+        .method::<d::KernelList, _, _>(with!(app, |_, _| Ok(app.kernels.list())))
+        .method::<d::KernelShow, _, _>(with!(app, |_, p| app.kernels.get(&p.name)))
+        .method::<d::KernelRm, _, _>(with!(app, |_, p| app.kernels.remove(&p.name).map(|_| Empty {})))
 }

@@ -44,6 +44,32 @@ pub async fn run(cfg: Config) -> Result<()> {
     let app = App::new(cfg, store, shutdown.clone());
     let router = Arc::new(app::router(&app));
 
+    // Adopt what still runs, clean up what does not, before serving.
+    let reconcile = banger_proto::OpId::mint();
+    banger_proto::opid::scope(reconcile.clone(), async {
+        let span = tracing::info_span!("reconcile", op_id = %reconcile);
+        let _e = span.enter();
+        tracing::info!("reconcile started");
+    })
+    .await;
+    {
+        use tracing::Instrument;
+        app.vms
+            .reconcile()
+            .instrument(tracing::info_span!("reconcile", op_id = %reconcile))
+            .await;
+    }
+    let watcher = app.clone();
+    let watch_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = watch_stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => watcher.vms.reap_dead().await,
+            }
+        }
+    });
+
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let mut term =

@@ -5,5 +5,10 @@
 pub mod app;
 pub mod daemon;
 pub mod helper_client;
+pub mod image;
+pub mod initramfs;
+pub mod kernel;
 pub mod network;
 pub mod ops;
+pub mod sys;
+pub mod vm;

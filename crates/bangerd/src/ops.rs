@@ -49,6 +49,19 @@ impl Operations {
         self.lock().get(id).map(|o| info(id, o))
     }
 
+    /// Each stage of an operation with the time it began, relative to the start.
+    pub fn stages(&self, id: &OpId) -> Vec<(String, u64)> {
+        self.lock()
+            .get(id)
+            .map(|o| {
+                o.stages
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.duration_since(o.started).as_millis() as u64))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn list(&self) -> Vec<OperationInfo> {
         self.lock().iter().map(|(id, o)| info(id, o)).collect()
     }

@@ -48,3 +48,180 @@ method!(
     /// Checks the helper and makes sure banger's bridge exists.
     NetworkEnsure = "network.ensure", Empty => NetworkStatus
 );
+
+// ---- VMs ----
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmCreate {
+    /// Empty: the daemon generates one.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_disk_mib: Option<u64>,
+    /// Start the VM once created.
+    #[serde(default)]
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmCreateBegun {
+    pub op_id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpRef {
+    pub op_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StageInfo {
+    pub name: String,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmCreateStatus {
+    pub op: OperationInfo,
+    pub stages: Vec<StageInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmRef {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub image: String,
+    pub vmm: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub work_disk_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub vsock_cid: u32,
+    pub vm_dir: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmExec {
+    pub name: String,
+    pub exec: crate::methods::agent::ExecRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmLogsParams {
+    pub name: String,
+    /// Only the last `tail_bytes` of the serial log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmLogs {
+    pub serial: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pruned {
+    pub deleted: Vec<String>,
+}
+
+method!(
+    /// Begins creating a VM; the op id of this call is the operation's id.
+    VmCreateBegin = "vm.create.begin", VmCreate => VmCreateBegun
+);
+method!(VmCreateStatusM = "vm.create.status", OpRef => VmCreateStatus);
+method!(VmCreateCancel = "vm.create.cancel", OpRef => Empty);
+method!(VmStart = "vm.start", VmRef => VmInfo);
+method!(VmStop = "vm.stop", VmRef => VmInfo);
+method!(VmRestart = "vm.restart", VmRef => VmInfo);
+method!(VmKill = "vm.kill", VmRef => VmInfo);
+method!(VmDelete = "vm.delete", VmRef => Empty);
+method!(VmPrune = "vm.prune", Empty => Pruned);
+method!(VmList = "vm.list", Empty => Vec<VmInfo>);
+method!(VmShow = "vm.show", VmRef => VmInfo);
+method!(VmLogsM = "vm.logs", VmLogsParams => VmLogs);
+method!(
+    /// Runs a command in the VM through its agent, streaming output.
+    VmExecM = "vm.exec", VmExec => crate::methods::agent::ExitStatus, event crate::methods::agent::ExecOutput
+);
+
+// ---- images and kernels ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub name: String,
+    pub rootfs: String,
+    pub kernel: String,
+    pub size_bytes: u64,
+    pub source: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageBuild {
+    #[serde(default)]
+    pub name: String,
+    /// Rebuild even if it exists.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageRegister {
+    pub name: String,
+    pub rootfs: String,
+    /// A kernel directory (with manifest.json) or a kernel version.
+    pub kernel: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NameRef {
+    pub name: String,
+}
+
+/// A progress line of a long operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    pub stage: String,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KernelInfo {
+    pub version: String,
+    pub dir: String,
+    pub package: String,
+    pub sha256: String,
+    pub source: String,
+    pub modules: Vec<String>,
+}
+
+method!(ImageBuildM = "image.build", ImageBuild => ImageInfo, event Progress);
+method!(ImageList = "image.list", Empty => Vec<ImageInfo>);
+method!(ImageShow = "image.show", NameRef => ImageInfo);
+method!(ImageDelete = "image.delete", NameRef => Empty);
+method!(ImageRegisterM = "image.register", ImageRegister => ImageInfo);
+method!(KernelFetch = "kernel.fetch", Empty => KernelInfo, event Progress);
+method!(KernelList = "kernel.list", Empty => Vec<KernelInfo>);
+method!(KernelShow = "kernel.show", NameRef => KernelInfo);
+method!(KernelRm = "kernel.rm", NameRef => Empty);

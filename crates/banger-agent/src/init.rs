@@ -1,0 +1,56 @@
+//! PID 1 in the guest. The initramfs has already assembled the root
+//! filesystem and mounted /proc, /sys, /dev, /run and /root; what is left
+//! is the hostname, the agent, and reaping.
+
+use anyhow::Result;
+use std::process::Command;
+use std::time::Duration;
+
+fn cmdline_value(key: &str) -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
+}
+
+/// Flushes and powers the machine off. Never returns.
+pub fn poweroff() -> ! {
+    // SAFETY: sync and reboot are plain syscalls; we are root in the guest.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    std::process::exit(0)
+}
+
+pub fn run() -> Result<()> {
+    if let Some(name) = cmdline_value("banger.hostname") {
+        // SAFETY: pointer and length of a live buffer.
+        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+        let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+    }
+    std::env::set_var(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    std::env::set_var("HOME", "/root");
+    let exe = std::env::current_exe()?;
+    let mut agent = Command::new(&exe).arg("serve").spawn()?;
+    let mut agent_pid = agent.id() as i32;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if pid == agent_pid {
+            // The agent must always be there for the host: restart it.
+            eprintln!("banger-agent exited ({status}); restarting");
+            std::thread::sleep(Duration::from_millis(200));
+            agent = Command::new(&exe).arg("serve").spawn()?;
+            agent_pid = agent.id() as i32;
+        }
+    }
+}

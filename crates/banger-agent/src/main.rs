@@ -1,0 +1,102 @@
+//! `banger-agent`: runs inside each guest.
+//!
+//! `banger-agent init` is PID 1 after the initramfs switched to the real
+//! root: it sets the hostname, starts `banger-agent serve` and reaps every
+//! orphan. `serve` answers the host over vsock.
+
+mod exec;
+mod init;
+
+use anyhow::Result;
+use banger_proto::methods::agent::{self as a, AGENT_PORT};
+use banger_proto::methods::Empty;
+use banger_proto::{Router, RpcError};
+use clap::{Parser, Subcommand};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "banger-agent", version, about = "banger's guest agent")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Act as PID 1.
+    Init,
+    /// Serve the agent API on vsock.
+    Serve {
+        #[arg(long, default_value_t = AGENT_PORT)]
+        port: u32,
+        #[arg(long, default_value = "/var/log/banger-agent.log")]
+        log_file: std::path::PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Init => init::run(),
+        Cmd::Serve { port, log_file } => {
+            banger_log::init("agent", None, Some(&log_file))?;
+            tokio::runtime::Runtime::new()?.block_on(serve(port))
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn router() -> Router {
+    let started = Arc::new(Instant::now());
+    Router::new("agent")
+        .method::<a::Health, _, _>(move |_, _| {
+            let uptime_ms = started.elapsed().as_millis() as u64;
+            async move {
+                Ok(a::AgentHealth {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    hostname: hostname(),
+                    uptime_ms,
+                })
+            }
+        })
+        .method::<a::Exec, _, _>(exec::run)
+        .method::<a::Sync, _, _>(|_, _| async {
+            tokio::task::spawn_blocking(|| {
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() }
+            })
+            .await
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+            Ok(Empty {})
+        })
+        .method::<a::Poweroff, _, _>(|_, _| async {
+            tracing::info!("poweroff requested");
+            // Answer first; the host treats the VMM's exit as the end.
+            tokio::spawn(async {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                init::poweroff();
+            });
+            Ok(Empty {})
+        })
+}
+
+async fn serve(port: u32) -> Result<()> {
+    let listener =
+        tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
+    tracing::info!(port, "agent listening on vsock");
+    let router = Arc::new(router());
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let router = router.clone();
+        tokio::spawn(async move {
+            tracing::debug!(peer_cid = peer.cid(), "connection");
+            // Only the host can reach a guest's vsock; it acts as root here.
+            router.serve_stream(stream, 0).await
+        });
+    }
+}

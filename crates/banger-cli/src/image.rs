@@ -1,0 +1,146 @@
+//! `banger image ...` and `banger kernel ...`.
+
+use crate::output::print;
+use anyhow::Result;
+use banger_proto::methods::daemon as d;
+use banger_proto::methods::Empty;
+use banger_proto::Client;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Build an image from Debian bookworm (the default image unless named).
+    Build {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Rebuild even if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List images.
+    List,
+    /// Show one image.
+    Show { name: String },
+    /// Delete an image no VM uses.
+    Delete { name: String },
+    /// Register an existing ext4 root filesystem (used in place).
+    Register {
+        name: String,
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+        /// Kernel version or kernel directory.
+        #[arg(long)]
+        kernel: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KernelCmd {
+    /// Download and store the Debian cloud kernel.
+    Fetch,
+    /// List stored kernels.
+    List,
+    /// Show one kernel.
+    Show { version: String },
+    /// Remove a stored kernel.
+    Rm { version: String },
+}
+
+fn show_image(i: &d::ImageInfo) {
+    println!(
+        "name:    {}\nrootfs:  {}\nkernel:  {}\nsize:    {} MiB\nsource:  {}",
+        i.name,
+        i.rootfs,
+        i.kernel,
+        i.size_bytes >> 20,
+        i.source
+    );
+}
+
+fn show_kernel(k: &d::KernelInfo) {
+    println!(
+        "version: {}\ndir:     {}\npackage: {}\nsha256:  {}\nmodules: {}",
+        k.version,
+        k.dir,
+        k.package,
+        k.sha256,
+        k.modules.join(" ")
+    );
+}
+
+fn progress(p: d::Progress) {
+    eprintln!("  [{:>6.1}s] {}", p.elapsed_ms as f64 / 1000.0, p.stage);
+}
+
+pub async fn run_image(c: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
+    match cmd {
+        ImageCmd::Build { name, force } => {
+            let i = c
+                .call_with_events::<d::ImageBuildM>(&d::ImageBuild { name, force }, None, progress)
+                .await?;
+            print(json, &i, show_image);
+        }
+        ImageCmd::List => {
+            let list = c.call::<d::ImageList>(&Empty {}, None).await?;
+            print(json, &list, |l| {
+                for i in l {
+                    println!("{:<16} {:>6} MiB  {}", i.name, i.size_bytes >> 20, i.source);
+                }
+            });
+        }
+        ImageCmd::Show { name } => print(
+            json,
+            &c.call::<d::ImageShow>(&d::NameRef { name }, None).await?,
+            show_image,
+        ),
+        ImageCmd::Delete { name } => {
+            c.call::<d::ImageDelete>(&d::NameRef { name: name.clone() }, None)
+                .await?;
+            println!("deleted image {name}");
+        }
+        ImageCmd::Register { name, rootfs, kernel } => {
+            let rootfs = std::path::absolute(&rootfs)?.display().to_string();
+            let i = c
+                .call::<d::ImageRegisterM>(&d::ImageRegister { name, rootfs, kernel }, None)
+                .await?;
+            print(json, &i, show_image);
+        }
+    }
+    Ok(0)
+}
+
+pub async fn run_kernel(c: &Client, cmd: KernelCmd, json: bool) -> Result<i32> {
+    match cmd {
+        KernelCmd::Fetch => print(
+            json,
+            &c.call_with_events::<d::KernelFetch>(&Empty {}, None, progress)
+                .await?,
+            show_kernel,
+        ),
+        KernelCmd::List => {
+            let list = c.call::<d::KernelList>(&Empty {}, None).await?;
+            print(json, &list, |l| {
+                for k in l {
+                    println!("{:<24} {}", k.version, k.source);
+                }
+            });
+        }
+        KernelCmd::Show { version } => print(
+            json,
+            &c.call::<d::KernelShow>(&d::NameRef { name: version }, None)
+                .await?,
+            show_kernel,
+        ),
+        KernelCmd::Rm { version } => {
+            c.call::<d::KernelRm>(
+                &d::NameRef {
+                    name: version.clone(),
+                },
+                None,
+            )
+            .await?;
+            println!("removed kernel {version}");
+        }
+    }
+    Ok(0)
+}

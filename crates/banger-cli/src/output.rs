@@ -1,0 +1,56 @@
+//! Output helpers: JSON or human text, and progress that is live on a
+//! terminal and plain lines otherwise.
+
+use std::io::IsTerminal;
+
+pub fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+    } else {
+        human(v)
+    }
+}
+
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    pub fn new(title: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.set_prefix(title.to_string());
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b
+        });
+        if bar.is_none() {
+            eprintln!("{title}");
+        }
+        Progress {
+            bar,
+            last: Default::default(),
+        }
+    }
+
+    pub fn stage(&self, stage: &str, elapsed_ms: u64) {
+        if *self.last.borrow() == stage {
+            return;
+        }
+        *self.last.borrow_mut() = stage.to_string();
+        match &self.bar {
+            Some(b) => b.set_message(stage.to_string()),
+            None => eprintln!("  [{:>6.1}s] {stage}", elapsed_ms as f64 / 1000.0),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! `banger vm ...`: lifecycle, exec and run.
+
+use crate::output::{print, Progress};
+use anyhow::{bail, Result};
+use banger_proto::methods::agent::{ExecOutput, ExecRequest, ExitStatus, StreamName};
+use banger_proto::methods::daemon as d;
+use banger_proto::methods::Empty;
+use banger_proto::Client;
+use base64::Engine;
+use clap::{Args, Subcommand};
+use std::io::Write;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Create a VM (and wait until it is ready).
+    Create(CreateArgs),
+    /// Start a stopped VM.
+    Start { name: String },
+    /// Stop a VM gracefully (sync, power off; killed after a deadline).
+    Stop { name: String },
+    /// Stop then start a VM.
+    Restart { name: String },
+    /// Kill a VM's VMM at once.
+    Kill { name: String },
+    /// Delete a VM and everything it owns.
+    Delete { name: String },
+    /// Delete every VM that is not running.
+    Prune,
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Print a VM's serial console log.
+    Logs { name: String },
+    /// Run a command in a running VM.
+    Exec {
+        name: String,
+        /// Pass this process's stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Working directory in the guest.
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Create a VM, start it, run a command in it, print the result.
+    Run {
+        #[command(flatten)]
+        create: CreateArgs,
+        /// Delete the VM when the command ends.
+        #[arg(long)]
+        rm: bool,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct CreateArgs {
+    /// VM name (a DNS label); generated when omitted.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub image: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Work disk (/root) size in MiB.
+    #[arg(long)]
+    pub disk_size: Option<u64>,
+}
+
+/// DNS-label check, done here too so a typo fails before the daemon is asked.
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        bail!("invalid VM name {name:?}: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'");
+    }
+    Ok(())
+}
+
+fn show_vm(v: &d::VmInfo) {
+    println!("name:     {}", v.name);
+    println!("id:       {}", v.id);
+    println!("state:    {}", v.state);
+    println!("vmm:      {}", v.vmm);
+    println!("image:    {}", v.image);
+    println!(
+        "spec:     {} vCPU, {} MiB, work disk {} MiB",
+        v.vcpus,
+        v.memory_mib,
+        v.work_disk_bytes >> 20
+    );
+    if let Some(pid) = v.pid {
+        println!("pid:      {pid}");
+    }
+    println!("vsock:    cid {}", v.vsock_cid);
+    println!("dir:      {}", v.vm_dir);
+    if let Some(e) = &v.last_error {
+        println!("error:    {}", e.lines().next().unwrap_or_default());
+    }
+}
+
+/// Begins a create and follows it to the end, showing its stages.
+pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo> {
+    if let Some(n) = &a.name {
+        check_name(n)?;
+    }
+    let begun = c
+        .call::<d::VmCreateBegin>(
+            &d::VmCreate {
+                name: a.name.clone().unwrap_or_default(),
+                image: a.image.clone(),
+                vcpus: a.vcpus,
+                memory_mib: a.memory,
+                work_disk_mib: a.disk_size,
+                start,
+            },
+            None,
+        )
+        .await?;
+    let progress = Progress::new(&format!("creating {} ({})", begun.name, begun.op_id));
+    let op = d::OpRef {
+        op_id: begun.op_id.clone(),
+    };
+    loop {
+        let st = c.call::<d::VmCreateStatusM>(&op, None).await?;
+        progress.stage(&st.op.stage, st.op.elapsed_ms);
+        if st.op.done {
+            progress.finish();
+            if let Some(e) = st.op.error {
+                return Err(banger_proto::ClientError::Rpc(e).into());
+            }
+            return st
+                .vm
+                .ok_or_else(|| anyhow::anyhow!("the VM vanished after creation ({})", begun.op_id));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `cmd` in `name`, streaming output; returns the shell-style code.
+pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, stdin: bool, cwd: Option<String>) -> Result<i32> {
+    let stdin_b64 = if stdin {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        Some(base64::engine::general_purpose::STANDARD.encode(buf))
+    } else {
+        None
+    };
+    let req = d::VmExec {
+        name: name.to_string(),
+        exec: ExecRequest {
+            argv: cmd,
+            env: vec![],
+            cwd,
+            stdin_b64,
+        },
+    };
+    let st: ExitStatus = c
+        .call_with_events::<d::VmExecM>(&req, None, |ev: ExecOutput| {
+            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
+                let _ = match ev.stream {
+                    StreamName::Stdout => std::io::stdout()
+                        .write_all(&bytes)
+                        .and_then(|_| std::io::stdout().flush()),
+                    StreamName::Stderr => std::io::stderr().write_all(&bytes),
+                };
+            }
+        })
+        .await?;
+    Ok(st.shell_code())
+}
+
+pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
+    let vm_ref = |name: &str| -> Result<d::VmRef> {
+        check_name(name)?;
+        Ok(d::VmRef {
+            name: name.to_string(),
+        })
+    };
+    match cmd {
+        VmCmd::Create(a) => {
+            let v = create(c, &a, true).await?;
+            print(json, &v, show_vm);
+        }
+        VmCmd::Start { name } => print(json, &c.call::<d::VmStart>(&vm_ref(&name)?, None).await?, show_vm),
+        VmCmd::Stop { name } => print(json, &c.call::<d::VmStop>(&vm_ref(&name)?, None).await?, show_vm),
+        VmCmd::Restart { name } => print(
+            json,
+            &c.call::<d::VmRestart>(&vm_ref(&name)?, None).await?,
+            show_vm,
+        ),
+        VmCmd::Kill { name } => print(json, &c.call::<d::VmKill>(&vm_ref(&name)?, None).await?, show_vm),
+        VmCmd::Delete { name } => {
+            c.call::<d::VmDelete>(&vm_ref(&name)?, None).await?;
+            if !json {
+                println!("deleted {name}");
+            }
+        }
+        VmCmd::Prune => {
+            let p = c.call::<d::VmPrune>(&Empty {}, None).await?;
+            print(json, &p, |p| {
+                for n in &p.deleted {
+                    println!("deleted {n}");
+                }
+            });
+        }
+        VmCmd::List => {
+            let vms = c.call::<d::VmList>(&Empty {}, None).await?;
+            print(json, &vms, |vms| {
+                println!(
+                    "{:<24} {:<9} {:<12} {:<8} {:>5} {:>7}",
+                    "NAME", "STATE", "VMM", "PID", "VCPU", "MEM"
+                );
+                for v in vms {
+                    let pid = v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<24} {:<9} {:<12} {:<8} {:>5} {:>6}M",
+                        v.name, v.state, v.vmm, pid, v.vcpus, v.memory_mib
+                    );
+                }
+            });
+        }
+        VmCmd::Show { name } => print(json, &c.call::<d::VmShow>(&vm_ref(&name)?, None).await?, show_vm),
+        VmCmd::Logs { name } => {
+            check_name(&name)?;
+            let l = c
+                .call::<d::VmLogsM>(
+                    &d::VmLogsParams {
+                        name,
+                        tail_bytes: None,
+                    },
+                    None,
+                )
+                .await?;
+            print(json, &l, |l| print!("{}", l.serial));
+        }
+        VmCmd::Exec {
+            name,
+            stdin,
+            cwd,
+            cmd,
+        } => {
+            check_name(&name)?;
+            return exec(c, &name, cmd, stdin, cwd).await;
+        }
+        VmCmd::Run { create: a, rm, cmd } => {
+            let v = create(c, &a, true).await?;
+            eprintln!(
+                "spec: {} vCPU, {} MiB, work disk {} MiB, vmm {}",
+                v.vcpus,
+                v.memory_mib,
+                v.work_disk_bytes >> 20,
+                v.vmm
+            );
+            let code = exec(c, &v.name, cmd, false, None).await;
+            if rm {
+                // Deletion gets its own call so a failed command still cleans up.
+                if let Err(e) = c
+                    .call::<d::VmDelete>(&d::VmRef { name: v.name.clone() }, None)
+                    .await
+                {
+                    eprintln!("warning: could not delete {}: {e}", v.name);
+                }
+            }
+            return code;
+        }
+    }
+    Ok(0)
+}

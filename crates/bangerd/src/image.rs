@@ -1,0 +1,282 @@
+//! Images: a read-only root filesystem plus the kernel it boots with.
+//! The default image is Debian bookworm (debootstrap minbase) made into an
+//! ext4 file with `mkfs.ext4 -d`, no mounting; it is shared read-only by
+//! every VM, each of which writes only to its own overlay disk.
+
+use crate::kernel::{self, KernelService};
+use crate::sys::{self, io};
+use banger_proto::methods::daemon::ImageInfo;
+use banger_proto::RpcError;
+use banger_store::{ImageRecord, Store, StoreError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+pub const DEFAULT_IMAGE: &str = "default";
+const SOURCE_REGISTERED: &str = "registered";
+
+pub struct ImageService {
+    dir: PathBuf,
+    store: Arc<Store>,
+    kernels: Arc<KernelService>,
+    build_lock: Mutex<()>,
+}
+
+pub fn store_err(e: StoreError) -> RpcError {
+    match e {
+        StoreError::AlreadyExists(what) => RpcError::already_exists(format!("{what} already exists")),
+        other => RpcError::failed(other.to_string()),
+    }
+}
+
+pub fn info(r: &ImageRecord) -> ImageInfo {
+    ImageInfo {
+        name: r.name.clone(),
+        rootfs: r.rootfs.clone(),
+        kernel: r.kernel.clone(),
+        size_bytes: r.size_bytes,
+        source: r.source.clone(),
+        created_at: r.created_at.clone(),
+    }
+}
+
+/// Image names: like VM names, a DNS-label-ish token safe in paths.
+pub fn validate_name(name: &str) -> Result<(), RpcError> {
+    crate::vm::names::validate(name).map_err(|e| RpcError::bad_request(format!("image {e}")))
+}
+
+/// The Debian mirror apt uses here, so debootstrap reaches the same one.
+fn debian_mirror() -> String {
+    if let Ok(m) = std::env::var("BANGER_DEBIAN_MIRROR") {
+        if !m.is_empty() {
+            return m;
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources") {
+        if let Some(uri) = s
+            .lines()
+            .find_map(|l| l.strip_prefix("URIs:"))
+            .and_then(|u| u.split_whitespace().next())
+        {
+            return uri.to_string();
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/etc/apt/sources.list") {
+        for l in s.lines() {
+            let mut w = l.split_whitespace();
+            if w.next() == Some("deb") {
+                if let Some(u) = w.find(|t| t.starts_with("http")) {
+                    return u.to_string();
+                }
+            }
+        }
+    }
+    "http://deb.debian.org/debian".into()
+}
+
+/// True if `p` holds an ext2/3/4 superblock.
+fn is_ext4(p: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(p) {
+        Ok(f) => f,
+        Err(_) => return false,
+    };
+    let mut magic = [0u8; 2];
+    f.seek(SeekFrom::Start(1024 + 56)).is_ok() && f.read_exact(&mut magic).is_ok() && magic == [0x53, 0xEF]
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+impl ImageService {
+    pub fn new(dir: PathBuf, store: Arc<Store>, kernels: Arc<KernelService>) -> Self {
+        ImageService {
+            dir,
+            store,
+            kernels,
+            build_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<ImageRecord, RpcError> {
+        self.store
+            .get_image(name)
+            .map_err(store_err)?
+            .ok_or_else(|| RpcError::not_found(format!("no image named {name:?} (see `banger image list`)")))
+    }
+
+    pub fn list(&self) -> Result<Vec<ImageInfo>, RpcError> {
+        Ok(self
+            .store
+            .list_images()
+            .map_err(store_err)?
+            .iter()
+            .map(info)
+            .collect())
+    }
+
+    /// Returns the image, building the default one on first use.
+    pub async fn ensure(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ImageRecord, RpcError> {
+        match self.get(name) {
+            Ok(r) => Ok(r),
+            Err(e) if name == DEFAULT_IMAGE && e.code == banger_proto::ErrorCode::NotFound => {
+                self.build(DEFAULT_IMAGE, false, progress).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn build(
+        &self,
+        name: &str,
+        force: bool,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ImageRecord, RpcError> {
+        validate_name(name)?;
+        let _g = self.build_lock.lock().await;
+        if let Some(existing) = self.store.get_image(name).map_err(store_err)? {
+            if !force {
+                return Ok(existing);
+            }
+            self.delete(name)?;
+        }
+        let kernel = self.kernels.ensure(progress).await?;
+        std::fs::create_dir_all(&self.dir).map_err(io("creating the images directory"))?;
+        let work = kernel::tempdir_in(&self.dir, ".build")?;
+        let result = self.build_in(name, &kernel.dir, &work, progress).await;
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+
+    async fn build_in(
+        &self,
+        name: &str,
+        kernel_dir: &str,
+        work: &Path,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ImageRecord, RpcError> {
+        let root = work.join("root");
+        let mirror = debian_mirror();
+        progress(&format!("debootstrap bookworm from {mirror}"));
+        sys::run(
+            "debootstrap",
+            [
+                "--variant=minbase".as_ref(),
+                "bookworm".as_ref(),
+                root.as_os_str(),
+                mirror.as_ref(),
+            ],
+            None,
+        )
+        .await?;
+        // The guest needs nothing more from the image: banger's init and
+        // agent come with the initramfs, so they always match the host.
+        let _ = std::fs::remove_dir_all(root.join("var/cache/apt/archives"));
+        let _ = std::fs::remove_dir_all(root.join("var/lib/apt/lists"));
+        let content = dir_size(&root);
+        // Read-only at run time: room for ext4's metadata, nothing more.
+        let size = (content + content / 4 + (64 << 20)).div_ceil(1 << 20) << 20;
+        progress("making rootfs.ext4");
+        let image = work.join("rootfs.ext4");
+        sys::run(
+            "mkfs.ext4",
+            [
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-L".as_ref(),
+                "banger-base".as_ref(),
+                "-d".as_ref(),
+                root.as_os_str(),
+                image.as_os_str(),
+                format!("{}M", size >> 20).as_ref(),
+            ],
+            None,
+        )
+        .await?;
+        let dest_dir = self.dir.join(name);
+        let _ = std::fs::remove_dir_all(&dest_dir);
+        std::fs::create_dir_all(&dest_dir).map_err(io("creating the image directory"))?;
+        let dest = dest_dir.join("rootfs.ext4");
+        std::fs::rename(&image, &dest).map_err(io("installing rootfs.ext4"))?;
+        let rec = ImageRecord {
+            name: name.to_string(),
+            rootfs: dest.display().to_string(),
+            kernel: kernel_dir.to_string(),
+            initrd: None,
+            size_bytes: size,
+            source: "debootstrap --variant=minbase bookworm".into(),
+            created_at: banger_store::now(),
+        };
+        self.store.insert_image(&rec).map_err(store_err)?;
+        progress("image ready");
+        Ok(rec)
+    }
+
+    /// Registers an existing rootfs (used in place, never copied or
+    /// deleted by banger) with a stored kernel.
+    pub fn register(&self, name: &str, rootfs: &str, kernel: &str) -> Result<ImageRecord, RpcError> {
+        validate_name(name)?;
+        let p = Path::new(rootfs);
+        if !p.is_absolute() {
+            return Err(RpcError::bad_request(format!(
+                "rootfs must be an absolute path, not {rootfs:?}"
+            )));
+        }
+        let meta = std::fs::metadata(p).map_err(|e| RpcError::not_found(format!("rootfs {rootfs}: {e}")))?;
+        if !meta.is_file() || !is_ext4(p) {
+            return Err(RpcError::bad_request(format!("{rootfs} is not an ext4 image")));
+        }
+        let k = self.kernels.get(kernel)?;
+        let rec = ImageRecord {
+            name: name.to_string(),
+            rootfs: rootfs.to_string(),
+            kernel: k.dir,
+            initrd: None,
+            size_bytes: meta.len(),
+            source: SOURCE_REGISTERED.into(),
+            created_at: banger_store::now(),
+        };
+        self.store.insert_image(&rec).map_err(store_err)?;
+        Ok(rec)
+    }
+
+    /// Deletes an image no VM uses. Files are removed only for images banger built.
+    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
+        let rec = self.get(name)?;
+        let users: Vec<String> = self
+            .store
+            .list_vms()
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|v| v.spec.image == name)
+            .map(|v| v.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(RpcError::bad_request(format!(
+                "image {name} is used by: {}",
+                users.join(", ")
+            )));
+        }
+        self.store.delete_image(name).map_err(store_err)?;
+        if rec.source != SOURCE_REGISTERED {
+            let _ = std::fs::remove_dir_all(self.dir.join(name));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! The initramfs banger boots every guest with: busybox-static, the
+//! kernel's virtio/vsock/overlay modules, banger's `/init`, and the guest
+//! agent. Written as a newc cpio directly (no external cpio needed), cached
+//! per (kernel, agent, init script) so a rebuild of the agent is picked up.
+
+use crate::sys::io;
+use banger_proto::methods::daemon::KernelInfo;
+use banger_proto::RpcError;
+use sha2::Digest;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// PID 1 of the initramfs: assemble the root (read-only base + per-VM
+/// overlay disk), mount the work disk at /root, then hand over to the agent.
+pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /run
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+export PATH=/bin
+msg() { echo "banger-init: $*" > /dev/console; }
+fail() { msg "FATAL: $*"; echo 1 > /proc/sys/kernel/sysrq; echo o > /proc/sysrq-trigger; sleep 5; }
+for m in $(cat /lib/modules/load-order); do
+    insmod /lib/modules/$m.ko || msg "insmod $m failed"
+done
+for d in vda vdb vdc; do
+    i=0; while [ ! -b /dev/$d ] && [ $i -lt 500 ]; do usleep 10000; i=$((i+1)); done
+done
+[ -b /dev/vda ] || fail "no root disk (/dev/vda)"
+[ -b /dev/vdb ] || fail "no overlay disk (/dev/vdb)"
+mkdir -p /mnt/base /mnt/ovl /newroot
+mount -t ext4 -o ro /dev/vda /mnt/base || fail "cannot mount the base image"
+mount -t ext4 /dev/vdb /mnt/ovl || fail "cannot mount the overlay disk"
+mkdir -p /mnt/ovl/upper /mnt/ovl/work
+mount -t overlay overlay -o lowerdir=/mnt/base,upperdir=/mnt/ovl/upper,workdir=/mnt/ovl/work /newroot || fail "cannot assemble the root overlay"
+if [ -b /dev/vdc ]; then
+    mkdir -p /newroot/root
+    mount -t ext4 /dev/vdc /newroot/root || fail "cannot mount the work disk"
+fi
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run
+mkdir -p /newroot/run/banger /newroot/tmp /newroot/var/log
+cp /banger/banger-agent /newroot/run/banger/banger-agent
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/tmp
+mount --move /dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /newroot/dev/pts
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+exec switch_root /newroot /run/banger/banger-agent init
+"#;
+
+#[derive(Default)]
+struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        self.ino += 1;
+        let namesize = name.len() + 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            namesize as u32,
+            0,
+        ];
+        self.buf.extend_from_slice(b"070701");
+        for f in fields {
+            self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[], (0, 0));
+    }
+
+    fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.entry(name, 0o100000 | mode, data, (0, 0));
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, 0o120777, target.as_bytes(), (0, 0));
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.buf
+    }
+}
+
+pub struct Inputs<'a> {
+    pub kernel: &'a KernelInfo,
+    pub agent: &'a Path,
+    pub busybox: &'a Path,
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, RpcError> {
+    std::fs::read(p).map_err(io(format!("reading {}", p.display())))
+}
+
+/// Builds (or reuses) the initramfs for these inputs inside the kernel's
+/// directory and returns its path.
+pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
+    let agent = read(inputs.agent)?;
+    let busybox = read(inputs.busybox)?;
+    let mut h = sha2::Sha256::new();
+    h.update(&agent);
+    h.update(&busybox);
+    h.update(INIT_SCRIPT.as_bytes());
+    let key = format!("{:x}", h.finalize());
+    let kdir = Path::new(&inputs.kernel.dir);
+    let out = kdir.join(format!("initramfs-{}.cpio", &key[..16]));
+    if out.exists() {
+        return Ok(out);
+    }
+    let applets = std::process::Command::new(inputs.busybox)
+        .arg("--list")
+        .output()
+        .map_err(io(format!("running {} --list", inputs.busybox.display())))?;
+    let mut c = Cpio::default();
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "mnt",
+        "newroot",
+        "lib",
+        "lib/modules",
+        "banger",
+    ] {
+        c.dir(d);
+    }
+    c.entry("dev/console", 0o020600, &[], (5, 1));
+    c.file("bin/busybox", 0o755, &busybox);
+    for a in String::from_utf8_lossy(&applets.stdout).lines().map(str::trim) {
+        if !a.is_empty() && a != "busybox" && !a.contains('/') {
+            c.symlink(&format!("bin/{a}"), "busybox");
+        }
+    }
+    c.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    let mut order = String::new();
+    for m in &inputs.kernel.modules {
+        c.file(
+            &format!("lib/modules/{m}.ko"),
+            0o644,
+            &read(&kdir.join("modules").join(format!("{m}.ko")))?,
+        );
+        order.push_str(m);
+        order.push('\n');
+    }
+    c.file("lib/modules/load-order", 0o644, order.as_bytes());
+    c.file("banger/banger-agent", 0o755, &agent);
+    let tmp = out.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    f.write_all(&c.finish()).map_err(io("writing the initramfs"))?;
+    f.sync_all().map_err(io("syncing the initramfs"))?;
+    std::fs::rename(&tmp, &out).map_err(io("installing the initramfs"))?;
+    Ok(out)
+}

@@ -1,0 +1,207 @@
+//! Guest kernels: Debian's cloud kernel, fetched with the host's package
+//! tools (downloaded and unpacked, never installed), stored with a manifest.
+
+use crate::sys::{self, io};
+use banger_proto::methods::daemon::KernelInfo;
+use banger_proto::RpcError;
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+use tokio::sync::Mutex;
+
+/// Modules the guest needs, in load order (each after its dependencies).
+/// ext4 is built into the cloud kernel; overlayfs and virtio are not.
+pub const GUEST_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_mmio",
+    "drivers/block/virtio_blk",
+    "net/core/failover",
+    "drivers/net/net_failover",
+    "drivers/net/virtio_net",
+    "drivers/char/virtio_console",
+    "net/vmw_vsock/vsock",
+    "net/vmw_vsock/vmw_vsock_virtio_transport_common",
+    "net/vmw_vsock/vmw_vsock_virtio_transport",
+    "fs/overlayfs/overlay",
+];
+
+const META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+pub struct KernelService {
+    dir: PathBuf,
+    /// Serialises fetches: two VMs created at once need one download.
+    fetch_lock: Mutex<()>,
+}
+
+pub fn manifest_path(dir: &Path) -> PathBuf {
+    dir.join("manifest.json")
+}
+
+pub fn read_manifest(dir: &Path) -> Result<KernelInfo, RpcError> {
+    let text = std::fs::read_to_string(manifest_path(dir))
+        .map_err(|e| RpcError::not_found(format!("no kernel at {} ({e})", dir.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| RpcError::failed(format!("corrupt kernel manifest in {}: {e}", dir.display())))
+}
+
+impl KernelService {
+    pub fn new(dir: PathBuf) -> Self {
+        KernelService {
+            dir,
+            fetch_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<KernelInfo> {
+        let mut out: Vec<KernelInfo> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| read_manifest(&e.path()).ok())
+            .collect();
+        out.sort_by(|a, b| a.version.cmp(&b.version));
+        out
+    }
+
+    /// A kernel by version, or by directory path.
+    pub fn get(&self, name: &str) -> Result<KernelInfo, RpcError> {
+        let p = Path::new(name);
+        if p.is_absolute() {
+            return read_manifest(p);
+        }
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(RpcError::bad_request(format!("invalid kernel name {name:?}")));
+        }
+        read_manifest(&self.dir.join(name)).map_err(|_| RpcError::not_found(format!("no kernel {name:?}")))
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), RpcError> {
+        let k = self.get(name)?;
+        std::fs::remove_dir_all(&k.dir).map_err(io(format!("removing {}", k.dir)))
+    }
+
+    /// The newest stored kernel, fetching one if there is none.
+    pub async fn ensure(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, RpcError> {
+        let _g = self.fetch_lock.lock().await;
+        if let Some(k) = self.list().pop() {
+            return Ok(k);
+        }
+        self.fetch_locked(progress).await
+    }
+
+    pub async fn fetch(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, RpcError> {
+        let _g = self.fetch_lock.lock().await;
+        self.fetch_locked(progress).await
+    }
+
+    async fn fetch_locked(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, RpcError> {
+        progress("resolving kernel package");
+        let deps = sys::run("apt-cache", ["depends", META_PACKAGE], None).await?;
+        let package = deps
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with("linux-image-"))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                RpcError::failed(format!(
+                    "{META_PACKAGE} has no linux-image dependency (run apt-get update?)"
+                ))
+            })?;
+        std::fs::create_dir_all(&self.dir).map_err(io("creating the kernels directory"))?;
+        let work = tempdir_in(&self.dir, ".fetch")?;
+        let result = self.unpack(&package, &work, progress).await;
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+
+    async fn unpack(
+        &self,
+        package: &str,
+        work: &Path,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<KernelInfo, RpcError> {
+        progress(&format!("downloading {package}"));
+        sys::run("apt-get", ["download", package], Some(work)).await?;
+        let deb = std::fs::read_dir(work)
+            .map_err(io("listing the download"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| RpcError::failed("apt-get download produced no .deb"))?;
+        progress("unpacking the kernel");
+        let root = work.join("root");
+        sys::run(
+            "dpkg",
+            [std::ffi::OsStr::new("-x"), deb.as_os_str(), root.as_os_str()],
+            None,
+        )
+        .await?;
+        let version = std::fs::read_dir(root.join("lib/modules"))
+            .map_err(io("reading the package's modules"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .next()
+            .ok_or_else(|| RpcError::failed("the kernel package has no modules directory"))?;
+        let staging = work.join("kernel");
+        let mods_dir = staging.join("modules");
+        std::fs::create_dir_all(&mods_dir).map_err(io("creating the staging directory"))?;
+        let vmlinuz = root.join(format!("boot/vmlinuz-{version}"));
+        std::fs::copy(&vmlinuz, staging.join("vmlinuz"))
+            .map_err(io(format!("copying {}", vmlinuz.display())))?;
+        let src = root.join(format!("lib/modules/{version}/kernel"));
+        let mut modules = Vec::new();
+        for m in GUEST_MODULES {
+            let name = Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
+            let ko = src.join(format!("{m}.ko"));
+            if !ko.exists() {
+                return Err(RpcError::failed(format!(
+                    "kernel {version} lacks module {m} (compressed modules are not supported)"
+                )));
+            }
+            std::fs::copy(&ko, mods_dir.join(format!("{name}.ko")))
+                .map_err(io(format!("copying {}", ko.display())))?;
+            modules.push(name);
+        }
+        let bytes = std::fs::read(staging.join("vmlinuz")).map_err(io("reading vmlinuz"))?;
+        let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
+        let dest = self.dir.join(&version);
+        let info = KernelInfo {
+            version: version.clone(),
+            dir: dest.display().to_string(),
+            package: package.to_string(),
+            sha256,
+            source: format!("debian:{package}"),
+            modules,
+        };
+        std::fs::write(
+            manifest_path(&staging),
+            serde_json::to_vec_pretty(&info).expect("serialisable"),
+        )
+        .map_err(io("writing the manifest"))?;
+        // Publish atomically: a crash never leaves a half-copied kernel.
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&staging, &dest).map_err(io(format!("installing {}", dest.display())))?;
+        progress(&format!("kernel {version} ready"));
+        Ok(info)
+    }
+}
+
+/// A fresh directory inside `parent` named `<prefix>-<random>`.
+pub fn tempdir_in(parent: &Path, prefix: &str) -> Result<PathBuf, RpcError> {
+    for _ in 0..16 {
+        let p = parent.join(format!("{prefix}-{:08x}", rand_u32()));
+        match std::fs::create_dir(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(RpcError::failed(format!("creating {}: {e}", p.display()))),
+        }
+    }
+    Err(RpcError::failed("could not create a temporary directory"))
+}
+
+pub fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom into a 4-byte buffer we own.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+    u32::from_ne_bytes(b)
+}

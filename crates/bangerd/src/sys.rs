@@ -1,0 +1,72 @@
+//! Running host tools (apt-get, dpkg, debootstrap, mkfs.ext4) with errors
+//! that say what failed and why. Arguments are passed as argv, never
+//! through a shell.
+
+use banger_proto::RpcError;
+use std::ffi::OsStr;
+use std::path::Path;
+use tokio::process::Command;
+
+/// Runs `prog args...` to completion; fails with its stderr tail.
+pub async fn run<I, S>(prog: &str, args: I, cwd: Option<&Path>) -> Result<String, RpcError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RpcError::failed(format!(
+                "{prog} is not installed (scripts/install-deps installs it)"
+            ))
+        } else {
+            RpcError::failed(format!("running {prog}: {e}"))
+        }
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(RpcError::failed(format!(
+            "{prog} failed ({}): {}",
+            out.status,
+            tail.join(" | ")
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Maps an I/O error to an operation failure naming what was attempted.
+pub fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> RpcError {
+    move |e| RpcError::failed(format!("{what}: {e}"))
+}
+
+/// Creates a sparse file of `bytes` and formats it ext4. Cost is flat in
+/// size: nothing is written but metadata.
+pub async fn make_ext4(path: &Path, bytes: u64, label: &str) -> Result<(), RpcError> {
+    let f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
+    f.set_len(bytes)
+        .map_err(io(format!("sizing {}", path.display())))?;
+    drop(f);
+    run(
+        "mkfs.ext4",
+        [
+            OsStr::new("-q"),
+            OsStr::new("-F"),
+            OsStr::new("-L"),
+            OsStr::new(label),
+            OsStr::new("-E"),
+            OsStr::new("lazy_itable_init=1,lazy_journal_init=1"),
+            path.as_os_str(),
+        ],
+        None,
+    )
+    .await?;
+    Ok(())
+}
