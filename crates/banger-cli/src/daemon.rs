@@ -83,7 +83,10 @@ pub async fn connect(cfg: &Config) -> Result<Client> {
         return Ok(client);
     }
     // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } == 0 {
+    let autostart = std::env::var("BANGER_HELPER_AUTOSTART")
+        .map(|v| v != "0")
+        .unwrap_or(true);
+    if autostart && unsafe { libc::getuid() } == 0 {
         // Single-user setup: root runs the helper itself.
         ensure_helper(cfg).await.context("starting the root helper")?;
     }

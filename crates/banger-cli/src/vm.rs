@@ -14,7 +14,13 @@ use std::time::Duration;
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// Create a VM (and wait until it is ready).
-    Create(CreateArgs),
+    Create {
+        #[command(flatten)]
+        args: CreateArgs,
+        /// Leave it stopped.
+        #[arg(long)]
+        no_start: bool,
+    },
     /// Start a stopped VM.
     Start { name: String },
     /// Stop a VM gracefully (sync, power off; killed after a deadline).
@@ -190,8 +196,8 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
         })
     };
     match cmd {
-        VmCmd::Create(a) => {
-            let v = create(c, &a, true).await?;
+        VmCmd::Create { args, no_start } => {
+            let v = create(c, &args, !no_start).await?;
             print(json, &v, show_vm);
         }
         VmCmd::Start { name } => print(json, &c.call::<d::VmStart>(&vm_ref(&name)?, None).await?, show_vm),

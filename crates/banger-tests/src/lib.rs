@@ -99,6 +99,25 @@ impl Env {
         self.home().join("logs/bangerd.log")
     }
 
+    /// A fresh environment whose daemon knows the shared default image.
+    pub fn with_image() -> Env {
+        let env = Env::new();
+        let (rootfs, kernel) = shared_image();
+        env.banger_ok(&[
+            "image", "register", "default", "--rootfs", &rootfs, "--kernel", &kernel,
+        ]);
+        env
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.home().join("vms")
+    }
+
+    /// Processes that belong to this environment's VMs.
+    pub fn vm_processes(&self) -> Vec<u32> {
+        processes_mentioning(&self.vms_dir().display().to_string())
+    }
+
     pub fn start_helper(&mut self) {
         let mut cmd = Command::new(bin("banger-helper"));
         cmd.arg("serve")
@@ -137,6 +156,7 @@ impl Env {
         c.env("BANGER_HOME", self.home())
             .env("BANGER_RUNTIME_DIR", self.runtime())
             .env("BANGER_HELPER_SOCKET", self.helper_socket())
+            .env("BANGER_HELPER_AUTOSTART", "0")
             .env_remove("BANGER_LOG_LEVEL")
             .stdin(Stdio::null());
         c
@@ -199,8 +219,81 @@ impl Default for Env {
     }
 }
 
+/// Every live process whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                == Some("Z");
+            !zombie
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                    .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The default image, built once per machine and shared by every test
+/// environment through `banger image register` (the rootfs is used in
+/// place, never copied). Returns (rootfs path, kernel directory).
+pub fn shared_image() -> (String, String) {
+    static CACHE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let root = bin_dir().join("banger-e2e-cache");
+            std::fs::create_dir_all(&root).unwrap();
+            // Serialise builders across test binaries running at once.
+            let lock = std::fs::File::create(root.join("lock")).unwrap();
+            // SAFETY: flock on a descriptor we own.
+            assert_eq!(
+                unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+                0
+            );
+            let run = |args: &[&str]| {
+                let out = Command::new(bin("banger"))
+                    .env("BANGER_HOME", root.join("home"))
+                    .env("BANGER_RUNTIME_DIR", root.join("run"))
+                    .env("BANGER_HELPER_SOCKET", root.join("no-helper.sock"))
+                    .env("BANGER_HELPER_AUTOSTART", "0")
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run banger");
+                assert!(
+                    out.status.success(),
+                    "banger {args:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            let info: Value = serde_json::from_str(&run(&["image", "build", "--json"])).unwrap();
+            run(&["daemon", "stop"]);
+            (
+                info["rootfs"].as_str().unwrap().to_string(),
+                info["kernel"].as_str().unwrap().to_string(),
+            )
+        })
+        .clone()
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        // Whatever a failed test left running (VMMs, vsock backends) dies
+        // with its environment.
+        let marker = self.dir.path().display().to_string();
+        for pid in processes_mentioning(&marker) {
+            // SAFETY: only processes whose command line names this test's private directory.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         if let Some(pid) = self.daemon_pid() {
             // SAFETY: signalling a pid we started; a stale pid is harmless
             // here because the pid file lives in this test's private dir.

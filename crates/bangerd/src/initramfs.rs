@@ -173,7 +173,13 @@ pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
     }
     c.file("lib/modules/load-order", 0o644, order.as_bytes());
     c.file("banger/banger-agent", 0o755, &agent);
-    let tmp = out.with_extension("tmp");
+    // Daemons sharing a kernel directory may race here: unique temp name,
+    // atomic rename.
+    let tmp = out.with_extension(format!(
+        "tmp-{}-{:08x}",
+        std::process::id(),
+        crate::kernel::rand_u32()
+    ));
     let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
     f.write_all(&c.finish()).map_err(io("writing the initramfs"))?;
     f.sync_all().map_err(io("syncing the initramfs"))?;
