@@ -13,12 +13,19 @@ fn cmdline_value(key: &str) -> Option<String> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
 }
 
-/// Flushes and powers the machine off. Never returns.
+/// Flushes and powers the machine off. Never returns. Under a VMM without
+/// ACPI power-off (Firecracker) the guest resets instead, which ends the
+/// VMM just the same (`banger.halt=reboot`).
 pub fn poweroff() -> ! {
+    let how = if cmdline_value("banger.halt").as_deref() == Some("reboot") {
+        libc::RB_AUTOBOOT
+    } else {
+        libc::RB_POWER_OFF
+    };
     // SAFETY: sync and reboot are plain syscalls; we are root in the guest.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(how);
     }
     std::process::exit(0)
 }

@@ -46,6 +46,16 @@ fn vm_run_prints_the_guest_kernel_and_exits_with_the_command_status() {
         serde_json::from_str(&env.banger_ok(&["kernel", "show", &kernel_dir, "--json"])).unwrap();
     let version = kernel["version"].as_str().unwrap();
     assert!(version.contains("cloud-amd64"), "{kernel}");
+    // The uncompressed kernel Firecracker needs was extracted too.
+    let vmlinux =
+        std::path::Path::new(&kernel_dir).join(kernel["vmlinux"].as_str().expect("vmlinux in manifest"));
+    let head = std::fs::read(&vmlinux).unwrap();
+    assert_eq!(
+        &head[..4],
+        b"\x7fELF",
+        "{} is not an ELF kernel",
+        vmlinux.display()
+    );
     assert_eq!(stdout.trim(), version, "guest kernel version not printed");
     assert!(stderr.contains("to-stderr"), "{stderr}");
     assert!(stderr.contains("spec:"), "{stderr}");

@@ -164,6 +164,17 @@ impl KernelService {
         }
         let bytes = std::fs::read(staging.join("vmlinuz")).map_err(io("reading vmlinuz"))?;
         let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
+        progress("extracting vmlinux");
+        let vmlinux = match extract_vmlinux(&bytes).await {
+            Ok(elf) => {
+                std::fs::write(staging.join("vmlinux"), elf).map_err(io("writing vmlinux"))?;
+                Some("vmlinux".to_string())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "no vmlinux: the Firecracker back-end cannot boot this kernel");
+                None
+            }
+        };
         let dest = self.dir.join(&version);
         let info = KernelInfo {
             version: version.clone(),
@@ -172,6 +183,7 @@ impl KernelService {
             sha256,
             source: format!("debian:{package}"),
             modules,
+            vmlinux,
         };
         std::fs::write(
             manifest_path(&staging),
@@ -204,4 +216,39 @@ pub fn rand_u32() -> u32 {
     // SAFETY: getrandom into a 4-byte buffer we own.
     unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
     u32::from_ne_bytes(b)
+}
+
+/// The uncompressed ELF kernel inside a bzImage. Debian compresses its
+/// kernels with LZ4 (legacy frame); the payload starts at that magic.
+pub async fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, RpcError> {
+    use tokio::io::AsyncWriteExt;
+    const LZ4_LEGACY: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+    let start = bzimage
+        .windows(4)
+        .position(|w| w == LZ4_LEGACY)
+        .ok_or_else(|| RpcError::failed("no LZ4 payload in the kernel image"))?;
+    let mut child = tokio::process::Command::new("lz4")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| RpcError::failed(format!("running lz4: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let payload = bzimage[start..].to_vec();
+    let feed = tokio::spawn(async move {
+        let _ = stdin.write_all(&payload).await;
+    });
+    // lz4 complains about the bytes after the payload; the ELF is whole anyway.
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| RpcError::failed(format!("lz4: {e}")))?;
+    let _ = feed.await;
+    if out.stdout.starts_with(b"\x7fELF") {
+        Ok(out.stdout)
+    } else {
+        Err(RpcError::failed("lz4 did not produce an ELF kernel"))
+    }
 }

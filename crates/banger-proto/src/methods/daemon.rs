@@ -214,6 +214,10 @@ pub struct KernelInfo {
     pub sha256: String,
     pub source: String,
     pub modules: Vec<String>,
+    /// Uncompressed ELF kernel (file name in `dir`) for Firecracker, which
+    /// cannot boot a bzImage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmlinux: Option<String>,
 }
 
 method!(ImageBuildM = "image.build", ImageBuild => ImageInfo, event Progress);

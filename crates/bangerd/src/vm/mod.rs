@@ -429,9 +429,21 @@ impl VmService {
             agent: &self.settings.agent_binary,
             busybox: &self.settings.busybox,
         })?;
+        let kernel = match VmmKind::parse(&vm.spec.vmm) {
+            Some(VmmKind::Firecracker) => match &k.vmlinux {
+                Some(f) => Path::new(&k.dir).join(f),
+                None => {
+                    return Err(RpcError::failed(format!(
+                        "kernel {} has no uncompressed vmlinux, which Firecracker needs",
+                        k.version
+                    )))
+                }
+            },
+            _ => Path::new(&k.dir).join("vmlinuz"),
+        };
         Ok(LaunchSpec {
             vm_dir: PathBuf::from(&vm.runtime.vm_dir),
-            kernel: Path::new(&k.dir).join("vmlinuz"),
+            kernel,
             initrd: Some(initrd),
             cmdline: format!("console=ttyS0 quiet panic=-1 banger.hostname={}", vm.name),
             vcpus: vm.spec.vcpus,
