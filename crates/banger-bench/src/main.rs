@@ -1,0 +1,456 @@
+//! `banger-bench`: each benchmark measures banger and a baseline in the
+//! same run, alternating them, and prints medians and their ratio.
+//!
+//!   banger-bench create-flat   VM create with a 1 GiB vs an 8 GiB image
+//!   banger-bench run-vs-qemu   `vm run --rm -- true` vs a hand-made QEMU boot
+//!   banger-bench fc-start      `vm start` of a tiny guest vs configuring
+//!                              firecracker by hand (needs --firecracker)
+//!
+//! It drives the release or debug binaries next to itself with a private
+//! BANGER_HOME (default target/bench-home, kept so the image is built once).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Cli {
+    /// Iterations per side.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    CreateFlat,
+    RunVsQemu,
+    FcStart {
+        #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
+        firecracker: PathBuf,
+    },
+}
+
+struct Bench {
+    bin: PathBuf,
+    home: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn report(name: &str, a_name: &str, a: Vec<Duration>, b_name: &str, b: Vec<Duration>) {
+    let (ma, mb) = (median(a.clone()), median(b.clone()));
+    println!("{name}");
+    println!(
+        "  {a_name:<40} median {:>9.1} ms  (runs: {:?})",
+        ms(ma),
+        a.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
+    );
+    println!(
+        "  {b_name:<40} median {:>9.1} ms  (runs: {:?})",
+        ms(mb),
+        b.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
+    );
+    println!(
+        "  ratio {a_name} / {b_name} = {:.3}   difference = {:+.1} ms",
+        ma.as_secs_f64() / mb.as_secs_f64(),
+        ms(ma) - ms(mb)
+    );
+}
+
+impl Bench {
+    fn banger(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(self.bin.join("banger"))
+            .env("BANGER_HOME", &self.home)
+            .env("BANGER_RUNTIME_DIR", self.home.join("run"))
+            .env("BANGER_HELPER_SOCKET", self.home.join("helper.sock"))
+            .env("BANGER_HELPER_AUTOSTART", "0")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("banger {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn timed(&self, args: &[&str]) -> Result<Duration> {
+        let t = Instant::now();
+        self.banger(args)?;
+        Ok(t.elapsed())
+    }
+
+    fn default_image(&self) -> Result<Value> {
+        eprintln!("(building or reusing the default image)");
+        Ok(serde_json::from_str(
+            &self.banger(&["image", "build", "--json"])?,
+        )?)
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("{cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+/// A sparse copy of `src` grown to `size` (ext4 resized in place).
+fn sized_copy(src: &str, dst: &Path, size: &str) -> Result<()> {
+    run(Command::new("cp").arg("--sparse=always").arg(src).arg(dst))?;
+    run(Command::new("truncate").arg("-s").arg(size).arg(dst))?;
+    run(Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(dst)
+        .stdout(Stdio::null()))?;
+    run(Command::new("resize2fs")
+        .arg(dst)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null()))?;
+    Ok(())
+}
+
+fn create_flat(b: &Bench, runs: usize) -> Result<()> {
+    let img = b.default_image()?;
+    let rootfs = img["rootfs"].as_str().unwrap();
+    let kernel = img["kernel"].as_str().unwrap();
+    let dir = b.home.join("bench-images");
+    std::fs::create_dir_all(&dir)?;
+    for (name, size) in [("img1g", "1G"), ("img8g", "8G")] {
+        let p = dir.join(format!("{name}.ext4"));
+        if !p.exists() {
+            sized_copy(rootfs, &p, size)?;
+        }
+        let _ = b.banger(&["image", "delete", name]);
+        b.banger(&[
+            "image",
+            "register",
+            name,
+            "--rootfs",
+            p.to_str().unwrap(),
+            "--kernel",
+            kernel,
+        ])?;
+    }
+    let (mut small, mut big) = (vec![], vec![]);
+    for i in 0..runs {
+        for (name, acc) in [("img1g", &mut small), ("img8g", &mut big)] {
+            let vm = format!("bench-{name}-{i}");
+            acc.push(b.timed(&["vm", "create", "--no-start", "--name", &vm, "--image", name])?);
+            b.banger(&["vm", "delete", &vm])?;
+        }
+    }
+    report(
+        "vm create (no start) with an 8 GiB vs a 1 GiB image",
+        "8 GiB image",
+        big,
+        "1 GiB image",
+        small,
+    );
+    Ok(())
+}
+
+/// Boots the same kernel, initramfs and rootfs with a QEMU command written
+/// out by hand, to the same point banger waits for: the agent answering on
+/// vsock. Disks are prepared outside the timed region.
+async fn raw_qemu_boot(kernel: &Path, initrd: &Path, rootfs: &str, work: &Path) -> Result<Duration> {
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work)?;
+    for (f, size) in [("overlay.ext4", "4G"), ("work.ext4", "8G")] {
+        run(Command::new("truncate").arg("-s").arg(size).arg(work.join(f)))?;
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(work.join(f)))?;
+    }
+    let mhz: f64 = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1)?.trim().parse().ok())
+        .unwrap_or(2000.0);
+    let vhost = work.join("vhost.sock");
+    let uds = work.join("vsock.sock");
+    let t = Instant::now();
+    let mut v = Command::new("vhost-device-vsock")
+        .args(["--guest-cid", "3", "--socket"])
+        .arg(&vhost)
+        .arg("--uds-path")
+        .arg(&uds)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    while !vhost.exists() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let d = |f: &str| work.join(f).display().to_string();
+    let mut q = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,acpi=on,memory-backend=mem",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "null",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 banger.hostname=raw tsc_early_khz={}",
+            (mhz * 1000.0) as u64
+        ))
+        .args([
+            "-drive",
+            &format!("id=base,file={rootfs},format=raw,if=none,readonly=on"),
+            "-device",
+            "virtio-blk-device,drive=base",
+        ])
+        .args([
+            "-drive",
+            &format!("id=ovl,file={},format=raw,if=none", d("overlay.ext4")),
+            "-device",
+            "virtio-blk-device,drive=ovl",
+        ])
+        .args([
+            "-drive",
+            &format!("id=work,file={},format=raw,if=none", d("work.ext4")),
+            "-device",
+            "virtio-blk-device,drive=work",
+        ])
+        .args([
+            "-chardev",
+            &format!("socket,id=vs,path={}", vhost.display()),
+            "-device",
+            "vhost-user-vsock-device,chardev=vs",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let ready = banger_vmm::vsock::connect_with_retry(&uds, 52, Duration::from_secs(120), || true).await;
+    let elapsed = t.elapsed();
+    let _ = q.kill();
+    let _ = v.kill();
+    let _ = q.wait();
+    let _ = v.wait();
+    ready?;
+    Ok(elapsed)
+}
+
+async fn run_vs_qemu(b: &Bench, runs: usize) -> Result<()> {
+    let img = b.default_image()?;
+    let kdir = PathBuf::from(img["kernel"].as_str().unwrap());
+    let rootfs = img["rootfs"].as_str().unwrap().to_string();
+    // Warm-up: builds the initramfs banger boots with, reused as the baseline's.
+    b.banger(&["vm", "run", "--rm", "--", "true"])?;
+    let initrd = std::fs::read_dir(&kdir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with("initramfs-")
+                && p.extension().is_some_and(|e| e == "cpio")
+        })
+        .context("no initramfs")?;
+    let work = b.home.join("raw-qemu");
+    let (mut banger, mut raw) = (vec![], vec![]);
+    for _ in 0..runs {
+        banger.push(b.timed(&["vm", "run", "--rm", "--", "true"])?);
+        raw.push(raw_qemu_boot(&kdir.join("vmlinuz"), &initrd, &rootfs, &work).await?);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    report(
+        "boot to a command, QEMU/TCG",
+        "banger vm run --rm -- true",
+        banger,
+        "raw qemu to agent-ready",
+        raw,
+    );
+    Ok(())
+}
+
+async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/fc-tiny-guests");
+    let guest = fixtures.join("vsockguest.elf");
+    let kdir = b.home.join("tiny-kernel");
+    std::fs::create_dir_all(&kdir)?;
+    std::fs::copy(&guest, kdir.join("vsockguest.elf"))?;
+    std::fs::copy(&guest, kdir.join("vmlinuz"))?;
+    let manifest = serde_json::json!({"version":"tiny","dir":kdir.display().to_string(),"package":"fixture","sha256":"","source":"fixture","modules":[],"vmlinux":"vsockguest.elf"});
+    std::fs::write(kdir.join("manifest.json"), manifest.to_string())?;
+    let rootfs = b.home.join("tiny-rootfs.ext4");
+    run(Command::new("truncate").arg("-s").arg("16M").arg(&rootfs))?;
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&rootfs))?;
+    let _ = b.banger(&["vm", "delete", "fcbench"]);
+    let _ = b.banger(&["image", "delete", "tiny"]);
+    b.banger(&[
+        "image",
+        "register",
+        "tiny",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        kdir.to_str().unwrap(),
+    ])?;
+    b.banger(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        "fcbench",
+        "--image",
+        "tiny",
+        "--vcpus",
+        "1",
+        "--memory",
+        "128",
+        "--disk-size",
+        "64",
+    ])?;
+    let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", "fcbench", "--json"])?)?;
+    let vm_dir = PathBuf::from(vm["vm_dir"].as_str().unwrap());
+    // The initramfs banger passes, so both sides load the same bytes.
+    b.banger(&["vm", "start", "fcbench"])?;
+    b.banger(&["vm", "kill", "fcbench"])?;
+    let initrd = std::fs::read_dir(&kdir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cpio"))
+        .context("no initramfs")?;
+    let raw_dir = b.home.join("raw-fc");
+    std::fs::create_dir_all(&raw_dir)?;
+    let (mut banger, mut raw) = (vec![], vec![]);
+    for _ in 0..runs {
+        banger.push(b.timed(&["vm", "start", "fcbench"])?);
+        b.banger(&["vm", "kill", "fcbench"])?;
+        raw.push(raw_fc(fc, &guest, &initrd, &rootfs, &vm_dir, &raw_dir).await?);
+    }
+    b.banger(&["vm", "delete", "fcbench"])?;
+    report(
+        "Firecracker start of a tiny guest to vsock-ready",
+        "banger vm start (CLI round trip)",
+        banger,
+        "firecracker configured by hand",
+        raw,
+    );
+    Ok(())
+}
+
+async fn raw_fc(
+    fc: &Path,
+    guest: &Path,
+    initrd: &Path,
+    rootfs: &Path,
+    vm_dir: &Path,
+    dir: &Path,
+) -> Result<Duration> {
+    use banger_vmm::firecracker::request;
+    let api = dir.join("api.sock");
+    let vs = dir.join("v.sock");
+    let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&vs);
+    let t = Instant::now();
+    let mut child = Command::new(fc)
+        .arg("--api-sock")
+        .arg(&api)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    while tokio::net::UnixStream::connect(&api).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let s = |p: &Path| p.display().to_string();
+    let calls = [
+        (
+            "/machine-config",
+            serde_json::json!({"vcpu_count":1,"mem_size_mib":128}),
+        ),
+        (
+            "/boot-source",
+            serde_json::json!({"kernel_image_path":s(guest),"initrd_path":s(initrd),"boot_args":"console=ttyS0"}),
+        ),
+        (
+            "/drives/base",
+            serde_json::json!({"drive_id":"base","path_on_host":s(rootfs),"is_root_device":false,"is_read_only":true}),
+        ),
+        (
+            "/drives/overlay",
+            serde_json::json!({"drive_id":"overlay","path_on_host":s(&vm_dir.join("overlay.ext4")),"is_root_device":false,"is_read_only":false}),
+        ),
+        (
+            "/drives/work",
+            serde_json::json!({"drive_id":"work","path_on_host":s(&vm_dir.join("work.ext4")),"is_root_device":false,"is_read_only":false}),
+        ),
+        ("/vsock", serde_json::json!({"guest_cid":3,"uds_path":s(&vs)})),
+        ("/actions", serde_json::json!({"action_type":"InstanceStart"})),
+    ];
+    for (path, body) in calls {
+        let (st, b) = request(&api, "PUT", path, Some(&body)).await?;
+        if !(200..300).contains(&st) {
+            bail!("PUT {path}: {st} {b}");
+        }
+    }
+    let ready = banger_vmm::vsock::connect_with_retry(&vs, 52, Duration::from_secs(10), || true).await;
+    let elapsed = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    ready?;
+    Ok(elapsed)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let bin = std::env::current_exe()?.parent().unwrap().to_path_buf();
+    let home = cli.home.unwrap_or_else(|| bin.join("../bench-home"));
+    std::fs::create_dir_all(&home)?;
+    let home = home.canonicalize()?;
+    let mut b = Bench {
+        bin,
+        home,
+        env: vec![],
+    };
+    match cli.cmd {
+        Cmd::CreateFlat => create_flat(&b, cli.runs)?,
+        Cmd::RunVsQemu => run_vs_qemu(&b, cli.runs).await?,
+        Cmd::FcStart { firecracker } => {
+            b.env = vec![
+                ("BANGER_VMM".into(), "firecracker".into()),
+                ("BANGER_FIRECRACKER".into(), firecracker.display().to_string()),
+            ];
+            // A daemon started with another back-end would not see these settings.
+            let _ = b.banger(&["daemon", "stop"]);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fc_start(&b, cli.runs, &firecracker).await?
+        }
+    }
+    let _ = b.banger(&["daemon", "stop"]);
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The Firecracker back-end against the real binary, driven through a whole
+//! lifecycle with the bare-metal guest `vsockguest.elf` (it boots under
+//! Firecracker even where KVM cannot run Linux, and answers vsock
+//! connections on any port, which is all the readiness check needs).
+//!
+//! Needs `BANGER_TEST_FIRECRACKER=/path/to/firecracker`; `scripts/test` runs
+//! it when that is set and says loudly that it did not run otherwise.
+
+use banger_tests::{wait_for, Env};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+fn firecracker() -> PathBuf {
+    let p = std::env::var_os("BANGER_TEST_FIRECRACKER")
+        .expect("BANGER_TEST_FIRECRACKER must name a firecracker binary");
+    PathBuf::from(p)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/fc-tiny-guests")
+        .join(name)
+}
+
+/// A kernel directory holding the tiny guest as its `vmlinux`.
+fn tiny_kernel(env: &Env) -> PathBuf {
+    let dir = env.dir.path().join("tiny-kernel");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("vsockguest.elf"), dir.join("vsockguest.elf")).expect("fixture vsockguest.elf");
+    std::fs::copy(fixture("vsockguest.elf"), dir.join("vmlinuz")).unwrap();
+    let manifest = serde_json::json!({
+        "version": "tiny-vsockguest",
+        "dir": dir.display().to_string(),
+        "package": "fixture",
+        "sha256": "",
+        "source": "fixture:fc-tiny-guests/vsockguest.elf",
+        "modules": [],
+        "vmlinux": "vsockguest.elf",
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    dir
+}
+
+fn tiny_rootfs(env: &Env) -> PathBuf {
+    let p = env.dir.path().join("tiny-rootfs.ext4");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(16 << 20).unwrap();
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&p)
+        .status()
+        .unwrap()
+        .success());
+    p
+}
+
+fn fc(env: &Env, args: &[&str]) -> std::process::Output {
+    env.cmd("banger")
+        .env("BANGER_VMM", "firecracker")
+        .env("BANGER_FIRECRACKER", firecracker())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn fc_ok(env: &Env, args: &[&str]) -> String {
+    let out = fc(env, args);
+    assert!(
+        out.status.success(),
+        "banger {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn show(env: &Env, name: &str) -> Value {
+    serde_json::from_str(&fc_ok(env, &["vm", "show", name, "--json"])).unwrap()
+}
+
+#[test]
+#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
+fn firecracker_lifecycle_with_the_real_binary() {
+    let env = Env::new();
+    let kernel = tiny_kernel(&env);
+    let rootfs = tiny_rootfs(&env);
+    fc_ok(
+        &env,
+        &[
+            "image",
+            "register",
+            "tiny",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+    );
+
+    fc_ok(
+        &env,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "fc1",
+            "--image",
+            "tiny",
+            "--vcpus",
+            "1",
+            "--memory",
+            "128",
+            "--disk-size",
+            "64",
+        ],
+    );
+    let v = show(&env, "fc1");
+    assert_eq!(v["vmm"], "firecracker");
+    assert_eq!(v["state"], "running");
+    let dir = PathBuf::from(v["vm_dir"].as_str().unwrap());
+    let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+    assert!(serial.contains("TINY_GUEST_VSOCK_READY"), "serial: {serial}");
+
+    // Stop: the tiny guest has no agent, so the deadline kill path runs.
+    fc_ok(&env, &["vm", "stop", "fc1"]);
+    assert_eq!(show(&env, "fc1")["state"], "stopped");
+    assert!(env.vm_processes().is_empty(), "{:?}", env.vm_processes());
+    assert!(!dir.join("firecracker.sock").exists(), "stale API socket left");
+
+    // Start again over the old files; then kill -9 the daemon: adopted.
+    fc_ok(&env, &["vm", "start", "fc1"]);
+    let pid = show(&env, "fc1")["pid"].as_u64().unwrap();
+    let daemon = env.daemon_pid().unwrap();
+    // SAFETY: processes this test started.
+    unsafe { libc::kill(daemon as i32, libc::SIGKILL) };
+    wait_for("daemon death", Duration::from_secs(5), || {
+        (unsafe { libc::kill(daemon as i32, 0) } != 0).then_some(())
+    });
+    let v = show(&env, "fc1");
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "not adopted");
+
+    // Killed behind the daemon's back: found dead and cleaned up.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_for("the dead VMM to be noticed", Duration::from_secs(20), || {
+        (show(&env, "fc1")["state"] == "stopped").then_some(())
+    });
+    assert!(env.vm_processes().is_empty());
+
+    fc_ok(&env, &["vm", "delete", "fc1"]);
+    assert!(!dir.exists(), "VM directory left behind");
+    assert!(env.vm_processes().is_empty());
+}
