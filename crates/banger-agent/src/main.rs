@@ -4,6 +4,7 @@
 //! root: it sets the hostname, starts `banger-agent serve` and reaps every
 //! orphan. `serve` answers the host over vsock.
 
+mod bulk;
 mod exec;
 mod init;
 
@@ -90,6 +91,11 @@ async fn serve(port: u32) -> Result<()> {
         tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
     tracing::info!(port, "agent listening on vsock");
     let router = Arc::new(router());
+    tokio::spawn(async {
+        if let Err(e) = bulk::serve().await {
+            tracing::error!(error = %e, "bulk port failed");
+        }
+    });
     loop {
         let (stream, peer) = listener.accept().await?;
         let router = router.clone();

@@ -3,6 +3,7 @@
 mod daemon;
 mod image;
 mod output;
+mod run;
 mod vm;
 
 use anyhow::Result;

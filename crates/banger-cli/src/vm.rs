@@ -51,15 +51,68 @@ pub enum VmCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Create a VM, start it, run a command in it, print the result.
-    Run {
-        #[command(flatten)]
-        create: CreateArgs,
-        /// Delete the VM when the command ends.
+    /// Create a VM, copy a git workspace in, run a command, print the result.
+    Run(RunArgs),
+    /// Workspaces in a running VM.
+    #[command(subcommand)]
+    Workspace(WorkspaceCmd),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A git work tree to copy to /root/repo in the guest.
+    pub path: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// Delete the VM when the command or session ends.
+    #[arg(long)]
+    pub rm: bool,
+    /// Prepare the VM and exit, leaving it running.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Also copy untracked files that git does not ignore.
+    #[arg(long)]
+    pub include_untracked: bool,
+    /// Create this branch in the guest repository.
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Start --branch from this commit instead of HEAD.
+    #[arg(long, requires = "branch")]
+    pub from: Option<String>,
+    /// Print the files that would be copied; create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Give the VM outbound network access (NAT).
+    #[arg(long)]
+    pub nat: bool,
+    /// Skip the tooling bootstrap (.mise.toml / .tool-versions).
+    #[arg(long)]
+    pub no_bootstrap: bool,
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum WorkspaceCmd {
+    /// Copy a git work tree into a running VM.
+    Prepare {
+        name: String,
+        path: std::path::PathBuf,
         #[arg(long)]
-        rm: bool,
-        #[arg(last = true, required = true)]
-        cmd: Vec<String>,
+        include_untracked: bool,
+        #[arg(long)]
+        branch: Option<String>,
+        #[arg(long, requires = "branch")]
+        from: Option<String>,
+    },
+    /// Print a binary patch of the guest workspace against its base commit.
+    Export {
+        name: String,
+        #[arg(long)]
+        base_commit: Option<String>,
+        /// Write the patch here instead of stdout.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
     },
 }
 
@@ -81,7 +134,7 @@ pub struct CreateArgs {
 }
 
 /// DNS-label check, done here too so a typo fails before the daemon is asked.
-fn check_name(name: &str) -> Result<()> {
+pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -118,7 +171,7 @@ fn show_vm(v: &d::VmInfo) {
 }
 
 /// Begins a create and follows it to the end, showing its stages.
-pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo> {
+pub async fn create(c: &Client, a: &CreateArgs, start: bool, nat: bool) -> Result<d::VmInfo> {
     if let Some(n) = &a.name {
         check_name(n)?;
     }
@@ -131,6 +184,7 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
                 memory_mib: a.memory,
                 work_disk_mib: a.disk_size,
                 start,
+                nat,
             },
             None,
         )
@@ -197,7 +251,7 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
     };
     match cmd {
         VmCmd::Create { args, no_start } => {
-            let v = create(c, &args, !no_start).await?;
+            let v = create(c, &args, !no_start, false).await?;
             print(json, &v, show_vm);
         }
         VmCmd::Start { name } => print(json, &c.call::<d::VmStart>(&vm_ref(&name)?, None).await?, show_vm),
@@ -261,26 +315,68 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
             check_name(&name)?;
             return exec(c, &name, cmd, stdin, cwd).await;
         }
-        VmCmd::Run { create: a, rm, cmd } => {
-            let v = create(c, &a, true).await?;
-            eprintln!(
-                "spec: {} vCPU, {} MiB, work disk {} MiB, vmm {}",
-                v.vcpus,
-                v.memory_mib,
-                v.work_disk_bytes >> 20,
-                v.vmm
-            );
-            let code = exec(c, &v.name, cmd, false, None).await;
-            if rm {
-                // Deletion gets its own call so a failed command still cleans up.
-                if let Err(e) = c
-                    .call::<d::VmDelete>(&d::VmRef { name: v.name.clone() }, None)
-                    .await
-                {
-                    eprintln!("warning: could not delete {}: {e}", v.name);
-                }
+        VmCmd::Run(r) => return crate::run::run(c, r).await,
+        VmCmd::Workspace(WorkspaceCmd::Prepare {
+            name,
+            path,
+            include_untracked,
+            branch,
+            from,
+        }) => {
+            check_name(&name)?;
+            let path = std::path::absolute(&path)?.display().to_string();
+            let w = c
+                .call::<d::VmWorkspacePrepare>(
+                    &d::WorkspacePrepare {
+                        name,
+                        path,
+                        include_untracked,
+                        branch,
+                        from,
+                    },
+                    None,
+                )
+                .await?;
+            crate::run::untracked_notice(&w.skipped_untracked);
+            print(json, &w, |w| {
+                println!(
+                    "copied {} files ({} KiB) to {}",
+                    w.files,
+                    w.bytes / 1024,
+                    w.guest_path
+                )
+            });
+        }
+        VmCmd::Workspace(WorkspaceCmd::Export {
+            name,
+            base_commit,
+            output,
+        }) => {
+            check_name(&name)?;
+            let mut patch = Vec::new();
+            let st = c
+                .call_with_events::<d::VmWorkspaceExport>(
+                    &d::WorkspaceExport { name, base_commit },
+                    None,
+                    |ev: ExecOutput| {
+                        if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
+                            match ev.stream {
+                                StreamName::Stdout => patch.extend(b),
+                                StreamName::Stderr => {
+                                    let _ = std::io::stderr().write_all(&b);
+                                }
+                            }
+                        }
+                    },
+                )
+                .await?;
+            if st.shell_code() != 0 {
+                bail!("export failed in the guest (exit {})", st.shell_code());
             }
-            return code;
+            match output {
+                Some(f) => std::fs::write(&f, &patch)?,
+                None => std::io::stdout().write_all(&patch)?,
+            }
         }
     }
     Ok(0)

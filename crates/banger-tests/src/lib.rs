@@ -249,7 +249,8 @@ pub fn shared_image() -> (String, String) {
     static CACHE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     CACHE
         .get_or_init(|| {
-            let root = bin_dir().join("banger-e2e-cache");
+            // Bump the suffix when the image recipe changes.
+            let root = bin_dir().join("banger-e2e-cache-v2");
             std::fs::create_dir_all(&root).unwrap();
             // Serialise builders across test binaries running at once.
             let lock = std::fs::File::create(root.join("lock")).unwrap();

@@ -84,6 +84,7 @@ pub async fn connect_with_retry(
 ) -> Result<UnixStream, VsockError> {
     let end = Instant::now() + deadline;
     let mut last = String::from("not tried");
+    let mut delay = Duration::from_millis(1);
     while Instant::now() < end {
         match connect(uds, port).await {
             Ok(s) => return Ok(s),
@@ -96,7 +97,9 @@ pub async fn connect_with_retry(
                 last: format!("the VMM exited ({last})"),
             });
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        // Poll fast at first (a microVM can be up in ~10 ms), then back off.
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(25));
     }
     Err(VsockError::Timeout {
         port,

@@ -160,6 +160,17 @@ pub fn router(app: &Arc<App>) -> Router {
             .logs(&p.name, p.tail_bytes)
             .map(|(serial, path)| d::VmLogs { serial, path })))
         .method::<d::VmExecM, _, _>(with!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
+        // workspaces
+        .method::<d::WorkspacePlanM, _, _>(|_, p| async move {
+            crate::workspace::plan(&p.path, p.include_untracked)
+                .await
+                .map(|(_, plan)| plan)
+        })
+        .method::<d::VmWorkspacePrepare, _, _>(with!(app, |ctx, p| app
+            .vms
+            .workspace_prepare(&ctx.op_id, p)
+            .await))
+        .method::<d::VmWorkspaceExport, _, _>(with!(app, |ctx, p| app.vms.workspace_export(&ctx, p).await))
         // images and kernels
         .method::<d::ImageBuildM, _, _>(with!(app, |ctx, p| {
             let name = if p.name.is_empty() {

@@ -178,6 +178,8 @@ impl ImageService {
             "debootstrap",
             [
                 "--variant=minbase".as_ref(),
+                // git: workspaces; openssh-server: `banger vm ssh`; iproute2: networking.
+                "--include=git,openssh-server,iproute2,ca-certificates".as_ref(),
                 "bookworm".as_ref(),
                 root.as_os_str(),
                 mirror.as_ref(),
@@ -189,6 +191,16 @@ impl ImageService {
         // agent come with the initramfs, so they always match the host.
         let _ = std::fs::remove_dir_all(root.join("var/cache/apt/archives"));
         let _ = std::fs::remove_dir_all(root.join("var/lib/apt/lists"));
+        // Host keys are made per VM at first boot, never shared by an image.
+        for e in std::fs::read_dir(root.join("etc/ssh"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let content = dir_size(&root);
         // Read-only at run time: room for ext4's metadata, nothing more.
         let size = (content + content / 4 + (64 << 20)).div_ceil(1 << 20) << 20;

@@ -119,9 +119,51 @@ fn read(p: &Path) -> Result<Vec<u8>, RpcError> {
     std::fs::read(p).map_err(io(format!("reading {}", p.display())))
 }
 
+/// Identity of an input file without reading it: path, size, mtime.
+fn stamp(p: &Path) -> Result<String, RpcError> {
+    let m = std::fs::metadata(p).map_err(io(format!("reading {}", p.display())))?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    Ok(format!("{}:{}:{}", p.display(), m.len(), mtime.as_nanos()))
+}
+
+/// Built initramfs paths by input stamps, so a VM start does not re-hash
+/// megabytes of unchanged binaries.
+static BUILT: std::sync::Mutex<Option<std::collections::HashMap<String, PathBuf>>> =
+    std::sync::Mutex::new(None);
+
 /// Builds (or reuses) the initramfs for these inputs inside the kernel's
 /// directory and returns its path.
 pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
+    let key = format!(
+        "{}|{}|{}",
+        inputs.kernel.dir,
+        stamp(inputs.agent)?,
+        stamp(inputs.busybox)?
+    );
+    if let Some(p) = BUILT
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Default::default)
+        .get(&key)
+    {
+        if p.exists() {
+            return Ok(p.clone());
+        }
+    }
+    let path = build(inputs)?;
+    BUILT
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Default::default)
+        .insert(key, path.clone());
+    Ok(path)
+}
+
+fn build(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
     let agent = read(inputs.agent)?;
     let busybox = read(inputs.busybox)?;
     let mut h = sha2::Sha256::new();

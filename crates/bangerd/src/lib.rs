@@ -12,3 +12,4 @@ pub mod network;
 pub mod ops;
 pub mod sys;
 pub mod vm;
+pub mod workspace;

@@ -76,3 +76,49 @@ method!(
     /// Syncs and powers the guest off right after answering.
     Poweroff = "agent.poweroff", Empty => Empty
 );
+
+/// The vsock port for bulk transfers: a [`BulkHeader`] line, then the
+/// payload as chunks (a big-endian u32 length, then that many bytes) ended
+/// by a zero-length chunk, then one [`BulkResult`] line back. Chunked
+/// because hybrid vsock proxies do not carry a half-close. Kept off the RPC
+/// port because a workspace can be far larger than an RPC frame.
+pub const BULK_PORT: u32 = 53;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkHeader {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<String>,
+    /// What to do with the bytes; only "untar" today.
+    pub op: String,
+    /// Absolute guest directory to unpack into (created if missing).
+    pub dest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkResult {
+    pub ok: bool,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Line encoding of the bulk port's header and result: the only place
+/// their JSON shape is known.
+pub trait Line: Serialize + for<'de> Deserialize<'de> {
+    fn to_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).expect("bulk lines serialise");
+        v.push(b'\n');
+        v
+    }
+
+    fn from_line(line: &str) -> Result<Self, String> {
+        serde_json::from_str(line.trim_end()).map_err(|e| e.to_string())
+    }
+}
+
+impl Line for BulkHeader {}
+impl Line for BulkResult {}
+
+/// Largest chunk either side sends or accepts on the bulk port.
+pub const BULK_CHUNK: usize = 256 * 1024;

@@ -67,6 +67,9 @@ pub struct VmCreate {
     /// Start the VM once created.
     #[serde(default)]
     pub start: bool,
+    /// Outbound network access through NAT.
+    #[serde(default)]
+    pub nat: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -229,3 +232,65 @@ method!(KernelFetch = "kernel.fetch", Empty => KernelInfo, event Progress);
 method!(KernelList = "kernel.list", Empty => Vec<KernelInfo>);
 method!(KernelShow = "kernel.show", NameRef => KernelInfo);
 method!(KernelRm = "kernel.rm", NameRef => Empty);
+
+// ---- workspaces ----
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspacePlanParams {
+    /// Absolute host path inside a git work tree.
+    pub path: String,
+    #[serde(default)]
+    pub include_untracked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspacePlan {
+    pub repo_root: String,
+    pub files: Vec<String>,
+    pub bytes: u64,
+    /// Untracked, non-ignored files left out (without --include-untracked).
+    pub skipped_untracked: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_commit: Option<String>,
+    /// Tool-version files that ask for a bootstrap (.mise.toml, .tool-versions).
+    pub bootstrap_files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspacePrepare {
+    pub name: String,
+    pub path: String,
+    #[serde(default)]
+    pub include_untracked: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceReady {
+    pub guest_path: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub skipped_untracked: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_commit: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceExport {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_commit: Option<String>,
+}
+
+method!(
+    /// Inspects a workspace without touching any VM.
+    WorkspacePlanM = "workspace.plan", WorkspacePlanParams => WorkspacePlan
+);
+method!(VmWorkspacePrepare = "vm.workspace.prepare", WorkspacePrepare => WorkspaceReady);
+method!(
+    /// A binary patch of the guest workspace against its base commit, streamed.
+    VmWorkspaceExport = "vm.workspace.export", WorkspaceExport => crate::methods::agent::ExitStatus, event crate::methods::agent::ExecOutput
+);

@@ -13,8 +13,12 @@ use crate::initramfs;
 use crate::kernel;
 use crate::ops::{OpHandle, Operations};
 use crate::sys::{self, io};
+use crate::workspace;
 use banger_proto::methods::agent as a;
-use banger_proto::methods::daemon::{StageInfo, VmCreate, VmCreateBegun, VmCreateStatus, VmInfo};
+use banger_proto::methods::daemon::{
+    StageInfo, VmCreate, VmCreateBegun, VmCreateStatus, VmInfo, WorkspaceExport, WorkspacePrepare,
+    WorkspaceReady,
+};
 use banger_proto::methods::Empty;
 use banger_proto::{Ctx, ErrorCode, OpId, RpcError};
 use banger_store::{Store, VmRecord, VmRuntime, VmSpec, VmState};
@@ -222,7 +226,7 @@ impl VmService {
             memory_mib,
             work_disk_bytes: work_mib << 20,
             vmm: vmm.as_str().to_string(),
-            nat: false,
+            nat: p.nat,
         };
         let op = self.ops.begin(&ctx.op_id, "vm.create", &name);
         let cancel = CancellationToken::new();
@@ -513,10 +517,11 @@ impl VmService {
             return Err(self.fail_start(vm, e).await);
         }
         self.handles.lock().unwrap().insert(vm.id.clone(), h);
+        // Saved together with the Running state below: until then
+        // handles.json is what a restarted daemon adopts from.
         vm.runtime.api_socket = launched.api_socket.display().to_string();
         vm.runtime.vsock_uds = launched.vsock_uds.display().to_string();
         vm.runtime.log_path = launched.serial_log.display().to_string();
-        self.save(&vm)?;
 
         let marker = vm.runtime.vm_dir.clone();
         let pid = launched.pid;
@@ -685,6 +690,146 @@ impl VmService {
         Ok((text, path.display().to_string()))
     }
 
+    // ---- workspaces ----
+
+    /// Runs a shell snippet in the guest and fails with its stderr.
+    async fn guest_sh(&self, uds: &Path, op: &OpId, script: String) -> Result<Vec<u8>, RpcError> {
+        let out = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let sink = out.clone();
+        let req = a::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script],
+            ..Default::default()
+        };
+        let st = agent::call::<a::Exec>(uds, op, &req, move |ev| {
+            use base64::Engine;
+            if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
+                let mut o = sink.lock().unwrap();
+                match ev.stream {
+                    a::StreamName::Stdout => o.0.extend(b),
+                    a::StreamName::Stderr => o.1.extend(b),
+                }
+            }
+        })
+        .await?;
+        let (stdout, stderr) = std::mem::take(&mut *out.lock().unwrap());
+        if st.shell_code() != 0 {
+            return Err(RpcError::failed(format!(
+                "guest command failed ({}): {}",
+                st.shell_code(),
+                String::from_utf8_lossy(&stderr).trim()
+            )));
+        }
+        Ok(stdout)
+    }
+
+    fn running_handles(&self, vm: &VmRecord) -> Result<VmHandles, RpcError> {
+        match self.cached(&vm.id) {
+            Some(h) if self.is_alive(vm) => Ok(h),
+            _ => Err(RpcError::not_running(format!(
+                "VM {} is not running (start it with `banger vm start {}`)",
+                vm.name, vm.name
+            ))),
+        }
+    }
+
+    pub async fn workspace_prepare(
+        &self,
+        op: &OpId,
+        p: WorkspacePrepare,
+    ) -> Result<WorkspaceReady, RpcError> {
+        for r in p.branch.iter().chain(p.from.iter()) {
+            workspace::validate_ref(r)?;
+        }
+        let (root, plan) = workspace::plan(&p.path, p.include_untracked).await?;
+        let vm = self.get(&p.name)?;
+        let lock = self.lock_for(&vm.id);
+        let _g = lock.lock().await;
+        let mut vm = self.get(&p.name)?;
+        let h = self.running_handles(&vm)?;
+        let work = kernel::tempdir_in(Path::new(&vm.runtime.vm_dir), ".workspace")?;
+        let result = async {
+            let mut from_sha = None;
+            let dotgit = match &plan.base_commit {
+                Some(base) => {
+                    if let Some(f) = &p.from {
+                        let sha = sys::run(
+                            "git",
+                            [
+                                "-C",
+                                &plan.repo_root,
+                                "rev-parse",
+                                "--verify",
+                                &format!("{f}^{{commit}}"),
+                            ],
+                            None,
+                        )
+                        .await
+                        .map_err(|_| RpcError::not_found(format!("no commit {f:?} in {}", plan.repo_root)))?;
+                        from_sha = Some(sha.trim().to_string());
+                    }
+                    Some(workspace::shallow_git(&root, &work, base, from_sha.as_deref()).await?)
+                }
+                None => None,
+            };
+            let sent = workspace::push(
+                &h.launched.vsock_uds,
+                op,
+                &root,
+                &plan.files,
+                dotgit.as_deref(),
+                workspace::GUEST_REPO,
+            )
+            .await?;
+            if !sent.ok {
+                return Err(RpcError::failed(format!(
+                    "guest could not unpack the workspace: {}",
+                    sent.error.unwrap_or_default()
+                )));
+            }
+            self.guest_sh(
+                &h.launched.vsock_uds,
+                op,
+                workspace::finish_script(p.branch.as_deref(), from_sha.as_deref()),
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&work);
+        result?;
+        vm.runtime.workspace = Some(workspace::GUEST_REPO.to_string());
+        self.save(&vm)?;
+        tracing::info!(vm = %vm.name, files = plan.files.len(), bytes = plan.bytes, "workspace prepared");
+        Ok(WorkspaceReady {
+            guest_path: workspace::GUEST_REPO.to_string(),
+            files: plan.files.len(),
+            bytes: plan.bytes,
+            skipped_untracked: plan.skipped_untracked,
+            base_commit: plan.base_commit,
+        })
+    }
+
+    pub async fn workspace_export(&self, ctx: &Ctx, p: WorkspaceExport) -> Result<a::ExitStatus, RpcError> {
+        if let Some(b) = &p.base_commit {
+            workspace::validate_ref(b)?;
+        }
+        let vm = self.get(&p.name)?;
+        let h = self.running_handles(&vm)?;
+        if vm.runtime.workspace.is_none() {
+            return Err(RpcError::bad_request(format!("VM {} has no workspace", vm.name)));
+        }
+        let req = a::ExecRequest {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                workspace::export_script(p.base_commit.as_deref()),
+            ],
+            ..Default::default()
+        };
+        let ctx2 = ctx.clone();
+        agent::call::<a::Exec>(&h.launched.vsock_uds, &ctx.op_id, &req, move |ev| ctx2.emit(&ev)).await
+    }
+
     // ---- exec ----
 
     pub async fn exec(&self, ctx: &Ctx, name: &str, req: a::ExecRequest) -> Result<a::ExitStatus, RpcError> {
@@ -692,14 +837,11 @@ impl VmService {
             return Err(RpcError::bad_request("nothing to run: argv is empty"));
         }
         let vm = self.get(name)?;
-        let h = match self.cached(&vm.id) {
-            Some(h) if self.is_alive(&vm) => h,
-            _ => {
-                return Err(RpcError::not_running(format!(
-                    "VM {name} is not running (start it with `banger vm start {name}`)"
-                )))
-            }
-        };
+        let h = self.running_handles(&vm)?;
+        let mut req = req;
+        if req.cwd.is_none() {
+            req.cwd = vm.runtime.workspace.clone();
+        }
         let ctx2 = ctx.clone();
         agent::call::<a::Exec>(&h.launched.vsock_uds, &ctx.op_id, &req, move |ev| ctx2.emit(&ev)).await
     }

@@ -1,0 +1,161 @@
+//! `banger vm run`: the one command. Bad combinations and bad workspaces
+//! are refused before any VM exists.
+
+use crate::vm::{check_name, create, exec, RunArgs};
+use anyhow::{bail, Result};
+use banger_proto::methods::daemon as d;
+use banger_proto::Client;
+use std::time::Duration;
+
+/// How long `--rm` may take to delete the VM, whatever happens to the command.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn untracked_notice(skipped: &[String]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = skipped.iter().take(5).map(String::as_str).collect();
+    let more = if skipped.len() > 5 {
+        format!(" and {} more", skipped.len() - 5)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "note: {} untracked file(s) not copied (add --include-untracked): {}{more}",
+        skipped.len(),
+        shown.join(", ")
+    );
+}
+
+pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
+    if r.detach && r.rm {
+        bail!("-d/--detach and --rm cannot be combined: a detached VM outlives this command");
+    }
+    if r.detach && !r.cmd.is_empty() {
+        bail!("-d/--detach runs no command: drop the command or drop -d");
+    }
+    if let Some(n) = &r.create.name {
+        check_name(n)?;
+    }
+    let plan = match &r.path {
+        Some(p) => {
+            let path = std::path::absolute(p)?.display().to_string();
+            let plan = c
+                .call::<d::WorkspacePlanM>(
+                    &d::WorkspacePlanParams {
+                        path,
+                        include_untracked: r.include_untracked,
+                    },
+                    None,
+                )
+                .await?;
+            untracked_notice(&plan.skipped_untracked);
+            if !plan.bootstrap_files.is_empty() && !r.nat && !r.no_bootstrap && !r.dry_run {
+                bail!(
+                    "this workspace has {}: the tooling bootstrap needs network access. Pass --nat, or --no-bootstrap to skip it",
+                    plan.bootstrap_files.join(" and ")
+                );
+            }
+            Some(plan)
+        }
+        None => None,
+    };
+    if r.dry_run {
+        match &plan {
+            Some(p) => {
+                for f in &p.files {
+                    println!("{f}");
+                }
+                eprintln!(
+                    "{} files, {} KiB; nothing was created (--dry-run)",
+                    p.files.len(),
+                    p.bytes / 1024
+                );
+            }
+            None => eprintln!("no workspace given; nothing to copy (--dry-run)"),
+        }
+        return Ok(0);
+    }
+    if plan.is_none() && r.cmd.is_empty() && !r.detach {
+        bail!("an interactive shell needs `banger vm ssh`; give a command after `--`, or -d to leave the VM running");
+    }
+
+    let v = create(c, &r.create, true, r.nat).await?;
+    eprintln!(
+        "spec: {} vCPU, {} MiB memory, {} MiB work disk, vmm {}{}",
+        v.vcpus,
+        v.memory_mib,
+        v.work_disk_bytes >> 20,
+        v.vmm,
+        if r.nat { ", nat" } else { "" }
+    );
+    let outcome = session(c, &r, &v, plan.as_ref()).await;
+    if r.rm {
+        // Its own deadline, and immune to a second Ctrl-C cutting it short.
+        let name = v.name.clone();
+        let target = d::VmRef { name: name.clone() };
+        let del = c.call::<d::VmDelete>(&target, None);
+        match tokio::time::timeout(CLEANUP_DEADLINE, del).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("warning: could not delete {name}: {e}"),
+            Err(_) => eprintln!(
+                "warning: deleting {name} took over {}s; check `banger vm list`",
+                CLEANUP_DEADLINE.as_secs()
+            ),
+        }
+    } else if !r.detach {
+        eprintln!(
+            "VM {} is still running: `banger vm stop {}` or `banger vm delete {}`",
+            v.name, v.name, v.name
+        );
+    }
+    outcome
+}
+
+async fn session(c: &Client, r: &RunArgs, v: &d::VmInfo, plan: Option<&d::WorkspacePlan>) -> Result<i32> {
+    if let Some(p) = plan {
+        let w = c
+            .call::<d::VmWorkspacePrepare>(
+                &d::WorkspacePrepare {
+                    name: v.name.clone(),
+                    path: p.repo_root.clone(),
+                    include_untracked: r.include_untracked,
+                    branch: r.branch.clone(),
+                    from: r.from.clone(),
+                },
+                None,
+            )
+            .await?;
+        eprintln!(
+            "workspace: {} files ({} KiB) in {}",
+            w.files,
+            w.bytes / 1024,
+            w.guest_path
+        );
+        if !p.bootstrap_files.is_empty() && !r.no_bootstrap {
+            let script = "mkdir -p /root/.cache/banger; (command -v mise >/dev/null && mise install || echo 'mise is not installed in this image; skipped') > /root/.cache/banger/bootstrap.log 2>&1 || true";
+            let _ = exec(
+                c,
+                &v.name,
+                vec!["sh".into(), "-c".into(), script.into()],
+                false,
+                None,
+            )
+            .await;
+        }
+    }
+    if r.detach {
+        eprintln!("VM {} is ready", v.name);
+        return Ok(0);
+    }
+    if r.cmd.is_empty() {
+        bail!("an interactive shell needs `banger vm ssh {}`", v.name);
+    }
+    tokio::select! {
+        code = exec(c, &v.name, r.cmd.clone(), false, None) => code,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted");
+            Ok(130)
+        }
+    }
+}
