@@ -78,7 +78,6 @@ impl Bench {
             .env("BANGER_HOME", &self.home)
             .env("BANGER_RUNTIME_DIR", self.home.join("run"))
             .env("BANGER_HELPER_SOCKET", self.home.join("helper.sock"))
-            .env("BANGER_HELPER_AUTOSTART", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .stdin(Stdio::null())
@@ -333,6 +332,7 @@ async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
         "128",
         "--disk-size",
         "64",
+        "--no-network",
     ])?;
     let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", "fcbench", "--json"])?)?;
     let vm_dir = PathBuf::from(vm["vm_dir"].as_str().unwrap());

@@ -50,7 +50,7 @@ pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
                 )
                 .await?;
             untracked_notice(&plan.skipped_untracked);
-            if !plan.bootstrap_files.is_empty() && !r.nat && !r.no_bootstrap && !r.dry_run {
+            if !plan.bootstrap_files.is_empty() && !r.create.nat && !r.no_bootstrap && !r.dry_run {
                 bail!(
                     "this workspace has {}: the tooling bootstrap needs network access. Pass --nat, or --no-bootstrap to skip it",
                     plan.bootstrap_files.join(" and ")
@@ -80,14 +80,14 @@ pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
         bail!("an interactive shell needs `banger vm ssh`; give a command after `--`, or -d to leave the VM running");
     }
 
-    let v = create(c, &r.create, true, r.nat).await?;
+    let v = create(c, &r.create, true).await?;
     eprintln!(
         "spec: {} vCPU, {} MiB memory, {} MiB work disk, vmm {}{}",
         v.vcpus,
         v.memory_mib,
         v.work_disk_bytes >> 20,
         v.vmm,
-        if r.nat { ", nat" } else { "" }
+        if r.create.nat { ", nat" } else { "" }
     );
     let outcome = session(c, &r, &v, plan.as_ref()).await;
     if r.rm {

@@ -82,9 +82,6 @@ pub struct RunArgs {
     /// Print the files that would be copied; create nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Give the VM outbound network access (NAT).
-    #[arg(long)]
-    pub nat: bool,
     /// Skip the tooling bootstrap (.mise.toml / .tool-versions).
     #[arg(long)]
     pub no_bootstrap: bool,
@@ -131,6 +128,12 @@ pub struct CreateArgs {
     /// Work disk (/root) size in MiB.
     #[arg(long)]
     pub disk_size: Option<u64>,
+    /// No network interface: reach the guest over vsock only.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Give the VM outbound network access (NAT).
+    #[arg(long)]
+    pub nat: bool,
 }
 
 /// DNS-label check, done here too so a typo fails before the daemon is asked.
@@ -171,7 +174,7 @@ fn show_vm(v: &d::VmInfo) {
 }
 
 /// Begins a create and follows it to the end, showing its stages.
-pub async fn create(c: &Client, a: &CreateArgs, start: bool, nat: bool) -> Result<d::VmInfo> {
+pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo> {
     if let Some(n) = &a.name {
         check_name(n)?;
     }
@@ -184,7 +187,8 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool, nat: bool) -> Resul
                 memory_mib: a.memory,
                 work_disk_mib: a.disk_size,
                 start,
-                nat,
+                nat: a.nat,
+                no_network: a.no_network,
             },
             None,
         )
@@ -251,7 +255,7 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
     };
     match cmd {
         VmCmd::Create { args, no_start } => {
-            let v = create(c, &args, !no_start, false).await?;
+            let v = create(c, &args, !no_start).await?;
             print(json, &v, show_vm);
         }
         VmCmd::Start { name } => print(json, &c.call::<d::VmStart>(&vm_ref(&name)?, None).await?, show_vm),

@@ -30,6 +30,7 @@ pub struct FileConfig {
     pub default_vcpus: Option<u32>,
     pub default_memory_mib: Option<u32>,
     pub default_work_disk_mib: Option<u64>,
+    pub dns_listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct Config {
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
     pub default_work_disk_mib: u64,
+    /// UDP address of the `.vm` DNS server; empty disables it.
+    pub dns_listen: String,
 }
 
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
@@ -127,6 +130,10 @@ impl Config {
             default_vcpus: fc.default_vcpus.unwrap_or(2),
             default_memory_mib: fc.default_memory_mib.unwrap_or(1024),
             default_work_disk_mib: fc.default_work_disk_mib.unwrap_or(8192),
+            dns_listen: std::env::var("BANGER_DNS_LISTEN")
+                .ok()
+                .or(fc.dns_listen)
+                .unwrap_or_else(|| "127.0.0.1:10053".into()),
             state_dir,
         })
     }

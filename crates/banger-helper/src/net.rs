@@ -57,6 +57,16 @@ pub trait NetOps: Send + Sync + 'static {
         prefix: u8,
     ) -> impl Future<Output = Result<(), NetError>> + Send;
     fn delete_link(&self, index: u32) -> impl Future<Output = Result<(), NetError>> + Send;
+    /// Opens an existing persistent tap; the descriptor carries its traffic.
+    fn open_tap(&self, name: &str) -> impl Future<Output = Result<std::os::fd::OwnedFd, NetError>> + Send;
+    fn nat_add(
+        &self,
+        vm: &str,
+        ip: Ipv4Addr,
+        bridge: &str,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn nat_remove(&self, vm: &str) -> impl Future<Output = Result<bool, NetError>> + Send;
+    fn nat_list(&self) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
 }
 
 /// The real thing.
@@ -157,6 +167,28 @@ impl NetOps for LinuxNet {
             .await?)
     }
 
+    async fn open_tap(&self, name: &str) -> Result<std::os::fd::OwnedFd, NetError> {
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || tun::open_tap(&name))
+            .await
+            .map_err(|e| NetError::Os {
+                what: "tap open task".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    async fn nat_add(&self, vm: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), NetError> {
+        crate::nat::add(vm, ip, bridge).await
+    }
+
+    async fn nat_remove(&self, vm: &str) -> Result<bool, NetError> {
+        crate::nat::remove(vm).await
+    }
+
+    async fn nat_list(&self) -> Result<Vec<String>, NetError> {
+        crate::nat::list().await
+    }
+
     async fn delete_link(&self, index: u32) -> Result<(), NetError> {
         let mut links = self.handle.link();
         Ok(links.del(index).execute().await?)
@@ -188,7 +220,8 @@ mod tun {
         }
     }
 
-    pub fn create_persistent_tap(name: &str, owner_uid: Option<u32>) -> Result<(), NetError> {
+    /// Attaches a fresh /dev/net/tun descriptor to the tap `name`.
+    fn attach(name: &str) -> Result<std::fs::File, NetError> {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -203,11 +236,20 @@ mod tun {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        let fd = f.as_raw_fd();
         // SAFETY: `req` is a properly sized, initialised ifreq that outlives the call.
-        if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
             return Err(os("TUNSETIFF"));
         }
+        Ok(f)
+    }
+
+    pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, NetError> {
+        Ok(attach(name)?.into())
+    }
+
+    pub fn create_persistent_tap(name: &str, owner_uid: Option<u32>) -> Result<(), NetError> {
+        let f = attach(name)?;
+        let fd = f.as_raw_fd();
         if let Some(uid) = owner_uid {
             // SAFETY: plain integer argument.
             if unsafe { libc::ioctl(fd, TUNSETOWNER, uid as libc::c_ulong) } < 0 {

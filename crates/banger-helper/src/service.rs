@@ -2,7 +2,9 @@
 
 use crate::net::{LinkKind, NetError, NetOps};
 use crate::validate::{self, Invalid};
-use banger_proto::methods::helper::{self as m, BridgeEnsure, Changed, HelperInfo, LinkName, TapCreate};
+use banger_proto::methods::helper::{
+    self as m, BridgeEnsure, Changed, HelperInfo, LinkName, NatRef, NatRule, NatRules, TapCreate,
+};
 use banger_proto::methods::Empty;
 use banger_proto::{Router, RpcError, PROTOCOL_VERSION};
 use std::sync::Arc;
@@ -137,6 +139,55 @@ impl<N: NetOps> PrivService<N> {
         Ok(Changed { changed })
     }
 
+    pub async fn tap_open(&self, p: LinkName) -> Result<std::os::fd::OwnedFd, RpcError> {
+        validate::tap_name(&p.name).map_err(invalid)?;
+        match self
+            .net
+            .link(&p.name)
+            .await
+            .map_err(|e| failed("looking up the tap", e))?
+        {
+            Some(l) if l.kind == LinkKind::Tap => self
+                .net
+                .open_tap(&p.name)
+                .await
+                .map_err(|e| failed("opening the tap", e)),
+            Some(_) => Err(RpcError::bad_request(format!("{} is not a tap", p.name))),
+            None => Err(RpcError::not_found(format!("tap {} does not exist", p.name))),
+        }
+    }
+
+    pub async fn nat_add(&self, p: NatRule) -> Result<Changed, RpcError> {
+        validate::vm_tag(&p.vm).map_err(invalid)?;
+        validate::bridge_name(&p.bridge).map_err(invalid)?;
+        let ip = validate::ipv4(&p.guest_ip).map_err(invalid)?;
+        self.net
+            .nat_add(&p.vm, ip, &p.bridge)
+            .await
+            .map_err(|e| failed("adding NAT rules", e))?;
+        Ok(Changed { changed: true })
+    }
+
+    pub async fn nat_remove(&self, p: NatRef) -> Result<Changed, RpcError> {
+        validate::vm_tag(&p.vm).map_err(invalid)?;
+        let changed = self
+            .net
+            .nat_remove(&p.vm)
+            .await
+            .map_err(|e| failed("removing NAT rules", e))?;
+        Ok(Changed { changed })
+    }
+
+    pub async fn nat_list(&self) -> Result<NatRules, RpcError> {
+        Ok(NatRules {
+            vms: self
+                .net
+                .nat_list()
+                .await
+                .map_err(|e| failed("listing NAT rules", e))?,
+        })
+    }
+
     pub async fn tap_delete(&self, p: LinkName) -> Result<Changed, RpcError> {
         validate::tap_name(&p.name).map_err(invalid)?;
         match self
@@ -166,6 +217,10 @@ pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
     let s1 = svc.clone();
     let s2 = svc.clone();
     let s3 = svc.clone();
+    let s4 = svc.clone();
+    let s5 = svc.clone();
+    let s6 = svc.clone();
+    let s7 = svc.clone();
     Router::new("helper")
         .authorize(move |uid| uid == 0 || uid == owner_uid)
         .method::<m::Ping, _, _>(move |_, _: Empty| {
@@ -183,6 +238,26 @@ pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
         .method::<m::TapDeleteM, _, _>(move |_, p| {
             let s = s3.clone();
             async move { s.tap_delete(p).await }
+        })
+        .method::<m::TapOpenM, _, _>(move |ctx, p| {
+            let s = s4.clone();
+            async move {
+                let fd = s.tap_open(p).await?;
+                ctx.attach_fd(fd);
+                Ok(Changed { changed: false })
+            }
+        })
+        .method::<m::NatAddM, _, _>(move |_, p| {
+            let s = s5.clone();
+            async move { s.nat_add(p).await }
+        })
+        .method::<m::NatRemoveM, _, _>(move |_, p| {
+            let s = s6.clone();
+            async move { s.nat_remove(p).await }
+        })
+        .method::<m::NatListM, _, _>(move |_, _| {
+            let s = s7.clone();
+            async move { s.nat_list().await }
         })
 }
 
@@ -253,6 +328,19 @@ mod tests {
         async fn add_address(&self, _: u32, _: Ipv4Addr, _: u8) -> Result<(), NetError> {
             Ok(())
         }
+        async fn open_tap(&self, _: &str) -> Result<std::os::fd::OwnedFd, NetError> {
+            Ok(std::fs::File::open("/dev/null").unwrap().into())
+        }
+        async fn nat_add(&self, vm: &str, _: Ipv4Addr, _: &str) -> Result<(), NetError> {
+            self.calls.lock().unwrap().push(format!("nat_add {vm}"));
+            Ok(())
+        }
+        async fn nat_remove(&self, _: &str) -> Result<bool, NetError> {
+            Ok(false)
+        }
+        async fn nat_list(&self) -> Result<Vec<String>, NetError> {
+            Ok(vec![])
+        }
         async fn delete_link(&self, index: u32) -> Result<(), NetError> {
             self.calls.lock().unwrap().push(format!("delete {index}"));
             self.links.lock().unwrap().retain(|_, l| l.index != index);
@@ -309,6 +397,30 @@ mod tests {
             "effects ran for bad input: {:?}",
             s.net.calls()
         );
+    }
+
+    #[tokio::test]
+    async fn nat_inputs_are_validated_before_any_effect() {
+        let s = PrivService::new(FakeNetForTests::default());
+        let rule = |vm: &str, ip: &str, br: &str| NatRule {
+            vm: vm.into(),
+            guest_ip: ip.into(),
+            bridge: br.into(),
+        };
+        for bad in [
+            rule("ab12", "172.30.0.5; flush ruleset", "banger0"),
+            rule("ab12", "172.30.0.5", "eth0"),
+            rule("AB\"; drop", "172.30.0.5", "banger0"),
+            rule("ab12", "127.0.0.1", "banger0"),
+        ] {
+            assert_eq!(
+                s.nat_add(bad).await.unwrap_err().code,
+                banger_proto::ErrorCode::BadRequest
+            );
+        }
+        assert!(s.net.calls().is_empty());
+        s.nat_add(rule("ab12", "172.30.0.5", "banger0")).await.unwrap();
+        assert_eq!(s.net.calls(), ["nat_add ab12"]);
     }
 
     #[tokio::test]

@@ -72,6 +72,25 @@ pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
     Ok((ip, len))
 }
 
+/// A VM tag for NAT rules: 1-16 characters of [a-z0-9].
+pub fn vm_tag(tag: &str) -> Result<(), Invalid> {
+    if !tag.is_empty() && tag.len() <= 16 && tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        Ok(())
+    } else {
+        Err(Invalid::IfName(tag.to_string()))
+    }
+}
+
+/// A single guest address (no prefix).
+pub fn ipv4(s: &str) -> Result<Ipv4Addr, Invalid> {
+    let ip: Ipv4Addr = s.parse().map_err(|_| Invalid::Address(s.to_string()))?;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        return Err(Invalid::Address(s.to_string()));
+    }
+    Ok(ip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,6 +166,65 @@ impl Client {
         }
     }
 
+    /// Calls `M` and takes the file descriptor the server attached to its
+    /// result (see `Ctx::attach_fd`).
+    pub async fn call_with_fd<M: Method>(
+        &self,
+        params: &M::Params,
+        op: Option<&OpId>,
+    ) -> Result<(M::Output, Option<std::os::fd::OwnedFd>), ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let req = Request {
+            version: PROTOCOL_VERSION,
+            method: M::NAME.to_string(),
+            params: serde_json::to_value(params).map_err(|e| self.decode(e))?,
+            op_id: op.cloned().or_else(opid::current).map(|o| o.to_string()),
+        };
+        let mut stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let mut line = serde_json::to_vec(&req).map_err(|e| self.decode(e))?;
+        line.push(b'\n');
+        stream.write_all(&line).await.map_err(|e| self.frame(e.into()))?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let mut buf = Vec::new();
+        let mut fds = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let frame: Frame = serde_json::from_slice(&buf[..pos]).map_err(|e| self.decode(e))?;
+                buf.drain(..=pos);
+                match frame {
+                    Frame::Event { .. } => {}
+                    Frame::Result { result, .. } => {
+                        let out = serde_json::from_value(result).map_err(|e| self.decode(e))?;
+                        return Ok((out, fds.pop()));
+                    }
+                    Frame::Error { error } => return Err(ClientError::Rpc(error)),
+                }
+            }
+            if buf.len() > crate::MAX_FRAME_BYTES {
+                return Err(self.frame(FrameError::TooLarge));
+            }
+            stream.readable().await.map_err(|e| self.frame(e.into()))?;
+            match stream.try_io(tokio::io::Interest::READABLE, || {
+                crate::fdpass::recv_with_fds(raw, &mut chunk, &mut fds)
+            }) {
+                Ok(0) => {
+                    return Err(ClientError::NoAnswer {
+                        path: self.path.clone(),
+                    })
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(self.frame(e.into())),
+            }
+        }
+    }
+
     fn frame(&self, source: FrameError) -> ClientError {
         ClientError::Frame {
             path: self.path.clone(),

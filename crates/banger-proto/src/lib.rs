@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod error;
+pub mod fdpass;
 pub mod frame;
 pub mod methods;
 pub mod opid;

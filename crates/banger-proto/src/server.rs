@@ -31,9 +31,15 @@ pub struct Ctx {
     /// The peer's uid as read with SO_PEERCRED.
     pub peer_uid: u32,
     events: mpsc::UnboundedSender<Value>,
+    fd: Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>,
 }
 
 impl Ctx {
+    /// Attaches a file descriptor to the successful result (Unix sockets only).
+    pub fn attach_fd(&self, fd: std::os::fd::OwnedFd) {
+        *self.fd.lock().unwrap() = Some(fd);
+    }
+
     /// Streams one event to the client ahead of the result.
     pub fn emit<E: Serialize>(&self, event: &E) {
         if let Ok(v) = serde_json::to_value(event) {
@@ -51,6 +57,7 @@ impl Ctx {
             // SAFETY: getuid has no preconditions and cannot fail.
             peer_uid: unsafe { libc::getuid() },
             events: tx,
+            fd: Default::default(),
         }
     }
 }
@@ -136,12 +143,21 @@ impl Router {
                 return;
             }
         };
-        self.serve_stream(stream, peer_uid).await
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        self.serve_one(stream, peer_uid, Some(raw)).await
     }
 
     /// Serves the single request of any byte stream (e.g. vsock), whose
     /// peer the caller has already identified as `peer_uid`.
     pub async fn serve_stream<S>(&self, stream: S, peer_uid: u32)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+    {
+        self.serve_one(stream, peer_uid, None).await
+    }
+
+    /// `raw` is the socket itself when descriptors can be passed over it.
+    async fn serve_one<S>(&self, stream: S, peer_uid: u32, raw: Option<std::os::fd::RawFd>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
     {
@@ -164,6 +180,7 @@ impl Router {
             Ok(Ok(Some(bytes))) => self.prepare(&bytes, peer_uid),
         };
 
+        let fd_slot = call.as_ref().map(|p| p.0.fd.clone()).unwrap_or_default();
         let span = tracing::info_span!("rpc", op_id = %op, method = %method, peer_uid);
         let label = self.label;
         async {
@@ -193,7 +210,18 @@ impl Router {
                     Frame::Error { error: e }
                 }
             };
-            if let Err(e) = write_json(&mut wr, &frame).await {
+            let fd = fd_slot.lock().unwrap().take();
+            let sent = match (fd, raw, &frame) {
+                (Some(fd), Some(sock), Frame::Result { .. }) => {
+                    let mut line = serde_json::to_vec(&frame).unwrap_or_default();
+                    line.push(b'\n');
+                    crate::fdpass::send_with_fd(sock, &line, &fd)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                _ => write_json(&mut wr, &frame).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "could not write the response");
             }
         }
@@ -262,6 +290,7 @@ impl Router {
             cancel: CancellationToken::new(),
             peer_uid,
             events: tx,
+            fd: Default::default(),
         };
         let fut = handler(ctx.clone(), req.params).map(|f| (ctx, f, rx));
         (op, method, fut)

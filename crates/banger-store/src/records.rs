@@ -38,6 +38,13 @@ pub struct VmSpec {
     pub vmm: String,
     #[serde(default)]
     pub nat: bool,
+    /// A tap on banger's bridge, a static address, and `<name>.vm` in DNS.
+    #[serde(default = "yes")]
+    pub network: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the daemon must remember about a VM across its own crashes. Enough

@@ -23,6 +23,7 @@ fn vm(name: &str) -> VmRecord {
             work_disk_bytes: 1 << 30,
             vmm: "qemu".into(),
             nat: false,
+            network: false,
         },
         runtime: VmRuntime::default(),
         created_at: banger_store::now(),

@@ -157,6 +157,8 @@ impl Env {
             .env("BANGER_RUNTIME_DIR", self.runtime())
             .env("BANGER_HELPER_SOCKET", self.helper_socket())
             .env("BANGER_HELPER_AUTOSTART", "0")
+            // Each test's DNS server on its own free port.
+            .env("BANGER_DNS_LISTEN", "127.0.0.1:0")
             .env_remove("BANGER_LOG_LEVEL")
             .stdin(Stdio::null());
         c
@@ -198,6 +200,45 @@ impl Env {
 
     pub fn helper_records(&self) -> Vec<Value> {
         json_lines(&self.helper_log())
+    }
+
+    /// Runs a program inside the helper's network namespace, where the
+    /// bridge, the taps and the NAT rules live.
+    pub fn in_helper_ns(&self, prog: &str, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(self.helper_pid().to_string())
+            .arg("-n")
+            .arg(prog)
+            .args(args)
+            .output()
+            .expect("nsenter")
+    }
+
+    /// The DNS server's address as `(ip, port)`.
+    pub fn dns(&self) -> (String, String) {
+        let st: Value = serde_json::from_str(&self.banger_ok(&["daemon", "status", "--json"])).unwrap();
+        let addr = st["dns"].as_str().expect("the DNS server runs").to_string();
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        (ip.to_string(), port.to_string())
+    }
+
+    /// `dig +short` against banger's DNS server.
+    pub fn dig(&self, name: &str) -> String {
+        let (ip, port) = self.dns();
+        let out = Command::new("dig")
+            .args([
+                "+short",
+                "+time=2",
+                "+tries=1",
+                &format!("@{ip}"),
+                "-p",
+                &port,
+                name,
+            ])
+            .output()
+            .expect("dig");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// Runs `ip` inside the helper's network namespace.

@@ -113,6 +113,7 @@ fn firecracker_lifecycle_with_the_real_binary() {
             "128",
             "--disk-size",
             "64",
+            "--no-network",
         ],
     );
     let v = show(&env, "fc1");

@@ -62,6 +62,13 @@ pub mod api {
     }
 
     #[derive(Debug, Clone, Serialize)]
+    pub struct NetworkInterface {
+        pub iface_id: String,
+        pub host_dev_name: String,
+        pub guest_mac: String,
+    }
+
+    #[derive(Debug, Clone, Serialize)]
     pub struct InstanceActionInfo {
         pub action_type: String,
     }

@@ -61,6 +61,17 @@ pub struct LaunchSpec {
     /// In guest order: vda, vdb, ...
     pub drives: Vec<Drive>,
     pub vsock_cid: u32,
+    pub net: Option<NetSpec>,
+}
+
+/// The VM's network interface: a tap on the host side.
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    pub tap: String,
+    /// An open descriptor of the tap (from the root helper); back-ends
+    /// that can take one use it instead of opening the tap by name.
+    pub fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    pub mac: String,
 }
 
 /// What a launch produced: enough to supervise, reach and tear down the VM.

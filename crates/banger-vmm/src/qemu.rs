@@ -107,6 +107,19 @@ impl Qemu {
                 format!("virtio-blk-device,drive={}", d.id),
             ]);
         }
+        if let Some(n) = &spec.net {
+            // The tap arrives as fd 3 (see launch), opened by the root helper.
+            let backend = match &n.fd {
+                Some(_) => "tap,id=net0,fd=3".to_string(),
+                None => format!("tap,id=net0,ifname={},script=no,downscript=no,vnet_hdr=on", n.tap),
+            };
+            a.extend([
+                "-netdev".into(),
+                backend,
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", n.mac),
+            ]);
+        }
         a.extend([
             "-chardev".into(),
             format!("socket,id=vsock0,path={}", vhost.display()),
@@ -169,6 +182,21 @@ impl Vmm for Qemu {
 
         let mut qcmd = tokio::process::Command::new(&self.qemu);
         qcmd.args(self.args(spec, &qmp, &vhost, &serial));
+        if let Some(fd) = spec.net.as_ref().and_then(|n| n.fd.clone()) {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
+            // SAFETY: dup2/fcntl are async-signal-safe; `fd` outlives spawn.
+            unsafe {
+                qcmd.pre_exec(move || {
+                    if raw == 3 {
+                        let flags = libc::fcntl(3, libc::F_GETFD);
+                        libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(raw, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let qpid = match process::spawn_detached(&mut qcmd, &log) {
             Ok(p) => p,
             Err(e) => {

@@ -26,6 +26,8 @@ pub struct App {
     pub images: Arc<ImageService>,
     pub vms: Arc<VmService>,
     pub shutdown: CancellationToken,
+    /// Bound address of the DNS server, once it listens.
+    pub dns_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
     started: Instant,
 }
 
@@ -72,9 +74,11 @@ impl App {
             store.clone(),
             images.clone(),
             ops.clone(),
+            network.clone(),
         ));
         Arc::new(App {
             store,
+            dns_addr: Default::default(),
             ops,
             network,
             kernels,
@@ -93,6 +97,7 @@ impl App {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             socket: self.cfg.daemon_socket().display().to_string(),
             state_dir: self.cfg.state_dir.display().to_string(),
+            dns: self.dns_addr.lock().unwrap().map(|a| a.to_string()),
         }
     }
 }

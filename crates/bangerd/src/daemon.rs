@@ -59,6 +59,23 @@ pub async fn run(cfg: Config) -> Result<()> {
             .instrument(tracing::info_span!("reconcile", op_id = %reconcile))
             .await;
     }
+    app.vms.sweep_nat().await;
+    if !app.cfg.dns_listen.is_empty() {
+        match app.cfg.dns_listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) => match crate::dns::bind(addr).await {
+                Ok((sock, local)) => {
+                    *app.dns_addr.lock().unwrap() = Some(local);
+                    let vms = app.vms.clone();
+                    let lookup: crate::dns::Lookup = Arc::new(move |name: &str| vms.resolve(name));
+                    tokio::spawn(crate::dns::serve(sock, lookup, shutdown.clone()));
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "DNS server not started"),
+            },
+            Err(_) => {
+                tracing::warn!(addr = %app.cfg.dns_listen, "dns_listen is not an address; DNS server not started")
+            }
+        }
+    }
     let watcher = app.clone();
     let watch_stop = shutdown.clone();
     tokio::spawn(async move {

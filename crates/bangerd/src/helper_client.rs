@@ -18,7 +18,23 @@ impl HelperClient {
     }
 
     pub async fn call<M: Method>(&self, op: &OpId, params: &M::Params) -> Result<M::Output, RpcError> {
-        self.client.call::<M>(params, Some(op)).await.map_err(|e| match e {
+        self.client.call::<M>(params, Some(op)).await.map_err(Self::relay)
+    }
+
+    /// Like `call`, also taking the descriptor the helper passes back.
+    pub async fn call_with_fd<M: Method>(
+        &self,
+        op: &OpId,
+        params: &M::Params,
+    ) -> Result<(M::Output, Option<std::os::fd::OwnedFd>), RpcError> {
+        self.client
+            .call_with_fd::<M>(params, Some(op))
+            .await
+            .map_err(Self::relay)
+    }
+
+    fn relay(e: ClientError) -> RpcError {
+        match e {
             ClientError::Rpc(mut e) => {
                 e.message = format!("root helper: {}", e.message);
                 e
@@ -28,7 +44,7 @@ impl HelperClient {
                 path.display()
             )),
             other => RpcError::failed(format!("root helper: {other}")),
-        })
+        }
     }
 
     pub async fn ping(&self, op: &OpId) -> Result<m::HelperInfo, RpcError> {

@@ -37,6 +37,17 @@ if [ -b /dev/vdc ]; then
     mkdir -p /newroot/root
     mount -t ext4 /dev/vdc /newroot/root || fail "cannot mount the work disk"
 fi
+# Static network from the command line: no DHCP wait.
+IP=; GW=
+for p in $(cat /proc/cmdline); do
+    case "$p" in banger.ip=*) IP="${p#banger.ip=}";; banger.gw=*) GW="${p#banger.gw=}";; esac
+done
+ip link set lo up
+if [ -n "$IP" ]; then
+    i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do usleep 10000; i=$((i+1)); done
+    ip link set eth0 up && ip addr add "$IP" dev eth0 || msg "cannot configure eth0"
+    [ -n "$GW" ] && ip route add default via "$GW"
+fi
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run
 mkdir -p /newroot/run/banger /newroot/tmp /newroot/var/log
 cp /banger/banger-agent /newroot/run/banger/banger-agent

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod daemon;
+pub mod dns;
 pub mod helper_client;
 pub mod image;
 pub mod initramfs;

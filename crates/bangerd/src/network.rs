@@ -51,3 +51,115 @@ impl NetworkService {
         &self.helper
     }
 }
+
+/// A VM's place on the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+impl NetworkService {
+    /// Bridge address and prefix length from the configured CIDR.
+    pub fn cidr(&self) -> Result<(std::net::Ipv4Addr, u8), RpcError> {
+        let (ip, len) = self.bridge_address.split_once('/').ok_or_else(|| {
+            RpcError::failed(format!(
+                "bridge_address {:?} has no prefix length",
+                self.bridge_address
+            ))
+        })?;
+        let ip: std::net::Ipv4Addr = ip
+            .parse()
+            .map_err(|_| RpcError::failed(format!("bad bridge_address {:?}", self.bridge_address)))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| RpcError::failed(format!("bad bridge_address {:?}", self.bridge_address)))?;
+        if !(8..=30).contains(&len) {
+            return Err(RpcError::failed(format!(
+                "bridge_address prefix must be 8-30, not {len}"
+            )));
+        }
+        Ok((ip, len))
+    }
+
+    /// The lowest free address of the bridge's subnet. Called under the
+    /// creation lock, with every address already leased.
+    pub fn allocate(&self, used: &[std::net::Ipv4Addr]) -> Result<Lease, RpcError> {
+        let (gw, prefix) = self.cidr()?;
+        let mask = u32::MAX << (32 - prefix);
+        let net = u32::from(gw) & mask;
+        let broadcast = net | !mask;
+        (net + 1..broadcast)
+            .map(std::net::Ipv4Addr::from)
+            .find(|ip| *ip != gw && !used.contains(ip))
+            .map(|ip| Lease {
+                ip,
+                prefix,
+                gateway: gw,
+            })
+            .ok_or_else(|| RpcError::failed(format!("no free address left in {}", self.bridge_address)))
+    }
+
+    /// Bridge, tap (attached to the bridge), and an open descriptor of it.
+    pub async fn attach(&self, op: &OpId, tap: &str) -> Result<std::os::fd::OwnedFd, RpcError> {
+        self.ensure(op).await?;
+        self.helper
+            .call::<m::TapCreateM>(
+                op,
+                &m::TapCreate {
+                    name: tap.to_string(),
+                    bridge: Some(self.bridge.clone()),
+                    // SAFETY: getuid cannot fail.
+                    owner_uid: Some(unsafe { libc::getuid() }),
+                },
+            )
+            .await?;
+        let (_, fd) = self
+            .helper
+            .call_with_fd::<m::TapOpenM>(
+                op,
+                &m::LinkName {
+                    name: tap.to_string(),
+                },
+            )
+            .await?;
+        fd.ok_or_else(|| RpcError::failed("the root helper opened the tap but passed no descriptor"))
+    }
+
+    pub async fn detach(&self, op: &OpId, tap: &str) -> Result<(), RpcError> {
+        self.helper
+            .call::<m::TapDeleteM>(
+                op,
+                &m::LinkName {
+                    name: tap.to_string(),
+                },
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn nat_add(&self, op: &OpId, vm: &str, ip: std::net::Ipv4Addr) -> Result<(), RpcError> {
+        let rule = m::NatRule {
+            vm: vm.to_string(),
+            guest_ip: ip.to_string(),
+            bridge: self.bridge.clone(),
+        };
+        self.helper.call::<m::NatAddM>(op, &rule).await.map(|_| ())
+    }
+
+    pub async fn nat_remove(&self, op: &OpId, vm: &str) -> Result<(), RpcError> {
+        self.helper
+            .call::<m::NatRemoveM>(op, &m::NatRef { vm: vm.to_string() })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn nat_list(&self, op: &OpId) -> Result<Vec<String>, RpcError> {
+        Ok(self
+            .helper
+            .call::<m::NatListM>(op, &Default::default())
+            .await?
+            .vms)
+    }
+}

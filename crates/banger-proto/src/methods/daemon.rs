@@ -10,6 +10,9 @@ pub struct DaemonInfo {
     pub uptime_ms: u64,
     pub socket: String,
     pub state_dir: String,
+    /// Where the DNS server for `<name>.vm` listens, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
 }
 
 /// An asynchronous operation; its id is the op id of the call that began it.
@@ -70,6 +73,9 @@ pub struct VmCreate {
     /// Outbound network access through NAT.
     #[serde(default)]
     pub nat: bool,
+    /// No tap, no address: the guest is reachable over vsock only.
+    #[serde(default)]
+    pub no_network: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -56,3 +56,39 @@ method!(
     /// Deletes a tap; deleting a missing tap succeeds with `changed: false`.
     TapDeleteM = "priv.tap.delete", LinkName => Changed
 );
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatRule {
+    /// The VM's tag (its short id): rules are found and removed by it.
+    pub vm: String,
+    pub guest_ip: String,
+    pub bridge: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatRef {
+    pub vm: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatRules {
+    /// Tags of the VMs that have rules.
+    pub vms: Vec<String>,
+}
+
+method!(
+    /// Opens an existing tap and passes its descriptor with the answer.
+    TapOpenM = "priv.tap.open", LinkName => Changed
+);
+method!(
+    /// Adds outbound NAT for one guest address (nftables, banger's own table).
+    NatAddM = "priv.nat.add", NatRule => Changed
+);
+method!(
+    /// Removes every NAT rule of one VM.
+    NatRemoveM = "priv.nat.remove", NatRef => Changed
+);
+method!(
+    /// Lists the VMs that have NAT rules.
+    NatListM = "priv.nat.list", Empty => NatRules
+);

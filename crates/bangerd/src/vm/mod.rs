@@ -11,6 +11,7 @@ pub mod names;
 use crate::image::{store_err, ImageService};
 use crate::initramfs;
 use crate::kernel;
+use crate::network::NetworkService;
 use crate::ops::{OpHandle, Operations};
 use crate::sys::{self, io};
 use crate::workspace;
@@ -57,6 +58,7 @@ pub struct VmService {
     store: Arc<Store>,
     images: Arc<ImageService>,
     ops: Arc<Operations>,
+    network: Arc<NetworkService>,
     /// What is true now: handles of running VMs by VM id.
     handles: Mutex<HashMap<String, VmHandles>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -74,8 +76,10 @@ impl VmService {
         store: Arc<Store>,
         images: Arc<ImageService>,
         ops: Arc<Operations>,
+        network: Arc<NetworkService>,
     ) -> Self {
         VmService {
+            network,
             settings,
             store,
             images,
@@ -227,7 +231,11 @@ impl VmService {
             work_disk_bytes: work_mib << 20,
             vmm: vmm.as_str().to_string(),
             nat: p.nat,
+            network: !p.no_network,
         };
+        if p.nat && p.no_network {
+            return Err(RpcError::bad_request("--nat needs networking: drop --no-network"));
+        }
         let op = self.ops.begin(&ctx.op_id, "vm.create", &name);
         let cancel = CancellationToken::new();
         self.cancels
@@ -346,7 +354,22 @@ impl VmService {
             let cid = all.iter().map(|v| v.runtime.vsock_cid).max().unwrap_or(2).max(2) + 1;
             let id = format!("{:08x}{:08x}", kernel::rand_u32(), kernel::rand_u32());
             let dir = self.settings.vms_dir.join(&id);
+            let (guest_ip, tap) = if spec.network {
+                let used: Vec<std::net::Ipv4Addr> = all
+                    .iter()
+                    .filter_map(|v| v.runtime.guest_ip.as_deref()?.split('/').next()?.parse().ok())
+                    .collect();
+                let lease = self.network.allocate(&used)?;
+                (
+                    Some(format!("{}/{}", lease.ip, lease.prefix)),
+                    Some(format!("bgt{}", &id[..8])),
+                )
+            } else {
+                (None, None)
+            };
             let runtime = VmRuntime {
+                guest_ip,
+                tap,
                 state: VmState::Creating,
                 vm_dir: dir.display().to_string(),
                 vsock_cid: cid,
@@ -449,7 +472,7 @@ impl VmService {
             vm_dir: PathBuf::from(&vm.runtime.vm_dir),
             kernel,
             initrd: Some(initrd),
-            cmdline: format!("console=ttyS0 quiet panic=-1 banger.hostname={}", vm.name),
+            cmdline: cmdline(vm, self.network.cidr().ok()),
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
             drives: vec![
@@ -470,6 +493,7 @@ impl VmService {
                 },
             ],
             vsock_cid: vm.runtime.vsock_cid,
+            net: None,
         })
     }
 
@@ -498,13 +522,44 @@ impl VmService {
         if self.is_alive(&vm) {
             return Ok(vm);
         }
-        let spec = self.launch_spec(&vm)?;
+        let op = current_op();
+        let mut spec = self.launch_spec(&vm)?;
         vm.runtime.state = VmState::Starting;
         vm.runtime.last_error = None;
         self.save(&vm)?;
+        if let Some(tap) = vm.runtime.tap.clone() {
+            let fd = match self.network.attach(&op, &tap).await {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.teardown(&vm, None).await;
+                    return Err(self.fail_start(vm, e).await);
+                }
+            };
+            spec.net = Some(banger_vmm::NetSpec {
+                tap,
+                fd: Some(Arc::new(fd)),
+                mac: mac_for(&vm.id),
+            });
+            if vm.spec.nat {
+                if let Some(ip) = vm
+                    .runtime
+                    .guest_ip
+                    .as_deref()
+                    .and_then(|g| g.split('/').next()?.parse().ok())
+                {
+                    if let Err(e) = self.network.nat_add(&op, &vm.id, ip).await {
+                        self.teardown(&vm, None).await;
+                        return Err(self.fail_start(vm, e).await);
+                    }
+                }
+            }
+        }
         let launched = match self.launch(&vm, &spec).await {
             Ok(l) => l,
-            Err(e) => return Err(self.fail_start(vm, e).await),
+            Err(e) => {
+                self.teardown(&vm, None).await;
+                return Err(self.fail_start(vm, e).await);
+            }
         };
         tracing::info!(vm = %vm.name, pid = launched.pid, vmm = launched.kind.as_str(), "vmm started");
         let h = VmHandles {
@@ -587,6 +642,52 @@ impl VmService {
         }
         handles::remove(dir);
         self.handles.lock().unwrap().remove(&vm.id);
+        // Host network resources: the tap, and NAT rules (looked up by tag,
+        // so a crash between adding and recording them cannot leak one).
+        if let Some(tap) = &vm.runtime.tap {
+            let op = current_op();
+            if vm.spec.nat {
+                if let Err(e) = self.network.nat_remove(&op, &vm.id).await {
+                    tracing::warn!(vm = %vm.name, error = %e.message, "could not remove NAT rules");
+                }
+            }
+            if let Err(e) = self.network.detach(&op, tap).await {
+                tracing::warn!(vm = %vm.name, tap = %tap, error = %e.message, "could not delete the tap");
+            }
+        }
+    }
+
+    /// The running VM named `name` and its address, for DNS.
+    pub fn resolve(&self, name: &str) -> Option<std::net::Ipv4Addr> {
+        let vm = self.store.get_vm(name).ok()??;
+        if vm.name != name || vm.runtime.state != VmState::Running {
+            return None;
+        }
+        vm.runtime.guest_ip.as_deref()?.split('/').next()?.parse().ok()
+    }
+
+    /// Removes NAT rules whose VM is not running (after a crash).
+    pub async fn sweep_nat(&self) {
+        let op = current_op();
+        let tags = match self.network.nat_list(&op).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "NAT sweep skipped");
+                return;
+            }
+        };
+        for tag in tags {
+            let running = self
+                .store
+                .get_vm(&tag)
+                .ok()
+                .flatten()
+                .is_some_and(|v| self.is_alive(&v));
+            if !running {
+                tracing::warn!(vm = %tag, "removing leaked NAT rules");
+                let _ = self.network.nat_remove(&op, &tag).await;
+            }
+        }
     }
 
     pub async fn stop(&self, op: &OpId, name: &str) -> Result<VmInfo, RpcError> {
@@ -924,4 +1025,41 @@ fn tail(path: &Path, max: usize) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     let start = bytes.len().saturating_sub(max);
     String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// The op id of the call being served, or a fresh one for background work.
+fn current_op() -> OpId {
+    banger_proto::opid::current().unwrap_or_else(OpId::mint)
+}
+
+/// A stable, locally administered MAC derived from the VM id.
+fn mac_for(id: &str) -> String {
+    let b = id.as_bytes();
+    let h = |i: usize| b.get(i).copied().unwrap_or(b'0');
+    let hex = |x: u8, y: u8| format!("{}{}", x as char, y as char);
+    format!(
+        "52:54:00:{}:{}:{}",
+        hex(h(0), h(1)),
+        hex(h(2), h(3)),
+        hex(h(4), h(5))
+    )
+}
+
+/// The kernel command line: console, hostname, static network, and the
+/// boot-time savings (no crypto self-tests, no kprobe tracer set-up).
+fn cmdline(vm: &VmRecord, cidr: Option<(std::net::Ipv4Addr, u8)>) -> String {
+    // BANGER_GUEST_DEBUG=1 keeps the kernel's boot messages in `vm logs`.
+    let quiet = if std::env::var("BANGER_GUEST_DEBUG").is_ok_and(|v| v == "1") {
+        ""
+    } else {
+        " quiet"
+    };
+    let mut c = format!(
+        "console=ttyS0{quiet} panic=-1 cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace banger.hostname={}",
+        vm.name
+    );
+    if let (Some(ip), Some((gw, _))) = (&vm.runtime.guest_ip, cidr) {
+        c.push_str(&format!(" banger.ip={ip} banger.gw={gw}"));
+    }
+    c
 }

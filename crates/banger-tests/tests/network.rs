@@ -1,0 +1,160 @@
+//! Networking on real guests, inside the network namespace of each test's
+//! root helper: a tap per VM on banger's bridge, static addresses, DNS for
+//! `<name>.vm`, NAT rules that follow the VM and never leak.
+
+use banger_tests::{wait_for, Env};
+use serde_json::Value;
+use std::time::Duration;
+
+fn show(env: &Env, name: &str) -> Value {
+    serde_json::from_str(&env.banger_ok(&["vm", "show", name, "--json"])).unwrap()
+}
+
+fn ip_of(env: &Env, name: &str) -> String {
+    show(env, name)["guest_ip"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn nft_rules(env: &Env) -> String {
+    String::from_utf8_lossy(&env.in_helper_ns("nft", &["list", "ruleset"]).stdout).into_owned()
+}
+
+fn taps(env: &Env) -> Vec<String> {
+    let out = env.in_helper_ns("ip", &["-br", "link"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("bgt"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn guests_are_reachable_on_the_bridge_and_named_in_dns() {
+    let env = Env::with_image();
+    env.banger_ok(&[
+        "vm",
+        "create",
+        "--name",
+        "web",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    env.banger_ok(&[
+        "vm",
+        "create",
+        "--name",
+        "db",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    let (web, db) = (ip_of(&env, "web"), ip_of(&env, "db"));
+    assert_ne!(web, db, "two VMs got the same address");
+    assert!(web.starts_with("172.30.0."), "{web}");
+
+    // The guest configured itself statically from the command line.
+    let addr = env.banger_ok(&["vm", "exec", "web", "--", "ip", "-br", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("{web}/24")), "{addr}");
+    // Reachable from the host side of the bridge.
+    let ping = env.in_helper_ns("busybox", &["ping", "-c", "1", "-W", "5", &web]);
+    assert!(
+        ping.status.success(),
+        "host -> guest ping failed: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    assert_eq!(env.dig("web.vm"), web);
+    assert_eq!(env.dig("DB.vm."), db);
+    assert_eq!(env.dig("nosuch.vm"), "");
+
+    env.banger_ok(&["vm", "stop", "web"]);
+    assert_eq!(env.dig("web.vm"), "", "a stopped VM must not resolve");
+    assert_eq!(taps(&env).len(), 1, "stop must remove the tap: {:?}", taps(&env));
+    env.banger_ok(&["vm", "start", "web"]);
+    assert_eq!(env.dig("web.vm"), web, "the address is kept across restarts");
+
+    env.banger_ok(&["vm", "delete", "web"]);
+    env.banger_ok(&["vm", "delete", "db"]);
+    assert!(taps(&env).is_empty(), "taps left: {:?}", taps(&env));
+}
+
+#[test]
+fn nat_rules_exist_only_for_nat_vms_and_never_leak() {
+    let env = Env::with_image();
+    env.banger_ok(&[
+        "vm",
+        "create",
+        "--name",
+        "out",
+        "--nat",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    env.banger_ok(&[
+        "vm",
+        "create",
+        "--name",
+        "in",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    let (out_ip, in_ip) = (ip_of(&env, "out"), ip_of(&env, "in"));
+    let rules = nft_rules(&env);
+    assert!(
+        rules.contains(&format!("ip saddr {out_ip}")) && rules.contains("masquerade"),
+        "{rules}"
+    );
+    assert!(!rules.contains(&in_ip), "a VM without --nat got rules: {rules}");
+
+    // Crash the daemon and kill the NAT VM behind its back: after the
+    // restart its rules and tap are gone and DNS answers again.
+    let daemon = env.daemon_pid().unwrap();
+    let out_pid = show(&env, "out")["pid"].as_u64().unwrap();
+    // SAFETY: processes this test started.
+    unsafe {
+        libc::kill(daemon as i32, libc::SIGKILL);
+        libc::kill(out_pid as i32, libc::SIGKILL);
+    }
+    wait_for("daemon death", Duration::from_secs(5), || {
+        (unsafe { libc::kill(daemon as i32, 0) } != 0).then_some(())
+    });
+    env.banger_ok(&["vm", "list"]);
+    assert_eq!(show(&env, "out")["state"], "stopped");
+    let rules = nft_rules(&env);
+    assert!(
+        !rules.contains("banger:"),
+        "NAT rules leaked after the crash: {rules}"
+    );
+    assert_eq!(taps(&env).len(), 1, "the dead VM's tap leaked: {:?}", taps(&env));
+    assert_eq!(env.dig("in.vm"), in_ip, "DNS did not come back");
+
+    // --rm with --nat leaves no VM, tap, rule or file.
+    let out = env.banger(&["vm", "run", "--rm", "--nat", "--name", "gone", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.banger_ok(&["vm", "delete", "out"]);
+    env.banger_ok(&["vm", "delete", "in"]);
+    assert!(!nft_rules(&env).contains("banger:"));
+    assert!(taps(&env).is_empty(), "{:?}", taps(&env));
+    assert!(env.vm_processes().is_empty());
+}
