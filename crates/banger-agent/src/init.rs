@@ -41,6 +41,11 @@ pub fn run() -> Result<()> {
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     );
     std::env::set_var("HOME", "/root");
+    // sshd before the agent: once the host can reach the agent, the host
+    // key it will pin exists.
+    if let Err(e) = start_sshd() {
+        eprintln!("banger-agent: sshd not started: {e}");
+    }
     let exe = std::env::current_exe()?;
     let mut agent = Command::new(&exe).arg("serve").spawn()?;
     let mut agent_pid = agent.id() as i32;
@@ -60,4 +65,38 @@ pub fn run() -> Result<()> {
             agent_pid = agent.id() as i32;
         }
     }
+}
+
+/// The hardened drop-in: keys only, root by key only.
+const SSHD_DROP_IN: &str = "# Written by banger at boot.
+HostKey /etc/ssh/ssh_host_ed25519_key
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PermitEmptyPasswords no
+X11Forwarding no
+UseDNS no
+";
+
+/// Makes this VM's own host key on first boot (images ship none, so no two
+/// VMs share one) and starts sshd in the foreground as our child.
+fn start_sshd() -> std::io::Result<()> {
+    if !std::path::Path::new("/usr/sbin/sshd").exists() {
+        return Ok(());
+    }
+    let key = "/etc/ssh/ssh_host_ed25519_key";
+    if !std::path::Path::new(key).exists() {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f", key])
+            .status()?;
+        if !st.success() {
+            return Err(std::io::Error::other("ssh-keygen failed"));
+        }
+    }
+    std::fs::create_dir_all("/etc/ssh/sshd_config.d")?;
+    std::fs::write("/etc/ssh/sshd_config.d/banger.conf", SSHD_DROP_IN)?;
+    std::fs::create_dir_all("/run/sshd")?;
+    Command::new("/usr/sbin/sshd").args(["-D", "-e"]).spawn()?;
+    Ok(())
 }

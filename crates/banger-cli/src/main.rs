@@ -4,6 +4,7 @@ mod daemon;
 mod image;
 mod output;
 mod run;
+mod ssh;
 mod vm;
 
 use anyhow::Result;
@@ -45,6 +46,16 @@ enum Cmd {
     /// Guest kernels.
     #[command(subcommand)]
     Kernel(image::KernelCmd),
+    /// Add (or remove) an Include in ~/.ssh/config so `ssh NAME.vm` works.
+    SshConfig {
+        #[arg(long, conflicts_with = "uninstall")]
+        install: bool,
+        #[arg(long)]
+        uninstall: bool,
+        /// The ssh config file to edit (default ~/.ssh/config).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -155,6 +166,19 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Vm(cmd) => return vm::run(&daemon::connect(&cfg).await?, cmd, json).await,
         Cmd::Image(cmd) => return image::run_image(&daemon::connect(&cfg).await?, cmd, json).await,
         Cmd::Kernel(cmd) => return image::run_kernel(&daemon::connect(&cfg).await?, cmd, json).await,
+        Cmd::SshConfig {
+            install,
+            uninstall,
+            file,
+        } => {
+            if uninstall {
+                return ssh::uninstall(file);
+            }
+            if !install {
+                anyhow::bail!("pass --install or --uninstall");
+            }
+            return ssh::install(&daemon::connect(&cfg).await?, file, &cfg.state_dir).await;
+        }
         Cmd::Network(NetworkCmd::Ensure) => {
             let c = daemon::connect(&cfg).await?;
             let st = c.call::<d::NetworkEnsure>(&Empty {}, None).await?;

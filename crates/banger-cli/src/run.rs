@@ -76,9 +76,6 @@ pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    if plan.is_none() && r.cmd.is_empty() && !r.detach {
-        bail!("an interactive shell needs `banger vm ssh`; give a command after `--`, or -d to leave the VM running");
-    }
 
     let v = create(c, &r.create, true).await?;
     eprintln!(
@@ -149,7 +146,14 @@ async fn session(c: &Client, r: &RunArgs, v: &d::VmInfo, plan: Option<&d::Worksp
         return Ok(0);
     }
     if r.cmd.is_empty() {
-        bail!("an interactive shell needs `banger vm ssh {}`", v.name);
+        // Interactive: a login shell over ssh, in the workspace if any.
+        let shell = match plan {
+            Some(_) => vec!["cd /root/repo && exec $SHELL -l".to_string()],
+            None => vec![],
+        };
+        let mut ssh = crate::ssh::command(c, &v.name, &shell, true).await?;
+        let st = tokio::task::spawn_blocking(move || ssh.status()).await??;
+        return Ok(st.code().unwrap_or(255));
     }
     tokio::select! {
         code = exec(c, &v.name, r.cmd.clone(), false, None) => code,

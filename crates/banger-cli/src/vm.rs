@@ -53,6 +53,15 @@ pub enum VmCmd {
     },
     /// Create a VM, copy a git workspace in, run a command, print the result.
     Run(RunArgs),
+    /// Open an SSH session (or run a command) with the system ssh client.
+    Ssh {
+        name: String,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// ProxyCommand for `ssh NAME.vm` (see `banger ssh-config`).
+    #[command(hide = true)]
+    SshProxy { host: String, port: u16 },
     /// Workspaces in a running VM.
     #[command(subcommand)]
     Workspace(WorkspaceCmd),
@@ -320,6 +329,11 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
             return exec(c, &name, cmd, stdin, cwd).await;
         }
         VmCmd::Run(r) => return crate::run::run(c, r).await,
+        VmCmd::Ssh { name, cmd } => {
+            check_name(&name)?;
+            return crate::ssh::ssh(c, &name, &cmd).await;
+        }
+        VmCmd::SshProxy { host, port } => return crate::ssh::proxy(c, &host, port).await,
         VmCmd::Workspace(WorkspaceCmd::Prepare {
             name,
             path,

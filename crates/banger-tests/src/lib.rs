@@ -54,6 +54,9 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub helper: Option<Child>,
+    /// Run every banger command inside the helper's network namespace, so
+    /// the whole stack (daemon, DNS, ssh) lives there.
+    pub in_netns: bool,
 }
 
 impl Env {
@@ -72,7 +75,11 @@ impl Env {
             .expect("tempdir");
         // Traversable by the unprivileged callers some tests impersonate.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        Env { dir, helper: None }
+        Env {
+            dir,
+            helper: None,
+            in_netns: false,
+        }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -150,9 +157,38 @@ impl Env {
         self.helper.as_ref().expect("helper").id()
     }
 
+    /// Like [`Env::with_image`], with the whole stack inside the helper's
+    /// network namespace (loopback up).
+    pub fn with_image_in_netns() -> Env {
+        let mut env = Env::new();
+        let up = env.in_helper_ns("ip", &["link", "set", "lo", "up"]);
+        assert!(up.status.success());
+        env.in_netns = true;
+        let (rootfs, kernel) = shared_image();
+        env.banger_ok(&[
+            "image", "register", "default", "--rootfs", &rootfs, "--kernel", &kernel,
+        ]);
+        env
+    }
+
+    /// A command run in this environment's network namespace when it has one.
+    pub fn netns_cmd(&self, prog: &std::ffi::OsStr) -> Command {
+        if self.in_netns {
+            let mut c = Command::new("nsenter");
+            c.arg("-t")
+                .arg(self.helper_pid().to_string())
+                .arg("-n")
+                .arg("--")
+                .arg(prog);
+            c
+        } else {
+            Command::new(prog)
+        }
+    }
+
     /// A command for one of the binaries with this environment applied.
     pub fn cmd(&self, bin_name: &str) -> Command {
-        let mut c = Command::new(bin(bin_name));
+        let mut c = self.netns_cmd(bin(bin_name).as_os_str());
         c.env("BANGER_HOME", self.home())
             .env("BANGER_RUNTIME_DIR", self.runtime())
             .env("BANGER_HELPER_SOCKET", self.helper_socket())
@@ -226,7 +262,8 @@ impl Env {
     /// `dig +short` against banger's DNS server.
     pub fn dig(&self, name: &str) -> String {
         let (ip, port) = self.dns();
-        let out = Command::new("dig")
+        let out = self
+            .netns_cmd("dig".as_ref())
             .args([
                 "+short",
                 "+time=2",

@@ -25,6 +25,7 @@ pub struct App {
     pub kernels: Arc<KernelService>,
     pub images: Arc<ImageService>,
     pub vms: Arc<VmService>,
+    pub ssh: Arc<crate::ssh::SshService>,
     pub shutdown: CancellationToken,
     /// Bound address of the DNS server, once it listens.
     pub dns_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
@@ -50,6 +51,7 @@ impl App {
             cfg.bridge_address.clone(),
         ));
         let ops = Arc::new(Operations::default());
+        let ssh = Arc::new(crate::ssh::SshService::new(cfg.state_dir.join("ssh")));
         let kernels = Arc::new(KernelService::new(cfg.kernels_dir()));
         let images = Arc::new(ImageService::new(
             cfg.images_dir(),
@@ -75,10 +77,12 @@ impl App {
             images.clone(),
             ops.clone(),
             network.clone(),
+            ssh.clone(),
         ));
         Arc::new(App {
             store,
             dns_addr: Default::default(),
+            ssh,
             ops,
             network,
             kernels,
@@ -165,6 +169,14 @@ pub fn router(app: &Arc<App>) -> Router {
             .logs(&p.name, p.tail_bytes)
             .map(|(serial, path)| d::VmLogs { serial, path })))
         .method::<d::VmExecM, _, _>(with!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
+        .method::<d::SshInfoM, _, _>(with!(app, |_, _| {
+            app.ssh.public_key().await?;
+            Ok::<_, RpcError>(d::SshInfo {
+                key: app.ssh.key_path().display().to_string(),
+                known_hosts: app.ssh.known_hosts().display().to_string(),
+                user: "root".into(),
+            })
+        }))
         // workspaces
         .method::<d::WorkspacePlanM, _, _>(|_, p| async move {
             crate::workspace::plan(&p.path, p.include_untracked)

@@ -11,6 +11,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod network;
 pub mod ops;
+pub mod ssh;
 pub mod sys;
 pub mod vm;
 pub mod workspace;

@@ -300,3 +300,16 @@ method!(
     /// A binary patch of the guest workspace against its base commit, streamed.
     VmWorkspaceExport = "vm.workspace.export", WorkspaceExport => crate::methods::agent::ExitStatus, event crate::methods::agent::ExecOutput
 );
+
+// ---- ssh ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SshInfo {
+    /// banger's private key (made on first use).
+    pub key: String,
+    /// banger's own known_hosts, where guest host keys are pinned.
+    pub known_hosts: String,
+    pub user: String,
+}
+
+method!(SshInfoM = "ssh.info", Empty => SshInfo);

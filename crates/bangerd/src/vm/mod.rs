@@ -13,6 +13,7 @@ use crate::initramfs;
 use crate::kernel;
 use crate::network::NetworkService;
 use crate::ops::{OpHandle, Operations};
+use crate::ssh::SshService;
 use crate::sys::{self, io};
 use crate::workspace;
 use banger_proto::methods::agent as a;
@@ -59,6 +60,7 @@ pub struct VmService {
     images: Arc<ImageService>,
     ops: Arc<Operations>,
     network: Arc<NetworkService>,
+    ssh: Arc<SshService>,
     /// What is true now: handles of running VMs by VM id.
     handles: Mutex<HashMap<String, VmHandles>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -77,9 +79,11 @@ impl VmService {
         images: Arc<ImageService>,
         ops: Arc<Operations>,
         network: Arc<NetworkService>,
+        ssh: Arc<SshService>,
     ) -> Self {
         VmService {
             network,
+            ssh,
             settings,
             store,
             images,
@@ -596,6 +600,10 @@ impl VmService {
         vm.runtime.state = VmState::Running;
         self.save(&vm)?;
         tracing::info!(vm = %vm.name, "vm running");
+        if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
+            // An image without sshd still runs; only `vm ssh` is affected.
+            tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
+        }
         Ok(vm)
     }
 
@@ -764,6 +772,10 @@ impl VmService {
         }
         self.store.delete_vm(&vm.id).map_err(err_store)?;
         self.locks.lock().unwrap().remove(&vm.id);
+        let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
+        if let Err(e) = self.ssh.forget(&vm.name, ip) {
+            tracing::warn!(vm = %vm.name, error = %e.message, "could not remove known_hosts entries");
+        }
         tracing::info!(vm = %vm.name, "vm deleted");
         Ok(())
     }
@@ -789,6 +801,35 @@ impl VmService {
         };
         let text = tail(&path, tail_bytes.unwrap_or(64 * 1024) as usize);
         Ok((text, path.display().to_string()))
+    }
+
+    /// Authorises banger's key in the guest and pins the guest's host key.
+    async fn ssh_setup(&self, vm: &VmRecord, uds: &Path, op: &OpId) -> Result<(), RpcError> {
+        use base64::Engine;
+        let public = self.ssh.public_key().await?;
+        let req = a::ExecRequest {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "umask 077; mkdir -p /root/.ssh && cat > /root/.ssh/authorized_keys".into(),
+            ],
+            stdin_b64: Some(base64::engine::general_purpose::STANDARD.encode(format!("{public}\n"))),
+            ..Default::default()
+        };
+        let st = agent::call::<a::Exec>(uds, op, &req, |_| ()).await?;
+        if st.shell_code() != 0 {
+            return Err(RpcError::failed("could not write authorized_keys in the guest"));
+        }
+        let host_key = self
+            .guest_sh(uds, op, "cat /etc/ssh/ssh_host_ed25519_key.pub".into())
+            .await?;
+        let host_key = String::from_utf8_lossy(&host_key);
+        let mut parts = host_key.split_whitespace();
+        let (Some(kind), Some(key)) = (parts.next(), parts.next()) else {
+            return Err(RpcError::failed("the guest has no ed25519 host key"));
+        };
+        let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
+        self.ssh.pin(&vm.name, ip, &format!("{kind} {key}"))
     }
 
     // ---- workspaces ----

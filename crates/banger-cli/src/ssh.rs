@@ -1,0 +1,217 @@
+//! `banger vm ssh`, the ProxyCommand behind `ssh NAME.vm`, and the
+//! `Include` block that `banger ssh-config` manages in the user's
+//! ~/.ssh/config. The system OpenSSH client does the work, so the user's
+//! own settings and habits apply.
+
+use anyhow::{anyhow, bail, Context, Result};
+use banger_proto::methods::daemon as d;
+use banger_proto::methods::Empty;
+use banger_proto::Client;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+const BEGIN: &str = "# >>> banger (managed by `banger ssh-config`) >>>";
+const END: &str = "# <<< banger <<<";
+
+async fn guest_ip(c: &Client, name: &str) -> Result<Ipv4Addr> {
+    let v = c
+        .call::<d::VmShow>(
+            &d::VmRef {
+                name: name.to_string(),
+            },
+            None,
+        )
+        .await?;
+    if v.state != "running" {
+        bail!("VM {name} is {}: start it with `banger vm start {name}`", v.state);
+    }
+    v.guest_ip
+        .as_deref()
+        .and_then(|g| g.split('/').next()?.parse().ok())
+        .ok_or_else(|| anyhow!("VM {name} has no network address (created with --no-network?)"))
+}
+
+/// The ssh command line for a VM: banger's key and pinned host keys.
+pub async fn command(c: &Client, name: &str, cmd: &[String], tty: bool) -> Result<std::process::Command> {
+    let info = c.call::<d::SshInfoM>(&Empty {}, None).await?;
+    let ip = guest_ip(c, name).await?;
+    let mut ssh = std::process::Command::new("ssh");
+    ssh.args(["-i", &info.key, "-o", "IdentitiesOnly=yes"])
+        .args([
+            "-o",
+            &format!("UserKnownHostsFile={}", info.known_hosts),
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .args(["-o", &format!("HostKeyAlias={name}.vm")]);
+    if tty {
+        ssh.arg("-t");
+    }
+    ssh.arg(format!("{}@{ip}", info.user)).args(cmd);
+    Ok(ssh)
+}
+
+/// `banger vm ssh NAME [-- CMD]`: replaces this process with ssh.
+pub async fn ssh(c: &Client, name: &str, cmd: &[String]) -> Result<i32> {
+    let err = command(c, name, cmd, false).await?.exec();
+    Err(anyhow!("running ssh: {err}"))
+}
+
+/// Resolves `name.vm` through banger's DNS server.
+async fn resolve(dns: &str, host: &str) -> Result<Ipv4Addr> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut q = Message::query();
+    q.metadata.recursion_desired = false;
+    q.queries
+        .push(Query::query(Name::from_ascii(format!("{host}."))?, RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    sock.send_to(&q.to_vec()?, dns)
+        .await
+        .with_context(|| format!("querying {dns}"))?;
+    let mut buf = vec![0u8; 1500];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(3), sock.recv(&mut buf))
+        .await
+        .map_err(|_| anyhow!("no answer from banger's DNS server at {dns}"))??;
+    let resp = Message::from_vec(&buf[..n])?;
+    resp.answers
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("{host} does not resolve: is the VM running?"))
+}
+
+/// The ProxyCommand: resolve `host` through banger's DNS server, then
+/// carry the SSH stream over TCP between stdin/stdout and the guest.
+pub async fn proxy(c: &Client, host: &str, port: u16) -> Result<i32> {
+    let name = host.strip_suffix(".vm").unwrap_or(host);
+    crate::vm::check_name(name)?;
+    let info = c.call::<d::Ping>(&Empty {}, None).await?;
+    let ip = match &info.dns {
+        Some(dns) => resolve(dns, &format!("{name}.vm")).await?,
+        None => guest_ip(c, name).await?,
+    };
+    let stream = tokio::net::TcpStream::connect((ip, port))
+        .await
+        .with_context(|| format!("connecting to {ip}:{port}"))?;
+    let (mut rd, mut wr) = stream.into_split();
+    let up = async {
+        let mut stdin = tokio::io::stdin();
+        let _ = tokio::io::copy(&mut stdin, &mut wr).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut rd, &mut stdout).await;
+    };
+    // The session is over when the guest closes its side.
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+    }
+    Ok(0)
+}
+
+fn default_user_config() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set; pass --file"))?;
+    Ok(PathBuf::from(home).join(".ssh/config"))
+}
+
+fn strip_block(text: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for l in text.lines() {
+        if l == BEGIN {
+            inside = true;
+        } else if l == END && inside {
+            inside = false;
+        } else if !inside {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Writes banger's `Host *.vm` config and includes it from `file`.
+pub async fn install(c: &Client, file: Option<PathBuf>, state_dir: &Path) -> Result<i32> {
+    let info = c.call::<d::SshInfoM>(&Empty {}, None).await?;
+    let exe = std::env::current_exe()?;
+    // A daemon found through overridden paths must be found again by the
+    // ProxyCommand, whatever environment ssh runs it in.
+    let mut env_prefix = String::new();
+    for var in ["BANGER_HOME", "BANGER_RUNTIME_DIR"] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.is_empty() && !v.contains(char::is_whitespace) {
+                env_prefix.push_str(&format!("{var}={v} "));
+            }
+        }
+    }
+    if !env_prefix.is_empty() {
+        env_prefix.insert_str(0, "env ");
+    }
+    let ours = state_dir.join("ssh/config");
+    std::fs::create_dir_all(ours.parent().unwrap())?;
+    std::fs::write(
+        &ours,
+        format!(
+            "# Written by banger; `banger ssh-config --uninstall` removes the Include.\n\
+             Host *.vm\n  User {}\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  \
+             StrictHostKeyChecking yes\n  ProxyCommand {env_prefix}{} vm ssh-proxy %h %p\n",
+            info.user,
+            info.key,
+            info.known_hosts,
+            exe.display()
+        ),
+    )?;
+    let file = match file {
+        Some(f) => f,
+        None => default_user_config()?,
+    };
+    if let Some(dir) = file.parent() {
+        if !dir.exists() {
+            banger_config::ensure_private_dir(dir, 0o700)?;
+        }
+    }
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    // At the top: an Include inside a Host block would only apply there.
+    let new = format!(
+        "{BEGIN}\nInclude {}\n{END}\n{}",
+        ours.display(),
+        strip_block(&text)
+    );
+    std::fs::write(&file, new)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+    println!(
+        "`ssh NAME.vm` now works: {} includes {}",
+        file.display(),
+        ours.display()
+    );
+    Ok(0)
+}
+
+pub fn uninstall(file: Option<PathBuf>) -> Result<i32> {
+    let file = match file {
+        Some(f) => f,
+        None => default_user_config()?,
+    };
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    std::fs::write(&file, strip_block(&text))?;
+    println!("removed banger's block from {}", file.display());
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_block_is_removed_and_the_rest_kept() {
+        let text = format!("{BEGIN}\nInclude /x\n{END}\nHost a\n  User me\n");
+        assert_eq!(strip_block(&text), "Host a\n  User me\n");
+        assert_eq!(strip_block("Host a\n"), "Host a\n");
+    }
+}

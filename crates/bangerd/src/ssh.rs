@@ -1,0 +1,135 @@
+//! SSH into guests with the system OpenSSH client: a managed ed25519 key
+//! (made on first use, never deleted by banger) and banger's own
+//! known_hosts, where each VM's host key is pinned on first start. The key
+//! is read over vsock, a channel only the host can use, so the pin is
+//! trustworthy; a later change fails in ssh as a possible MITM.
+
+use crate::sys;
+use banger_proto::RpcError;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct SshService {
+    dir: PathBuf,
+    /// Serialises known_hosts rewrites.
+    lock: Mutex<()>,
+}
+
+impl SshService {
+    pub fn new(dir: PathBuf) -> Self {
+        SshService {
+            dir,
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+
+    /// The public key, generating the pair on first use.
+    pub async fn public_key(&self) -> Result<String, RpcError> {
+        let key = self.key_path();
+        if !key.exists() {
+            banger_config::ensure_private_dir(&self.dir, 0o700)
+                .map_err(sys::io("creating the ssh directory"))?;
+            sys::run(
+                "ssh-keygen",
+                [
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "banger",
+                    "-f",
+                    key.to_str().unwrap(),
+                ],
+                None,
+            )
+            .await?;
+        }
+        std::fs::read_to_string(key.with_extension("pub"))
+            .map(|s| s.trim().to_string())
+            .map_err(sys::io("reading the public key"))
+    }
+
+    /// Pins `host_key` ("ssh-ed25519 AAAA...") for the VM's names unless a
+    /// pin exists: first use wins.
+    pub fn pin(&self, name: &str, ip: Option<&str>, host_key: &str) -> Result<(), RpcError> {
+        let _g = self.lock.lock().unwrap();
+        let path = self.known_hosts();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let alias = format!("{name}.vm");
+        if text.lines().any(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|h| h.split(',').any(|x| x == alias))
+        }) {
+            return Ok(());
+        }
+        let hosts = match ip {
+            Some(ip) => format!("{alias},{ip}"),
+            None => alias,
+        };
+        let mut out = text;
+        out.push_str(&format!("{hosts} {host_key}\n"));
+        write_atomic(&path, &out)
+    }
+
+    /// Removes every pin of the VM (by name and by address).
+    pub fn forget(&self, name: &str, ip: Option<&str>) -> Result<(), RpcError> {
+        let _g = self.lock.lock().unwrap();
+        let path = self.known_hosts();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let alias = format!("{name}.vm");
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                let hosts = l.split_whitespace().next().unwrap_or_default();
+                !hosts.split(',').any(|h| h == alias || Some(h) == ip)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, &kept)
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<(), RpcError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(sys::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(sys::io(format!("writing {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_pin_wins_and_forget_removes_name_and_address() {
+        let dir = std::env::temp_dir().join(format!("banger-ssh-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = SshService::new(dir.clone());
+        s.pin("dev", Some("172.30.0.2"), "ssh-ed25519 AAAAfirst").unwrap();
+        s.pin("dev", Some("172.30.0.2"), "ssh-ed25519 AAAAsecond")
+            .unwrap();
+        s.pin("other", Some("172.30.0.3"), "ssh-ed25519 AAAAother")
+            .unwrap();
+        let text = std::fs::read_to_string(s.known_hosts()).unwrap();
+        assert!(
+            text.contains("AAAAfirst") && !text.contains("AAAAsecond"),
+            "{text}"
+        );
+        s.forget("dev", Some("172.30.0.2")).unwrap();
+        let text = std::fs::read_to_string(s.known_hosts()).unwrap();
+        assert!(!text.contains("dev.vm") && text.contains("other.vm"), "{text}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
