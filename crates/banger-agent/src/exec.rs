@@ -46,6 +46,11 @@ pub async fn run(ctx: Ctx, req: ExecRequest) -> Result<ExitStatus, RpcError> {
         // The host hung up: the call's future is dropped and the command dies.
         .kill_on_drop(true);
     if let Some(cwd) = &req.cwd {
+        if !std::path::Path::new(cwd).is_dir() {
+            return Err(RpcError::not_found(format!(
+                "working directory {cwd} does not exist in the guest"
+            )));
+        }
         cmd.current_dir(cwd);
     }
     tracing::info!(argv = ?req.argv, cwd = ?req.cwd, "exec");

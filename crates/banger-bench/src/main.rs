@@ -31,6 +31,17 @@ struct Cli {
 enum Cmd {
     CreateFlat,
     RunVsQemu,
+    /// Workspace copy of a generated repo vs `git archive HEAD | ssh tar -x`.
+    WorkspaceCopy {
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        #[arg(long, default_value_t = 200)]
+        megabytes: usize,
+        /// "text" (source-like, compressible, as real repositories are) or
+        /// "random" (incompressible: the worst case).
+        #[arg(long, default_value = "text")]
+        content: String,
+    },
     FcStart {
         #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
         firecracker: PathBuf,
@@ -295,6 +306,110 @@ async fn run_vs_qemu(b: &Bench, runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// A git repository of `files` files totalling `mb` MiB of incompressible
+/// content, spread over 100 directories (kept between runs).
+fn make_repo(dir: &Path, files: usize, mb: usize, random: bool) -> Result<()> {
+    if dir.join(".git").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let per = mb * 1024 * 1024 / files;
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..files {
+        let sub = dir.join(format!("d{:02}", i % 100));
+        std::fs::create_dir_all(&sub)?;
+        let mut data = Vec::with_capacity(per);
+        while data.len() < per {
+            // xorshift: cheap, incompressible enough for git's zlib.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if random {
+                data.extend_from_slice(&state.to_le_bytes());
+            } else {
+                let line = format!(
+                    "    let value_{:x} = compute(input_{}, {});\n",
+                    state & 0xffff,
+                    state % 97,
+                    state % 1000
+                );
+                data.extend_from_slice(line.as_bytes());
+            }
+        }
+        data.truncate(per);
+        std::fs::write(sub.join(format!("f{i:05}.bin")), data)?;
+    }
+    let git = |args: &[&str]| {
+        run(Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stdout(Stdio::null()))
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "."])?;
+    git(&[
+        "-c",
+        "user.name=bench",
+        "-c",
+        "user.email=bench@example.com",
+        "commit",
+        "-q",
+        "-m",
+        "bench",
+    ])?;
+    Ok(())
+}
+
+async fn workspace_copy(b: &Bench, runs: usize, files: usize, mb: usize, random: bool) -> Result<()> {
+    b.default_image()?;
+    let kind = if random { "random" } else { "text" };
+    let repo = b.home.join(format!("bench-repo-{files}-{mb}-{kind}"));
+    eprintln!("(generating or reusing {})", repo.display());
+    make_repo(&repo, files, mb, random)?;
+    let _ = b.banger(&["vm", "delete", "wsbench"]);
+    b.banger(&["vm", "create", "--name", "wsbench", "--disk-size", "4096"])?;
+    let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", "wsbench", "--json"])?)?;
+    let ip = vm["guest_ip"]
+        .as_str()
+        .context("the VM has no address")?
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let ssh: Value = serde_json::from_str(&b.banger(&["ssh-info-json"]).unwrap_or_else(|_| "{}".into()))
+        .unwrap_or_default();
+    let key = ssh["key"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| b.home.join("ssh/id_ed25519").display().to_string());
+    let known = b.home.join("ssh/known_hosts").display().to_string();
+    let clean = |path: &str| b.banger(&["vm", "exec", "wsbench", "--cwd", "/", "--", "rm", "-rf", path]);
+    let (mut banger, mut baseline) = (vec![], vec![]);
+    for _ in 0..runs {
+        banger.push(b.timed(&["vm", "workspace", "prepare", "wsbench", repo.to_str().unwrap()])?);
+        clean("/root/repo")?;
+        let t = Instant::now();
+        let script = format!(
+            "git -C {} archive HEAD | ssh -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known} \
+             -o StrictHostKeyChecking=yes -o HostKeyAlias=wsbench.vm root@{ip} 'mkdir -p /root/base && tar -x -C /root/base'",
+            repo.display()
+        );
+        run(Command::new("bash").args(["-o", "pipefail", "-c", &script]))?;
+        baseline.push(t.elapsed());
+        clean("/root/base")?;
+    }
+    b.banger(&["vm", "delete", "wsbench"])?;
+    report(
+        &format!("workspace copy of {files} files / {mb} MiB ({kind} content)"),
+        "banger vm workspace prepare",
+        banger,
+        "git archive HEAD | ssh tar -x",
+        baseline,
+    );
+    Ok(())
+}
+
 async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/fc-tiny-guests");
     let guest = fixtures.join("vsockguest.elf");
@@ -450,6 +565,11 @@ async fn main() -> Result<()> {
     match cli.cmd {
         Cmd::CreateFlat => create_flat(&b, cli.runs)?,
         Cmd::RunVsQemu => run_vs_qemu(&b, cli.runs).await?,
+        Cmd::WorkspaceCopy {
+            files,
+            megabytes,
+            content,
+        } => workspace_copy(&b, cli.runs, files, megabytes, content == "random").await?,
         Cmd::FcStart { firecracker } => {
             b.env = vec![
                 ("BANGER_VMM".into(), "firecracker".into()),

@@ -147,17 +147,7 @@ pub struct CreateArgs {
 
 /// DNS-label check, done here too so a typo fails before the daemon is asked.
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if !ok {
-        bail!("invalid VM name {name:?}: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'");
-    }
-    Ok(())
+    banger_proto::names::validate_vm_name(name).map_err(anyhow::Error::msg)
 }
 
 fn show_vm(v: &d::VmInfo) {

@@ -74,16 +74,7 @@ async fn serve(socket: PathBuf, owner_uid: u32, log_file: Option<PathBuf>) -> Re
     let net = LinuxNet::new()?;
     let router = Arc::new(router(Arc::new(PrivService::new(net)), owner_uid));
     let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        stop.cancel();
-    });
+    banger_proto::server::cancel_on_signals(shutdown.clone());
     tracing::info!(socket = %socket.display(), owner_uid, pid = std::process::id(), "helper listening");
     router.serve(listener, shutdown).await;
     let _ = std::fs::remove_file(&socket);

@@ -1,6 +1,6 @@
 //! The `priv.*` methods: validate, then sequence idempotent effects.
 
-use crate::net::{LinkKind, NetError, NetOps};
+use crate::net::{Link, LinkKind, NetError, NetOps};
 use crate::validate::{self, Invalid};
 use banger_proto::methods::helper::{
     self as m, BridgeEnsure, Changed, HelperInfo, LinkName, NatRef, NatRule, NatRules, TapCreate,
@@ -34,6 +34,45 @@ impl<N: NetOps> PrivService<N> {
         }
     }
 
+    /// Finds the link `name` of `kind`, creating it with `create` when
+    /// missing. Returns it and whether it was created. A link of another
+    /// kind under that name is never touched.
+    async fn ensure_link<F, Fut>(
+        &self,
+        name: &str,
+        kind: LinkKind,
+        what: &str,
+        create: F,
+    ) -> Result<(Link, bool), RpcError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), NetError>>,
+    {
+        match self
+            .net
+            .link(name)
+            .await
+            .map_err(|e| failed(&format!("looking up the {what}"), e))?
+        {
+            Some(l) if l.kind != kind => Err(RpcError::already_exists(format!(
+                "{name} exists and is not a {what}"
+            ))),
+            Some(l) => Ok((l, false)),
+            None => {
+                create()
+                    .await
+                    .map_err(|e| failed(&format!("creating the {what}"), e))?;
+                let l = self
+                    .net
+                    .link(name)
+                    .await
+                    .map_err(|e| failed(&format!("looking up the new {what}"), e))?
+                    .ok_or_else(|| RpcError::failed(format!("{what} {name} vanished after creation")))?;
+                Ok((l, true))
+            }
+        }
+    }
+
     pub async fn bridge_ensure(&self, p: BridgeEnsure) -> Result<Changed, RpcError> {
         validate::bridge_name(&p.name).map_err(invalid)?;
         let addr = p
@@ -42,33 +81,11 @@ impl<N: NetOps> PrivService<N> {
             .map(validate::ipv4_cidr)
             .transpose()
             .map_err(invalid)?;
-        let mut changed = false;
-        let link = match self
-            .net
-            .link(&p.name)
-            .await
-            .map_err(|e| failed("looking up the bridge", e))?
-        {
-            Some(l) if l.kind != LinkKind::Bridge => {
-                return Err(RpcError::already_exists(format!(
-                    "{} exists and is not a bridge",
-                    p.name
-                )));
-            }
-            Some(l) => l,
-            None => {
-                self.net
-                    .create_bridge(&p.name)
-                    .await
-                    .map_err(|e| failed("creating the bridge", e))?;
-                changed = true;
-                self.net
-                    .link(&p.name)
-                    .await
-                    .map_err(|e| failed("looking up the new bridge", e))?
-                    .ok_or_else(|| RpcError::failed(format!("bridge {} vanished after creation", p.name)))?
-            }
-        };
+        let (link, mut changed) = self
+            .ensure_link(&p.name, LinkKind::Bridge, "bridge", || {
+                self.net.create_bridge(&p.name)
+            })
+            .await?;
         if let Some((ip, len)) = addr {
             self.net
                 .add_address(link.index, ip, len)
@@ -102,33 +119,11 @@ impl<N: NetOps> PrivService<N> {
             }
             None => None,
         };
-        let mut changed = false;
-        let link = match self
-            .net
-            .link(&p.name)
-            .await
-            .map_err(|e| failed("looking up the tap", e))?
-        {
-            Some(l) if l.kind != LinkKind::Tap => {
-                return Err(RpcError::already_exists(format!(
-                    "{} exists and is not a tap",
-                    p.name
-                )));
-            }
-            Some(l) => l,
-            None => {
-                self.net
-                    .create_tap(&p.name, p.owner_uid)
-                    .await
-                    .map_err(|e| failed("creating the tap", e))?;
-                changed = true;
-                self.net
-                    .link(&p.name)
-                    .await
-                    .map_err(|e| failed("looking up the new tap", e))?
-                    .ok_or_else(|| RpcError::failed(format!("tap {} vanished after creation", p.name)))?
-            }
-        };
+        let (link, mut changed) = self
+            .ensure_link(&p.name, LinkKind::Tap, "tap", || {
+                self.net.create_tap(&p.name, p.owner_uid)
+            })
+            .await?;
         if !link.up || link.controller != controller {
             self.net
                 .set_up(link.index, controller)

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fdpass;
 pub mod frame;
 pub mod methods;
+pub mod names;
 pub mod opid;
 pub mod server;
 

@@ -297,6 +297,24 @@ impl Router {
     }
 }
 
+/// Cancels `token` on SIGTERM or SIGINT: how a server is asked to stop.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        token.cancel();
+    });
+}
+
 fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError> {
     // A method without params accepts a missing or null `params`.
     let v = if v.is_null() {

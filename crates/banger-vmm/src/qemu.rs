@@ -165,7 +165,11 @@ impl Vmm for Qemu {
             .arg("--socket")
             .arg(&vhost)
             .arg("--uds-path")
-            .arg(&uds);
+            .arg(&uds)
+            // Larger than the 64 KiB default: bulk transfers (workspaces)
+            // need fewer credit round trips with the guest.
+            .arg("--tx-buffer-size")
+            .arg((1u32 << 20).to_string());
         let vpid = process::spawn_detached(&mut vcmd, &log)?;
         let end = Instant::now() + Duration::from_secs(10);
         while !vhost.exists() {

@@ -87,16 +87,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        stop.cancel();
-    });
+    banger_proto::server::cancel_on_signals(shutdown.clone());
 
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "bangerd listening");
     router.serve(listener, shutdown).await;

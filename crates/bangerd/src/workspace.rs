@@ -183,11 +183,12 @@ pub async fn push(
     .map_err(|e| RpcError::failed(format!("transfer task: {e}")))?
 }
 
-/// The guest-side shell that finishes a workspace: index = base commit,
+/// The guest-side shell that finishes a workspace: index = base commit
+/// (`read-tree`, not `reset`: no re-hashing of every file in the guest),
 /// base recorded for export, optional branch.
 pub fn finish_script(branch: Option<&str>, from: Option<&str>) -> String {
     let mut s = format!(
-        "set -e; cd {GUEST_REPO}; if [ -d .git ]; then git reset -q; git rev-parse HEAD > .git/banger-base; fi"
+        "set -e; cd {GUEST_REPO}; if [ -d .git ]; then git read-tree HEAD; git rev-parse HEAD > .git/banger-base; fi"
     );
     if let Some(b) = branch {
         match from {

@@ -124,6 +124,14 @@ impl VmService {
             .clone()
     }
 
+    /// Takes the VM's lifecycle lock and re-reads the record under it (an
+    /// operation that held the lock before may have changed it).
+    async fn locked(&self, name: &str) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), RpcError> {
+        let vm = self.get(name)?;
+        let guard = self.lock_for(&vm.id).lock_owned().await;
+        Ok((guard, self.get(name)?))
+    }
+
     fn get(&self, name: &str) -> Result<VmRecord, RpcError> {
         names::validate(name).map_err(RpcError::bad_request)?;
         self.store
@@ -444,10 +452,7 @@ impl VmService {
     // ---- start / stop ----
 
     pub async fn start(&self, name: &str) -> Result<VmInfo, RpcError> {
-        let vm = self.get(name)?;
-        let lock = self.lock_for(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.get(name)?;
+        let (_g, vm) = self.locked(name).await?;
         let vm = self.start_locked(vm).await?;
         Ok(self.info(&vm))
     }
@@ -699,28 +704,19 @@ impl VmService {
     }
 
     pub async fn stop(&self, op: &OpId, name: &str) -> Result<VmInfo, RpcError> {
-        let vm = self.get(name)?;
-        let lock = self.lock_for(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.get(name)?;
+        let (_g, vm) = self.locked(name).await?;
         let vm = self.stop_locked(op, vm, true).await?;
         Ok(self.info(&vm))
     }
 
     pub async fn kill(&self, op: &OpId, name: &str) -> Result<VmInfo, RpcError> {
-        let vm = self.get(name)?;
-        let lock = self.lock_for(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.get(name)?;
+        let (_g, vm) = self.locked(name).await?;
         let vm = self.stop_locked(op, vm, false).await?;
         Ok(self.info(&vm))
     }
 
     pub async fn restart(&self, op: &OpId, name: &str) -> Result<VmInfo, RpcError> {
-        let vm = self.get(name)?;
-        let lock = self.lock_for(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.get(name)?;
+        let (_g, vm) = self.locked(name).await?;
         let vm = self.stop_locked(op, vm, true).await?;
         let vm = self.start_locked(vm).await?;
         Ok(self.info(&vm))
@@ -753,10 +749,7 @@ impl VmService {
     }
 
     pub async fn delete(&self, op: &OpId, name: &str) -> Result<(), RpcError> {
-        let vm = self.get(name)?;
-        let lock = self.lock_for(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.get(name)?;
+        let (_g, vm) = self.locked(name).await?;
         let vm = self.stop_locked(op, vm, false).await?;
         let dir = Path::new(&vm.runtime.vm_dir);
         if !vm.runtime.vm_dir.is_empty() && dir.starts_with(&self.settings.vms_dir) {
@@ -883,10 +876,7 @@ impl VmService {
             workspace::validate_ref(r)?;
         }
         let (root, plan) = workspace::plan(&p.path, p.include_untracked).await?;
-        let vm = self.get(&p.name)?;
-        let lock = self.lock_for(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.get(&p.name)?;
+        let (_g, mut vm) = self.locked(&p.name).await?;
         let h = self.running_handles(&vm)?;
         let work = kernel::tempdir_in(Path::new(&vm.runtime.vm_dir), ".workspace")?;
         let result = async {

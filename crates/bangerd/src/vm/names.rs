@@ -2,20 +2,7 @@
 
 /// 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn validate(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "name {name:?} is not a DNS label: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
-        ))
-    }
+    banger_proto::names::validate_vm_name(name)
 }
 
 const ADJECTIVES: &[&str] = &[
