@@ -129,7 +129,7 @@ pub struct CreateArgs {
     pub name: Option<String>,
     #[arg(long)]
     pub image: Option<String>,
-    #[arg(long)]
+    #[arg(long, visible_alias = "vcpu")]
     pub vcpus: Option<u32>,
     /// Memory in MiB.
     #[arg(long)]
@@ -196,7 +196,20 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
     let op = d::OpRef {
         op_id: begun.op_id.clone(),
     };
+    let mut cancelled = false;
     loop {
+        // Ctrl-C asks the daemon to cancel (it cleans up what it made) and
+        // keeps following the operation to its end.
+        if !cancelled {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    cancelled = true;
+                    eprintln!("cancelling {} ...", begun.op_id);
+                    let _ = c.call::<d::VmCreateCancel>(&op, None).await;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        }
         let st = c.call::<d::VmCreateStatusM>(&op, None).await?;
         progress.stage(&st.op.stage, st.op.elapsed_ms);
         if st.op.done {

@@ -59,9 +59,13 @@ impl<N: NetOps> PrivService<N> {
             ))),
             Some(l) => Ok((l, false)),
             None => {
-                create()
-                    .await
-                    .map_err(|e| failed(&format!("creating the {what}"), e))?;
+                if let Err(e) = create().await {
+                    // Lost a race with a concurrent creator: theirs will do.
+                    return match self.net.link(name).await {
+                        Ok(Some(l)) if l.kind == kind => Ok((l, false)),
+                        _ => Err(failed(&format!("creating the {what}"), e)),
+                    };
+                }
                 let l = self
                     .net
                     .link(name)

@@ -120,6 +120,42 @@ fn lifecycle_keeps_root_across_stop_start_and_delete_leaves_nothing() {
     // The system overlay persists too: it is the VM's own disk.
     let etc = env.banger_ok(&["vm", "exec", "life", "--", "cat", "/etc/marker"]);
     assert_eq!(etc.trim(), "lost");
+    // A client that hangs up cancels its call: the guest command dies.
+    let mut exec = env
+        .cmd("banger")
+        .args([
+            "vm",
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > /root/exec.pid; exec sleep 600",
+        ])
+        .spawn()
+        .unwrap();
+    wait_for("the guest command to start", Duration::from_secs(30), || {
+        let out = env.banger(&["vm", "exec", "life", "--", "cat", "/root/exec.pid"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    });
+    exec.kill().unwrap();
+    let _ = exec.wait();
+    wait_for("the guest command to be killed", Duration::from_secs(30), || {
+        env.banger(&[
+            "vm",
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "kill -0 $(cat /root/exec.pid)",
+        ])
+        .status
+        .code()
+        .filter(|c| *c != 0)
+    });
     let logs = env.banger_ok(&["vm", "logs", "life"]);
     assert!(!logs.is_empty(), "serial log is empty");
 

@@ -36,7 +36,7 @@ pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, VsockError> {
     let mut line = Vec::with_capacity(16);
     loop {
         let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b))
             .await
             .map_err(|_| VsockError::Handshake {
                 port,

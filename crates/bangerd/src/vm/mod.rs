@@ -36,6 +36,8 @@ use tracing::Instrument;
 
 /// How long a booting guest may take to answer (TCG is slow).
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// The first boot's share of it, after which the guest is booted again.
+const FIRST_BOOT_DEADLINE: Duration = Duration::from_secs(45);
 /// How long a guest may take to power off before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(15);
 /// The system overlay: every write to `/` outside `/root` lands here.
@@ -532,16 +534,51 @@ impl VmService {
             return Ok(vm);
         }
         let op = current_op();
-        let mut spec = self.launch_spec(&vm)?;
+        let spec = self.launch_spec(&vm)?;
         vm.runtime.state = VmState::Starting;
         vm.runtime.last_error = None;
         self.save(&vm)?;
+        // A guest that boots but never answers on vsock (seen, rarely, with
+        // the userspace vsock backend under load) gets one fresh boot.
+        let launched = match self
+            .boot_once(&mut vm, &op, spec.clone(), FIRST_BOOT_DEADLINE)
+            .await
+        {
+            Ok(l) => l,
+            Err((e, true)) => {
+                tracing::warn!(vm = %vm.name, error = %e.message, "the guest did not answer; booting it once more");
+                match self.boot_once(&mut vm, &op, spec, BOOT_DEADLINE).await {
+                    Ok(l) => l,
+                    Err((e, _)) => return Err(self.fail_start(vm, e).await),
+                }
+            }
+            Err((e, false)) => return Err(self.fail_start(vm, e).await),
+        };
+        vm.runtime.state = VmState::Running;
+        self.save(&vm)?;
+        tracing::info!(vm = %vm.name, "vm running");
+        if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
+            // An image without sshd still runs; only `vm ssh` is affected.
+            tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
+        }
+        Ok(vm)
+    }
+
+    /// One boot: network, VMM, wait for the agent. On error everything it
+    /// made is torn down; the flag says whether booting again may help.
+    async fn boot_once(
+        &self,
+        vm: &mut VmRecord,
+        op: &OpId,
+        mut spec: LaunchSpec,
+        deadline: Duration,
+    ) -> Result<Launched, (RpcError, bool)> {
         if let Some(tap) = vm.runtime.tap.clone() {
-            let fd = match self.network.attach(&op, &tap).await {
+            let fd = match self.network.attach(op, &tap).await {
                 Ok(fd) => fd,
                 Err(e) => {
-                    self.teardown(&vm, None).await;
-                    return Err(self.fail_start(vm, e).await);
+                    self.teardown(vm, None).await;
+                    return Err((e, false));
                 }
             };
             spec.net = Some(banger_vmm::NetSpec {
@@ -556,18 +593,18 @@ impl VmService {
                     .as_deref()
                     .and_then(|g| g.split('/').next()?.parse().ok())
                 {
-                    if let Err(e) = self.network.nat_add(&op, &vm.id, ip).await {
-                        self.teardown(&vm, None).await;
-                        return Err(self.fail_start(vm, e).await);
+                    if let Err(e) = self.network.nat_add(op, &vm.id, ip).await {
+                        self.teardown(vm, None).await;
+                        return Err((e, false));
                     }
                 }
             }
         }
-        let launched = match self.launch(&vm, &spec).await {
+        let launched = match self.launch(vm, &spec).await {
             Ok(l) => l,
             Err(e) => {
-                self.teardown(&vm, None).await;
-                return Err(self.fail_start(vm, e).await);
+                self.teardown(vm, None).await;
+                return Err((e, false));
             }
         };
         tracing::info!(vm = %vm.name, pid = launched.pid, vmm = launched.kind.as_str(), "vmm started");
@@ -576,13 +613,12 @@ impl VmService {
         };
         let dir = PathBuf::from(&vm.runtime.vm_dir);
         if let Err(e) = handles::write(&dir, &h) {
-            let e = RpcError::failed(format!("writing handles.json: {e}"));
-            self.teardown(&vm, Some(&h)).await;
-            return Err(self.fail_start(vm, e).await);
+            self.teardown(vm, Some(&h)).await;
+            return Err((RpcError::failed(format!("writing handles.json: {e}")), false));
         }
         self.handles.lock().unwrap().insert(vm.id.clone(), h);
-        // Saved together with the Running state below: until then
-        // handles.json is what a restarted daemon adopts from.
+        // Saved together with the Running state: until then handles.json
+        // is what a restarted daemon adopts from.
         vm.runtime.api_socket = launched.api_socket.display().to_string();
         vm.runtime.vsock_uds = launched.vsock_uds.display().to_string();
         vm.runtime.log_path = launched.serial_log.display().to_string();
@@ -590,26 +626,20 @@ impl VmService {
         let marker = vm.runtime.vm_dir.clone();
         let pid = launched.pid;
         let ready =
-            banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, BOOT_DEADLINE, || {
+            banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, deadline, || {
                 process::alive(pid, &marker)
             })
             .await;
         if let Err(e) = ready {
             let tail = tail(&launched.serial_log, 1500);
+            let vmm_died = !process::alive(pid, &marker);
             let e = RpcError::failed(format!(
                 "the guest did not come up: {e}\n--- serial console (tail) ---\n{tail}"
             ));
-            self.teardown(&vm, self.cached(&vm.id).as_ref()).await;
-            return Err(self.fail_start(vm, e).await);
+            self.teardown(vm, self.cached(&vm.id).as_ref()).await;
+            return Err((e, !vmm_died));
         }
-        vm.runtime.state = VmState::Running;
-        self.save(&vm)?;
-        tracing::info!(vm = %vm.name, "vm running");
-        if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
-            // An image without sshd still runs; only `vm ssh` is affected.
-            tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
-        }
-        Ok(vm)
+        Ok(launched)
     }
 
     async fn fail_start(&self, mut vm: VmRecord, e: RpcError) -> RpcError {
