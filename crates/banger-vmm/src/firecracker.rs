@@ -193,63 +193,85 @@ pub fn plan(spec: &LaunchSpec, p: &Paths) -> Vec<Call> {
     calls
 }
 
-/// A minimal HTTP/1.1 exchange over the API socket: one request per
-/// connection, body sized by Content-Length.
+/// A minimal HTTP/1.1 client for the API socket: requests in sequence on
+/// one kept-alive connection, bodies sized by Content-Length.
+pub struct ApiConn {
+    stream: UnixStream,
+}
+
+impl ApiConn {
+    pub async fn connect(sock: &Path) -> Result<Self, VmmError> {
+        let stream = UnixStream::connect(sock)
+            .await
+            .map_err(|e| VmmError::io(format!("connecting to {}", sock.display()), e))?;
+        Ok(ApiConn { stream })
+    }
+
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String), VmmError> {
+        let s = &mut self.stream;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let io = |e| VmmError::io(format!("Firecracker API {method} {path}"), e);
+        s.write_all(req.as_bytes()).await.map_err(io)?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let (head_end, content_len) = loop {
+            let n = s.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                return Err(VmmError::Failed(format!(
+                    "Firecracker closed the API connection during {method} {path}"
+                )));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..pos]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                break (pos + 4, len);
+            }
+        };
+        while buf.len() < head_end + content_len {
+            let n = s.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let status_line = String::from_utf8_lossy(&buf[..head_end])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body =
+            String::from_utf8_lossy(&buf[head_end..(head_end + content_len).min(buf.len())]).into_owned();
+        Ok((status, body))
+    }
+}
+
+/// One request on a connection of its own.
 pub async fn request(
     sock: &Path,
     method: &str,
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<(u16, String), VmmError> {
-    let mut s = UnixStream::connect(sock)
-        .await
-        .map_err(|e| VmmError::io(format!("connecting to {}", sock.display()), e))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let io = |e| VmmError::io(format!("Firecracker API {method} {path}"), e);
-    s.write_all(req.as_bytes()).await.map_err(io)?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let (head_end, content_len) = loop {
-        let n = s.read(&mut chunk).await.map_err(io)?;
-        if n == 0 {
-            return Err(VmmError::Failed(format!(
-                "Firecracker closed the API connection during {method} {path}"
-            )));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..pos]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            break (pos + 4, len);
-        }
-    };
-    while buf.len() < head_end + content_len {
-        let n = s.read(&mut chunk).await.map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let status_line = String::from_utf8_lossy(&buf[..head_end])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
-    Ok((status, body))
+    ApiConn::connect(sock).await?.send(method, path, body).await
 }
 
 pub struct Firecracker {
@@ -258,8 +280,9 @@ pub struct Firecracker {
 
 impl Firecracker {
     async fn configure(&self, spec: &LaunchSpec, paths: &Paths) -> Result<(), VmmError> {
+        let mut api = ApiConn::connect(&paths.api).await?;
         for c in plan(spec, paths) {
-            let (status, body) = request(&paths.api, c.method, &c.path, Some(&c.body)).await?;
+            let (status, body) = api.send(c.method, &c.path, Some(&c.body)).await?;
             if !(200..300).contains(&status) {
                 return Err(VmmError::Api {
                     method: c.method.into(),

@@ -535,9 +535,11 @@ impl VmService {
         }
         let op = current_op();
         let spec = self.launch_spec(&vm)?;
+        // Not written as "starting": if the daemon dies before the VM is
+        // running, the record still says stopped and reconcile kills
+        // whatever the VM directory's processes are. One fsync less.
         vm.runtime.state = VmState::Starting;
         vm.runtime.last_error = None;
-        self.save(&vm)?;
         // A guest that boots but never answers on vsock (seen, rarely, with
         // the userspace vsock backend under load) gets one fresh boot.
         let launched = match self
@@ -557,6 +559,10 @@ impl VmService {
         vm.runtime.state = VmState::Running;
         self.save(&vm)?;
         tracing::info!(vm = %vm.name, "vm running");
+        // Without a network there is no ssh to set up.
+        if vm.runtime.guest_ip.is_none() {
+            return Ok(vm);
+        }
         if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
             // An image without sshd still runs; only `vm ssh` is affected.
             tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
