@@ -37,7 +37,7 @@ use tracing::Instrument;
 /// How long a booting guest may take to answer (TCG is slow).
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 /// The first boot's share of it, after which the guest is booted again.
-const FIRST_BOOT_DEADLINE: Duration = Duration::from_secs(45);
+const FIRST_BOOT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a guest may take to power off before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(15);
 /// The system overlay: every write to `/` outside `/root` lands here.
@@ -637,10 +637,11 @@ impl VmService {
             })
             .await;
         if let Err(e) = ready {
-            let tail = tail(&launched.serial_log, 1500);
+            let serial = tail(&launched.serial_log, 1500);
             let vmm_died = !process::alive(pid, &marker);
+            let vmm_log = self::tail(&Path::new(&vm.runtime.vm_dir).join("vmm.log"), 600);
             let e = RpcError::failed(format!(
-                "the guest did not come up: {e}\n--- serial console (tail) ---\n{tail}"
+                "the guest did not come up: {e}\n--- serial console (tail) ---\n{serial}\n--- VMM log (tail) ---\n{vmm_log}"
             ));
             self.teardown(vm, self.cached(&vm.id).as_ref()).await;
             return Err((e, !vmm_died));
