@@ -86,10 +86,26 @@ fn router() -> Router {
         })
 }
 
+/// Tells the host the agent listens (best effort: an old host or one that
+/// is not listening simply polls instead).
+async fn announce_ready() {
+    use tokio::io::AsyncWriteExt;
+    let host = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, a::READY_PORT);
+    match tokio_vsock::VsockStream::connect(host).await {
+        Ok(mut s) => {
+            let _ = s.write_all(b"ready\n").await;
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            tracing::info!("told the host the agent is ready");
+        }
+        Err(e) => tracing::debug!(error = %e, "no ready listener on the host"),
+    }
+}
+
 async fn serve(port: u32) -> Result<()> {
     let listener =
         tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
     tracing::info!(port, "agent listening on vsock");
+    tokio::spawn(announce_ready());
     let router = Arc::new(router());
     tokio::spawn(async {
         if let Err(e) = bulk::serve().await {

@@ -78,17 +78,18 @@ async fn ensure_helper(cfg: &Config) -> Result<()> {
 
 /// A client for a running daemon, starting one if needed.
 pub async fn connect(cfg: &Config) -> Result<Client> {
-    let client = Client::new(cfg.daemon_socket());
-    if client.call::<d::Ping>(&Empty {}, None).await.is_ok() {
-        return Ok(client);
-    }
-    // SAFETY: getuid cannot fail.
     let autostart = std::env::var("BANGER_HELPER_AUTOSTART")
         .map(|v| v != "0")
         .unwrap_or(true);
+    // SAFETY: getuid cannot fail.
     if autostart && unsafe { libc::getuid() } == 0 {
-        // Single-user setup: root runs the helper itself.
+        // Single-user setup: root runs the helper itself, and brings it
+        // back if it went away while the daemon kept running.
         ensure_helper(cfg).await.context("starting the root helper")?;
+    }
+    let client = Client::new(cfg.daemon_socket());
+    if client.call::<d::Ping>(&Empty {}, None).await.is_ok() {
+        return Ok(client);
     }
     let log = cfg.log_dir().join("bangerd.out");
     spawn_detached(&mut Command::new(sibling("bangerd")), &log)?;

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 52;
 
+/// The host port the agent connects to once it listens, to say so: the
+/// host learns the guest is ready without polling it during boot.
+pub const READY_PORT: u32 = 1052;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentHealth {
     pub version: String,

@@ -36,6 +36,9 @@ use tracing::Instrument;
 
 /// How long a booting guest may take to answer (TCG is slow).
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// How long to wait for the agent's "ready" before polling it anyway
+/// (images whose agent does not announce itself).
+const READY_WAIT: Duration = Duration::from_secs(20);
 /// The first boot's share of it, after which the guest is booted again.
 const FIRST_BOOT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a guest may take to power off before it is killed.
@@ -631,6 +634,12 @@ impl VmService {
 
         let marker = vm.runtime.vm_dir.clone();
         let pid = launched.pid;
+        if launched.kind == VmmKind::Qemu {
+            // The agent announces itself; polling a guest whose vsock
+            // driver is not up yet is what occasionally wedged
+            // vhost-device-vsock. Firecracker's own vsock is polled at once.
+            wait_for_ready(&launched.vsock_uds, pid, &marker, READY_WAIT.min(deadline)).await;
+        }
         let ready =
             banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, deadline, || {
                 process::alive(pid, &marker)
@@ -1130,4 +1139,35 @@ fn cmdline(vm: &VmRecord, cidr: Option<(std::net::Ipv4Addr, u8)>) -> String {
         c.push_str(&format!(" banger.ip={ip} banger.gw={gw}"));
     }
     c
+}
+
+/// Waits until the guest agent connects to the host's ready port (or the
+/// VMM exits, or `limit` passes). Guest-initiated connections to port P
+/// arrive on `<vsock uds>_P`.
+async fn wait_for_ready(uds: &Path, pid: u32, marker: &str, limit: Duration) {
+    let path = PathBuf::from(format!("{}_{}", uds.display(), a::READY_PORT));
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "no ready listener; polling instead");
+            return;
+        }
+    };
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if accepted.is_ok() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if !process::alive(pid, marker) || tokio::time::Instant::now() >= end {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
 }
