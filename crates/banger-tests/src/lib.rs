@@ -116,6 +116,36 @@ impl Env {
         env
     }
 
+    /// Creates and starts a small VM (1 vCPU, 512 MiB, 128 MiB work disk).
+    pub fn create_small(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--vcpus",
+            "1",
+            "--memory",
+            "512",
+            "--disk-size",
+            "128",
+        ];
+        args.extend_from_slice(extra);
+        self.banger_ok(&args)
+    }
+
+    /// kill -9 of the daemon; returns once it is gone, with its pid.
+    pub fn kill_daemon(&self) -> u32 {
+        let pid = self.daemon_pid().expect("a running daemon");
+        // SAFETY: the daemon this environment started (its pid file is private).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // SAFETY: signal 0 only probes.
+        wait_for("the killed daemon to die", Duration::from_secs(5), || {
+            (unsafe { libc::kill(pid as i32, 0) } != 0).then_some(())
+        });
+        pid
+    }
+
     pub fn vms_dir(&self) -> PathBuf {
         self.home().join("vms")
     }

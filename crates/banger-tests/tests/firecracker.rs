@@ -132,12 +132,7 @@ fn firecracker_lifecycle_with_the_real_binary() {
     // Start again over the old files; then kill -9 the daemon: adopted.
     fc_ok(&env, &["vm", "start", "fc1"]);
     let pid = show(&env, "fc1")["pid"].as_u64().unwrap();
-    let daemon = env.daemon_pid().unwrap();
-    // SAFETY: processes this test started.
-    unsafe { libc::kill(daemon as i32, libc::SIGKILL) };
-    wait_for("daemon death", Duration::from_secs(5), || {
-        (unsafe { libc::kill(daemon as i32, 0) } != 0).then_some(())
-    });
+    env.kill_daemon();
     let v = show(&env, "fc1");
     assert_eq!(v["state"], "running");
     assert_eq!(v["pid"].as_u64(), Some(pid), "not adopted");

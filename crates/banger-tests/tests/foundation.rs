@@ -77,6 +77,14 @@ fn handler_errors_reach_the_cli_typed_with_op_id_and_the_helper_sees_the_same_id
         .find(|s| s.starts_with("op-"))
         .unwrap_or_else(|| panic!("no op id in CLI error: {stderr}"))
         .to_string();
+    // The daemon served the call under that same id...
+    assert!(
+        env.daemon_records()
+            .iter()
+            .any(|r| r["op_id"] == op.as_str() && r["message"] == "daemon rpc failed"),
+        "the daemon did not log the failure under {op}"
+    );
+    // ...and so did the helper.
     let helper_lines: Vec<Value> = env
         .helper_records()
         .into_iter()

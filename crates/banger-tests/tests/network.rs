@@ -2,9 +2,8 @@
 //! root helper: a tap per VM on banger's bridge, static addresses, DNS for
 //! `<name>.vm`, NAT rules that follow the VM and never leak.
 
-use banger_tests::{wait_for, Env};
+use banger_tests::Env;
 use serde_json::Value;
-use std::time::Duration;
 
 fn show(env: &Env, name: &str) -> Value {
     serde_json::from_str(&env.banger_ok(&["vm", "show", name, "--json"])).unwrap()
@@ -37,30 +36,8 @@ fn taps(env: &Env) -> Vec<String> {
 #[test]
 fn guests_are_reachable_on_the_bridge_and_named_in_dns() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "web",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "db",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("web", &[]);
+    env.create_small("db", &[]);
     let (web, db) = (ip_of(&env, "web"), ip_of(&env, "db"));
     assert_ne!(web, db, "two VMs got the same address");
     assert!(web.starts_with("172.30.0."), "{web}");
@@ -94,31 +71,8 @@ fn guests_are_reachable_on_the_bridge_and_named_in_dns() {
 #[test]
 fn nat_rules_exist_only_for_nat_vms_and_never_leak() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "out",
-        "--nat",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "in",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("out", &["--nat"]);
+    env.create_small("in", &[]);
     let (out_ip, in_ip) = (ip_of(&env, "out"), ip_of(&env, "in"));
     let rules = nft_rules(&env);
     assert!(
@@ -129,16 +83,10 @@ fn nat_rules_exist_only_for_nat_vms_and_never_leak() {
 
     // Crash the daemon and kill the NAT VM behind its back: after the
     // restart its rules and tap are gone and DNS answers again.
-    let daemon = env.daemon_pid().unwrap();
     let out_pid = show(&env, "out")["pid"].as_u64().unwrap();
-    // SAFETY: processes this test started.
-    unsafe {
-        libc::kill(daemon as i32, libc::SIGKILL);
-        libc::kill(out_pid as i32, libc::SIGKILL);
-    }
-    wait_for("daemon death", Duration::from_secs(5), || {
-        (unsafe { libc::kill(daemon as i32, 0) } != 0).then_some(())
-    });
+    env.kill_daemon();
+    // SAFETY: the VMM this test started.
+    unsafe { libc::kill(out_pid as i32, libc::SIGKILL) };
     env.banger_ok(&["vm", "list"]);
     assert_eq!(show(&env, "out")["state"], "stopped");
     let rules = nft_rules(&env);

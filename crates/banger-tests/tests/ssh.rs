@@ -9,18 +9,7 @@ use banger_tests::Env;
 #[test]
 fn ssh_name_vm_works_through_the_installed_config_and_pins_host_keys() {
     let env = Env::with_image_in_netns();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "shell",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("shell", &[]);
     let ip = {
         let v: serde_json::Value =
             serde_json::from_str(&env.banger_ok(&["vm", "show", "shell", "--json"])).unwrap();

@@ -166,44 +166,16 @@ fn lifecycle_keeps_root_across_stop_start_and_delete_leaves_nothing() {
 #[test]
 fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "alive",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "doomed",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("alive", &[]);
+    env.create_small("doomed", &[]);
     let doomed = vm_json(&env, "doomed");
     let doomed_dir = doomed["vm_dir"].as_str().unwrap().to_string();
     let alive_pid = vm_json(&env, "alive")["pid"].as_u64().unwrap();
 
     // kill -9 the daemon, then kill one VMM behind its back.
-    let daemon = env.daemon_pid().unwrap();
-    // SAFETY: processes this test started.
-    unsafe {
-        libc::kill(daemon as i32, libc::SIGKILL);
-        libc::kill(doomed["pid"].as_u64().unwrap() as i32, libc::SIGKILL);
-    }
-    wait_for("the daemon to die", Duration::from_secs(5), || {
-        (unsafe { libc::kill(daemon as i32, 0) } != 0).then_some(())
-    });
+    let daemon = env.kill_daemon();
+    // SAFETY: the VMM this test started.
+    unsafe { libc::kill(doomed["pid"].as_u64().unwrap() as i32, libc::SIGKILL) };
 
     // Any command brings the daemon back; reconcile has run before it serves.
     let list: Value = serde_json::from_str(&env.banger_ok(&["vm", "list", "--json"])).unwrap();
@@ -248,18 +220,7 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
 #[test]
 fn a_vmm_killed_while_the_daemon_runs_is_found_and_cleaned_up() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "victim",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("victim", &[]);
     let v = vm_json(&env, "victim");
     // SAFETY: the VMM this test started.
     unsafe { libc::kill(v["pid"].as_u64().unwrap() as i32, libc::SIGKILL) };
@@ -281,19 +242,7 @@ fn a_vmm_killed_while_the_daemon_runs_is_found_and_cleaned_up() {
 fn two_concurrent_starts_both_succeed_with_distinct_op_ids() {
     let env = Env::with_image();
     for n in ["left", "right"] {
-        env.banger_ok(&[
-            "vm",
-            "create",
-            "--no-start",
-            "--name",
-            n,
-            "--vcpus",
-            "1",
-            "--memory",
-            "512",
-            "--disk-size",
-            "128",
-        ]);
+        env.create_small(n, &["--no-start"]);
         assert_eq!(vm_json(&env, n)["state"], "stopped");
     }
     let spawn = |n: &str| {
