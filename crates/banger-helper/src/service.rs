@@ -5,8 +5,7 @@ use crate::validate::{self, Invalid};
 use banger_proto::methods::helper::{
     self as m, BridgeEnsure, Changed, HelperInfo, LinkName, NatRef, NatRule, NatRules, TapCreate,
 };
-use banger_proto::methods::Empty;
-use banger_proto::{Router, RpcError, PROTOCOL_VERSION};
+use banger_proto::{handler, Router, RpcError, PROTOCOL_VERSION};
 use std::sync::Arc;
 
 fn invalid(e: Invalid) -> RpcError {
@@ -213,51 +212,19 @@ impl<N: NetOps> PrivService<N> {
 
 /// The helper's router: root and `owner_uid` may call it, nobody else.
 pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
-    let s1 = svc.clone();
-    let s2 = svc.clone();
-    let s3 = svc.clone();
-    let s4 = svc.clone();
-    let s5 = svc.clone();
-    let s6 = svc.clone();
-    let s7 = svc.clone();
     Router::new("helper")
         .authorize(move |uid| uid == 0 || uid == owner_uid)
-        .method::<m::Ping, _, _>(move |_, _: Empty| {
-            let info = svc.ping();
-            async move { Ok(info) }
-        })
-        .method::<m::BridgeEnsureM, _, _>(move |_, p| {
-            let s = s1.clone();
-            async move { s.bridge_ensure(p).await }
-        })
-        .method::<m::TapCreateM, _, _>(move |_, p| {
-            let s = s2.clone();
-            async move { s.tap_create(p).await }
-        })
-        .method::<m::TapDeleteM, _, _>(move |_, p| {
-            let s = s3.clone();
-            async move { s.tap_delete(p).await }
-        })
-        .method::<m::TapOpenM, _, _>(move |ctx, p| {
-            let s = s4.clone();
-            async move {
-                let fd = s.tap_open(p).await?;
-                ctx.attach_fd(fd);
-                Ok(Changed { changed: false })
-            }
-        })
-        .method::<m::NatAddM, _, _>(move |_, p| {
-            let s = s5.clone();
-            async move { s.nat_add(p).await }
-        })
-        .method::<m::NatRemoveM, _, _>(move |_, p| {
-            let s = s6.clone();
-            async move { s.nat_remove(p).await }
-        })
-        .method::<m::NatListM, _, _>(move |_, _| {
-            let s = s7.clone();
-            async move { s.nat_list().await }
-        })
+        .method::<m::Ping, _, _>(handler!(svc, |_, _| Ok(svc.ping())))
+        .method::<m::BridgeEnsureM, _, _>(handler!(svc, |_, p| svc.bridge_ensure(p).await))
+        .method::<m::TapCreateM, _, _>(handler!(svc, |_, p| svc.tap_create(p).await))
+        .method::<m::TapDeleteM, _, _>(handler!(svc, |_, p| svc.tap_delete(p).await))
+        .method::<m::TapOpenM, _, _>(handler!(svc, |ctx, p| {
+            ctx.attach_fd(svc.tap_open(p).await?);
+            Ok(Changed { changed: false })
+        }))
+        .method::<m::NatAddM, _, _>(handler!(svc, |_, p| svc.nat_add(p).await))
+        .method::<m::NatRemoveM, _, _>(handler!(svc, |_, p| svc.nat_remove(p).await))
+        .method::<m::NatListM, _, _>(handler!(svc, |_, _| svc.nat_list().await))
 }
 
 #[cfg(test)]

@@ -22,6 +22,19 @@ use tracing::Instrument;
 /// How long a connected client may take to send its request.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Builds a handler that clones the shared state `$state` (an `Arc`) into
+/// each call's future: `handler!(svc, |ctx, params| svc.run(params).await)`.
+#[macro_export]
+macro_rules! handler {
+    ($state:ident, |$ctx:pat_param, $p:pat_param| $body:expr) => {{
+        let $state = $state.clone();
+        move |$ctx, $p| {
+            let $state = $state.clone();
+            async move { $body }
+        }
+    }};
+}
+
 /// What a handler knows about the call it serves.
 #[derive(Clone)]
 pub struct Ctx {

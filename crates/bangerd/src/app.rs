@@ -10,7 +10,7 @@ use crate::vm::{Settings, VmService};
 use banger_config::Config;
 use banger_proto::methods::daemon as d;
 use banger_proto::methods::Empty;
-use banger_proto::{Router, RpcError};
+use banger_proto::{handler, Router, RpcError};
 use banger_store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,17 +106,6 @@ impl App {
     }
 }
 
-/// Clones `$app` into an async handler body.
-macro_rules! with {
-    ($app:ident, |$ctx:pat_param, $p:pat_param| $body:expr) => {{
-        let $app = $app.clone();
-        move |$ctx, $p| {
-            let $app = $app.clone();
-            async move { $body }
-        }
-    }};
-}
-
 /// A progress callback that streams stages to the caller as events.
 fn progress(ctx: &banger_proto::Ctx) -> impl Fn(&str) + Sync + '_ {
     let started = Instant::now();
@@ -131,8 +120,8 @@ fn progress(ctx: &banger_proto::Ctx) -> impl Fn(&str) + Sync + '_ {
 
 pub fn router(app: &Arc<App>) -> Router {
     Router::new("daemon")
-        .method::<d::Ping, _, _>(with!(app, |_, _| Ok(app.info())))
-        .method::<d::Shutdown, _, _>(with!(app, |_, _| {
+        .method::<d::Ping, _, _>(handler!(app, |_, _| Ok(app.info())))
+        .method::<d::Shutdown, _, _>(handler!(app, |_, _| {
             tracing::info!("shutdown requested");
             // Answer first, then stop accepting.
             let token = app.shutdown.clone();
@@ -142,34 +131,34 @@ pub fn router(app: &Arc<App>) -> Router {
             });
             Ok::<_, RpcError>(Empty {})
         }))
-        .method::<d::OperationsList, _, _>(with!(app, |_, _| Ok(app.ops.list())))
-        .method::<d::NetworkEnsure, _, _>(with!(app, |ctx, _| app.network.ensure(&ctx.op_id).await))
+        .method::<d::OperationsList, _, _>(handler!(app, |_, _| Ok(app.ops.list())))
+        .method::<d::NetworkEnsure, _, _>(handler!(app, |ctx, _| app.network.ensure(&ctx.op_id).await))
         // VMs
-        .method::<d::VmCreateBegin, _, _>(with!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
-        .method::<d::VmCreateStatusM, _, _>(with!(app, |_, p| app.vms.create_status(&p.op_id)))
-        .method::<d::VmCreateCancel, _, _>(with!(app, |_, p| app.vms.create_cancel(&p.op_id)))
-        .method::<d::VmStart, _, _>(with!(app, |_, p| app.vms.start(&p.name).await))
-        .method::<d::VmStop, _, _>(with!(app, |ctx, p| app.vms.stop(&ctx.op_id, &p.name).await))
-        .method::<d::VmRestart, _, _>(with!(app, |ctx, p| app.vms.restart(&ctx.op_id, &p.name).await))
-        .method::<d::VmKill, _, _>(with!(app, |ctx, p| app.vms.kill(&ctx.op_id, &p.name).await))
-        .method::<d::VmDelete, _, _>(with!(app, |ctx, p| app
+        .method::<d::VmCreateBegin, _, _>(handler!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
+        .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
+        .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
+        .method::<d::VmStart, _, _>(handler!(app, |_, p| app.vms.start(&p.name).await))
+        .method::<d::VmStop, _, _>(handler!(app, |ctx, p| app.vms.stop(&ctx.op_id, &p.name).await))
+        .method::<d::VmRestart, _, _>(handler!(app, |ctx, p| app.vms.restart(&ctx.op_id, &p.name).await))
+        .method::<d::VmKill, _, _>(handler!(app, |ctx, p| app.vms.kill(&ctx.op_id, &p.name).await))
+        .method::<d::VmDelete, _, _>(handler!(app, |ctx, p| app
             .vms
             .delete(&ctx.op_id, &p.name)
             .await
             .map(|_| Empty {})))
-        .method::<d::VmPrune, _, _>(with!(app, |ctx, _| app
+        .method::<d::VmPrune, _, _>(handler!(app, |ctx, _| app
             .vms
             .prune(&ctx.op_id)
             .await
             .map(|deleted| d::Pruned { deleted })))
-        .method::<d::VmList, _, _>(with!(app, |_, _| app.vms.list()))
-        .method::<d::VmShow, _, _>(with!(app, |_, p| app.vms.show(&p.name)))
-        .method::<d::VmLogsM, _, _>(with!(app, |_, p| app
+        .method::<d::VmList, _, _>(handler!(app, |_, _| app.vms.list()))
+        .method::<d::VmShow, _, _>(handler!(app, |_, p| app.vms.show(&p.name)))
+        .method::<d::VmLogsM, _, _>(handler!(app, |_, p| app
             .vms
             .logs(&p.name, p.tail_bytes)
             .map(|(serial, path)| d::VmLogs { serial, path })))
-        .method::<d::VmExecM, _, _>(with!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
-        .method::<d::SshInfoM, _, _>(with!(app, |_, _| {
+        .method::<d::VmExecM, _, _>(handler!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
+        .method::<d::SshInfoM, _, _>(handler!(app, |_, _| {
             app.ssh.public_key().await?;
             Ok::<_, RpcError>(d::SshInfo {
                 key: app.ssh.key_path().display().to_string(),
@@ -183,13 +172,13 @@ pub fn router(app: &Arc<App>) -> Router {
                 .await
                 .map(|(_, plan)| plan)
         })
-        .method::<d::VmWorkspacePrepare, _, _>(with!(app, |ctx, p| app
+        .method::<d::VmWorkspacePrepare, _, _>(handler!(app, |ctx, p| app
             .vms
             .workspace_prepare(&ctx.op_id, p)
             .await))
-        .method::<d::VmWorkspaceExport, _, _>(with!(app, |ctx, p| app.vms.workspace_export(&ctx, p).await))
+        .method::<d::VmWorkspaceExport, _, _>(handler!(app, |ctx, p| app.vms.workspace_export(&ctx, p).await))
         // images and kernels
-        .method::<d::ImageBuildM, _, _>(with!(app, |ctx, p| {
+        .method::<d::ImageBuildM, _, _>(handler!(app, |ctx, p| {
             let name = if p.name.is_empty() {
                 crate::image::DEFAULT_IMAGE.to_string()
             } else {
@@ -200,18 +189,21 @@ pub fn router(app: &Arc<App>) -> Router {
                 .await
                 .map(|r| crate::image::info(&r))
         }))
-        .method::<d::ImageList, _, _>(with!(app, |_, _| app.images.list()))
-        .method::<d::ImageShow, _, _>(with!(app, |_, p| app
+        .method::<d::ImageList, _, _>(handler!(app, |_, _| app.images.list()))
+        .method::<d::ImageShow, _, _>(handler!(app, |_, p| app
             .images
             .get(&p.name)
             .map(|r| crate::image::info(&r))))
-        .method::<d::ImageDelete, _, _>(with!(app, |_, p| app.images.delete(&p.name).map(|_| Empty {})))
-        .method::<d::ImageRegisterM, _, _>(with!(app, |_, p| app
+        .method::<d::ImageDelete, _, _>(handler!(app, |_, p| app.images.delete(&p.name).map(|_| Empty {})))
+        .method::<d::ImageRegisterM, _, _>(handler!(app, |_, p| app
             .images
             .register(&p.name, &p.rootfs, &p.kernel)
             .map(|r| crate::image::info(&r))))
-        .method::<d::KernelFetch, _, _>(with!(app, |ctx, _| app.kernels.fetch(&progress(&ctx)).await))
-        .method::<d::KernelList, _, _>(with!(app, |_, _| Ok(app.kernels.list())))
-        .method::<d::KernelShow, _, _>(with!(app, |_, p| app.kernels.get(&p.name)))
-        .method::<d::KernelRm, _, _>(with!(app, |_, p| app.kernels.remove(&p.name).map(|_| Empty {})))
+        .method::<d::KernelFetch, _, _>(handler!(app, |ctx, _| app.kernels.fetch(&progress(&ctx)).await))
+        .method::<d::KernelList, _, _>(handler!(app, |_, _| Ok(app.kernels.list())))
+        .method::<d::KernelShow, _, _>(handler!(app, |_, p| app.kernels.get(&p.name)))
+        .method::<d::KernelRm, _, _>(handler!(app, |_, p| app
+            .kernels
+            .remove(&p.name)
+            .map(|_| Empty {})))
 }
