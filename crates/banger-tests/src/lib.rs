@@ -134,6 +134,20 @@ impl Env {
         self.banger_ok(&args)
     }
 
+    /// `banger vm show NAME --json`.
+    pub fn vm(&self, name: &str) -> Value {
+        serde_json::from_str(&self.banger_ok(&["vm", "show", name, "--json"])).expect("vm show --json")
+    }
+
+    /// The VM's address without its prefix length.
+    pub fn guest_ip(&self, name: &str) -> String {
+        let v = self.vm(name);
+        let ip = v["guest_ip"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no address: {v}"));
+        ip.split('/').next().unwrap().to_string()
+    }
+
     /// kill -9 of the daemon; returns once it is gone, with its pid.
     pub fn kill_daemon(&self) -> u32 {
         let pid = self.daemon_pid().expect("a running daemon");

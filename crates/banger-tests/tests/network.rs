@@ -3,21 +3,6 @@
 //! `<name>.vm`, NAT rules that follow the VM and never leak.
 
 use banger_tests::Env;
-use serde_json::Value;
-
-fn show(env: &Env, name: &str) -> Value {
-    serde_json::from_str(&env.banger_ok(&["vm", "show", name, "--json"])).unwrap()
-}
-
-fn ip_of(env: &Env, name: &str) -> String {
-    show(env, name)["guest_ip"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 fn nft_rules(env: &Env) -> String {
     String::from_utf8_lossy(&env.in_helper_ns("nft", &["list", "ruleset"]).stdout).into_owned()
@@ -38,7 +23,7 @@ fn guests_are_reachable_on_the_bridge_and_named_in_dns() {
     let env = Env::with_image();
     env.create_small("web", &[]);
     env.create_small("db", &[]);
-    let (web, db) = (ip_of(&env, "web"), ip_of(&env, "db"));
+    let (web, db) = (env.guest_ip("web"), env.guest_ip("db"));
     assert_ne!(web, db, "two VMs got the same address");
     assert!(web.starts_with("172.30.0."), "{web}");
 
@@ -73,7 +58,7 @@ fn nat_rules_exist_only_for_nat_vms_and_never_leak() {
     let env = Env::with_image();
     env.create_small("out", &["--nat"]);
     env.create_small("in", &[]);
-    let (out_ip, in_ip) = (ip_of(&env, "out"), ip_of(&env, "in"));
+    let (out_ip, in_ip) = (env.guest_ip("out"), env.guest_ip("in"));
     let rules = nft_rules(&env);
     assert!(
         rules.contains(&format!("ip saddr {out_ip}")) && rules.contains("masquerade"),
@@ -83,12 +68,12 @@ fn nat_rules_exist_only_for_nat_vms_and_never_leak() {
 
     // Crash the daemon and kill the NAT VM behind its back: after the
     // restart its rules and tap are gone and DNS answers again.
-    let out_pid = show(&env, "out")["pid"].as_u64().unwrap();
+    let out_pid = env.vm("out")["pid"].as_u64().unwrap();
     env.kill_daemon();
     // SAFETY: the VMM this test started.
     unsafe { libc::kill(out_pid as i32, libc::SIGKILL) };
     env.banger_ok(&["vm", "list"]);
-    assert_eq!(show(&env, "out")["state"], "stopped");
+    assert_eq!(env.vm("out")["state"], "stopped");
     let rules = nft_rules(&env);
     assert!(
         !rules.contains("banger:"),

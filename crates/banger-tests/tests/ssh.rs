@@ -10,24 +10,8 @@ use banger_tests::Env;
 fn ssh_name_vm_works_through_the_installed_config_and_pins_host_keys() {
     let env = Env::with_image_in_netns();
     env.create_small("shell", &[]);
-    let ip = {
-        let v: serde_json::Value =
-            serde_json::from_str(&env.banger_ok(&["vm", "show", "shell", "--json"])).unwrap();
-        v["guest_ip"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    let ss = env.in_helper_ns("ss", &["-ulpn"]);
-    assert_eq!(
-        env.dig("shell.vm"),
-        ip,
-        "dig @banger-dns shell.vm; sockets: {}",
-        String::from_utf8_lossy(&ss.stdout)
-    );
+    let ip = env.guest_ip("shell");
+    assert_eq!(env.dig("shell.vm"), ip, "dig @banger-dns shell.vm");
 
     // banger vm ssh uses the managed key and the pinned host key.
     assert_eq!(

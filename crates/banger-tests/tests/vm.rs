@@ -6,10 +6,6 @@ use banger_tests::{wait_for, Env};
 use serde_json::Value;
 use std::time::Duration;
 
-fn vm_json(env: &Env, name: &str) -> Value {
-    serde_json::from_str(&env.banger_ok(&["vm", "show", name, "--json"])).unwrap()
-}
-
 fn assert_nothing_left(env: &Env) {
     let vms: Value = serde_json::from_str(&env.banger_ok(&["vm", "list", "--json"])).unwrap();
     assert_eq!(vms.as_array().unwrap().len(), 0, "VMs left: {vms}");
@@ -77,7 +73,7 @@ fn lifecycle_keeps_root_across_stop_start_and_delete_leaves_nothing() {
         "--disk-size",
         "256",
     ]);
-    let v = vm_json(&env, "life");
+    let v = env.vm("life");
     assert_eq!(v["state"], "running");
     assert_eq!(v["vmm"], "qemu");
     let pid = v["pid"].as_u64().expect("pid of a running VM");
@@ -168,9 +164,9 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
     let env = Env::with_image();
     env.create_small("alive", &[]);
     env.create_small("doomed", &[]);
-    let doomed = vm_json(&env, "doomed");
+    let doomed = env.vm("doomed");
     let doomed_dir = doomed["vm_dir"].as_str().unwrap().to_string();
-    let alive_pid = vm_json(&env, "alive")["pid"].as_u64().unwrap();
+    let alive_pid = env.vm("alive")["pid"].as_u64().unwrap();
 
     // kill -9 the daemon, then kill one VMM behind its back.
     let daemon = env.kill_daemon();
@@ -184,7 +180,7 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
     assert_eq!(state("alive"), "running");
     assert_eq!(state("doomed"), "stopped");
     assert_eq!(
-        vm_json(&env, "alive")["pid"].as_u64(),
+        env.vm("alive")["pid"].as_u64(),
         Some(alive_pid),
         "the VM was not adopted"
     );
@@ -221,13 +217,13 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
 fn a_vmm_killed_while_the_daemon_runs_is_found_and_cleaned_up() {
     let env = Env::with_image();
     env.create_small("victim", &[]);
-    let v = vm_json(&env, "victim");
+    let v = env.vm("victim");
     // SAFETY: the VMM this test started.
     unsafe { libc::kill(v["pid"].as_u64().unwrap() as i32, libc::SIGKILL) };
     wait_for(
         "the daemon to notice the dead VMM",
         Duration::from_secs(20),
-        || (vm_json(&env, "victim")["state"] == "stopped").then_some(()),
+        || (env.vm("victim")["state"] == "stopped").then_some(()),
     );
     assert!(
         env.vm_processes().is_empty(),
@@ -243,7 +239,7 @@ fn two_concurrent_starts_both_succeed_with_distinct_op_ids() {
     let env = Env::with_image();
     for n in ["left", "right"] {
         env.create_small(n, &["--no-start"]);
-        assert_eq!(vm_json(&env, n)["state"], "stopped");
+        assert_eq!(env.vm(n)["state"], "stopped");
     }
     let spawn = |n: &str| {
         env.cmd("banger")

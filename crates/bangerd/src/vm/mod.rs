@@ -73,10 +73,6 @@ pub struct VmService {
     cancels: Mutex<HashMap<OpId, CancellationToken>>,
 }
 
-fn err_store(e: banger_store::StoreError) -> RpcError {
-    store_err(e)
-}
-
 impl VmService {
     pub fn new(
         settings: Settings,
@@ -141,14 +137,14 @@ impl VmService {
         names::validate(name).map_err(RpcError::bad_request)?;
         self.store
             .get_vm(name)
-            .map_err(err_store)?
+            .map_err(store_err)?
             .ok_or_else(|| RpcError::not_found(format!("no VM named {name:?}")))
     }
 
     fn save(&self, vm: &VmRecord) -> Result<(), RpcError> {
         self.store
             .update_vm_runtime(&vm.id, &vm.runtime)
-            .map_err(err_store)
+            .map_err(store_err)
     }
 
     fn cached(&self, id: &str) -> Option<VmHandles> {
@@ -189,7 +185,7 @@ impl VmService {
         Ok(self
             .store
             .list_vms()
-            .map_err(err_store)?
+            .map_err(store_err)?
             .iter()
             .map(|v| self.info(v))
             .collect())
@@ -236,7 +232,7 @@ impl VmService {
         }
         let vmm = self.resolve_vmm()?;
         self.check_vmm(vmm)?;
-        if self.store.get_vm(&name).map_err(err_store)?.is_some() {
+        if self.store.get_vm(&name).map_err(store_err)?.is_some() {
             return Err(RpcError::already_exists(format!(
                 "a VM named {name:?} already exists"
             )));
@@ -362,7 +358,7 @@ impl VmService {
         op.stage("allocate");
         let vm = {
             let _g = self.create_lock.lock().await;
-            let all = self.store.list_vms().map_err(err_store)?;
+            let all = self.store.list_vms().map_err(store_err)?;
             if all.iter().any(|v| v.name == name) {
                 return Err(RpcError::already_exists(format!(
                     "a VM named {name:?} already exists"
@@ -403,7 +399,7 @@ impl VmService {
                 runtime,
                 created_at: banger_store::now(),
             };
-            self.store.insert_vm(&vm).map_err(err_store)?;
+            self.store.insert_vm(&vm).map_err(store_err)?;
             vm
         };
         tracing::info!(vm = %vm.name, id = %vm.id, image = %image.name, "vm allocated");
@@ -809,7 +805,7 @@ impl VmService {
                 })
                 .map_err(io(format!("removing {}", dir.display())))?;
         }
-        self.store.delete_vm(&vm.id).map_err(err_store)?;
+        self.store.delete_vm(&vm.id).map_err(store_err)?;
         self.locks.lock().unwrap().remove(&vm.id);
         let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
         if let Err(e) = self.ssh.forget(&vm.name, ip) {
@@ -822,7 +818,7 @@ impl VmService {
     /// Deletes every VM that is not running.
     pub async fn prune(&self, op: &OpId) -> Result<Vec<String>, RpcError> {
         let mut deleted = Vec::new();
-        for vm in self.store.list_vms().map_err(err_store)? {
+        for vm in self.store.list_vms().map_err(store_err)? {
             if !self.is_alive(&vm) && vm.runtime.state != VmState::Creating {
                 self.delete(op, &vm.name).await?;
                 deleted.push(vm.name);
