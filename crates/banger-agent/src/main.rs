@@ -55,6 +55,7 @@ fn hostname() -> String {
 fn router() -> Router {
     let started = Arc::new(Instant::now());
     Router::new("agent")
+        .heartbeat(a::HEARTBEAT)
         .method::<a::Health, _, _>(move |_, _| {
             let uptime_ms = started.elapsed().as_millis() as u64;
             async move {

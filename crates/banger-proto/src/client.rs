@@ -5,6 +5,7 @@ use crate::frame::{read_json, write_json, Frame, FrameError, Request, PROTOCOL_V
 use crate::methods::Method;
 use crate::opid::{self, OpId};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
@@ -21,6 +22,9 @@ pub enum ClientError {
     NoAnswer { path: PathBuf },
     #[error("unexpected answer from {path}: {detail}")]
     Decode { path: PathBuf, detail: String },
+    /// Nothing, not even a heartbeat, arrived for the idle deadline.
+    #[error("{path} sent nothing for {secs} s (not even a heartbeat); giving up")]
+    Idle { path: PathBuf, secs: u64 },
 }
 
 impl ClientError {
@@ -49,11 +53,22 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     path: PathBuf,
+    idle_timeout: Option<Duration>,
 }
 
 impl Client {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Client { path: path.into() }
+        Client {
+            path: path.into(),
+            idle_timeout: None,
+        }
+    }
+
+    /// Fails a call when no frame at all arrives for `d`. Only meaningful
+    /// against a server that sends heartbeats more often than that.
+    pub fn with_idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = Some(d);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -152,13 +167,24 @@ impl Client {
         let mut rd = BufReader::new(rd);
         write_json(&mut wr, req).await.map_err(|e| self.frame(e))?;
         loop {
-            let frame: Option<Frame> = read_json(&mut rd).await.map_err(|e| self.frame(e))?;
+            let next = read_json(&mut rd);
+            let frame: Option<Frame> = match self.idle_timeout {
+                None => next.await,
+                Some(d) => tokio::time::timeout(d, next)
+                    .await
+                    .map_err(|_| ClientError::Idle {
+                        path: self.path.clone(),
+                        secs: d.as_secs(),
+                    })?,
+            }
+            .map_err(|e| self.frame(e))?;
             match frame {
                 None => {
                     return Err(ClientError::NoAnswer {
                         path: self.path.clone(),
                     })
                 }
+                Some(Frame::Heartbeat) => {}
                 Some(Frame::Event { event }) => on_event(event),
                 Some(Frame::Result { result, .. }) => return Ok(result),
                 Some(Frame::Error { error }) => return Err(ClientError::Rpc(error)),
@@ -198,7 +224,7 @@ impl Client {
                 let frame: Frame = serde_json::from_slice(&buf[..pos]).map_err(|e| self.decode(e))?;
                 buf.drain(..=pos);
                 match frame {
-                    Frame::Event { .. } => {}
+                    Frame::Event { .. } | Frame::Heartbeat => {}
                     Frame::Result { result, .. } => {
                         let out = serde_json::from_value(result).map_err(|e| self.decode(e))?;
                         return Ok((out, fds.pop()));

@@ -37,6 +37,10 @@ pub enum Frame {
     },
     /// The failed end of the call.
     Error { error: RpcError },
+    /// Nothing to say yet, but the server is alive and the transport moves:
+    /// sent by servers that promise a heartbeat (the guest agent), so that a
+    /// client can tell a long, quiet call from a stalled one.
+    Heartbeat,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -86,6 +86,7 @@ pub struct Router {
     label: &'static str,
     handlers: HashMap<&'static str, Handler>,
     authorize: Option<Authorizer>,
+    heartbeat: Option<Duration>,
 }
 
 impl Router {
@@ -95,7 +96,15 @@ impl Router {
             label,
             handlers: HashMap::new(),
             authorize: None,
+            heartbeat: None,
         }
+    }
+
+    /// Sends a [`Frame::Heartbeat`] whenever a call has written nothing for
+    /// `every`, so its client can put a deadline on silence.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = Some(every);
+        self
     }
 
     /// Only peers whose uid passes `f` are served; others get `unauthorized`.
@@ -199,7 +208,7 @@ impl Router {
         async {
             let outcome = match call {
                 Err(e) => Some(Err(e)),
-                Ok(fut_ctx) => run_call(fut_ctx, &mut rd, &mut wr).await,
+                Ok(fut_ctx) => run_call(fut_ctx, self.heartbeat, &mut rd, &mut wr).await,
             };
             let duration_ms = started.elapsed().as_millis() as u64;
             let frame = match outcome {
@@ -342,6 +351,7 @@ fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError
 /// to hang up. `None` means the client left and the call was cancelled.
 async fn run_call<R, W>(
     (ctx, fut, mut events): Prepared,
+    heartbeat: Option<Duration>,
     rd: &mut BufReader<R>,
     wr: &mut W,
 ) -> Option<Result<Value, RpcError>>
@@ -366,6 +376,10 @@ where
         }
     };
     tokio::pin!(hung_up);
+    // Without a heartbeat the timer never fires.
+    let every = heartbeat.unwrap_or(Duration::from_secs(86400 * 365));
+    let beat = tokio::time::sleep(every);
+    tokio::pin!(beat);
     loop {
         tokio::select! {
             res = &mut fut => {
@@ -381,11 +395,63 @@ where
                     cancel.cancel();
                     return None;
                 }
+                beat.as_mut().reset(tokio::time::Instant::now() + every);
+            }
+            _ = &mut beat => {
+                if write_json(wr, &Frame::Heartbeat).await.is_err() {
+                    cancel.cancel();
+                    return None;
+                }
+                beat.as_mut().reset(tokio::time::Instant::now() + every);
             }
             _ = &mut hung_up => {
                 cancel.cancel();
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Client, ClientError};
+    use crate::methods::agent::Sync as Slow;
+    use crate::methods::Empty;
+
+    /// A router whose only method answers after `delay`, served on one end
+    /// of a socket pair; returns the other end.
+    fn serve_slow(delay: Duration, heartbeat: Option<Duration>) -> UnixStream {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut router = Router::new("test").method::<Slow, _, _>(move |_, _| async move {
+            tokio::time::sleep(delay).await;
+            Ok(Empty {})
+        });
+        if let Some(every) = heartbeat {
+            router = router.heartbeat(every);
+        }
+        let theirs = UnixStream::from_std(theirs).unwrap();
+        tokio::spawn(async move { router.serve_stream(theirs, 0).await });
+        UnixStream::from_std(ours).unwrap()
+    }
+
+    #[tokio::test]
+    async fn heartbeats_keep_a_quiet_call_alive_past_the_idle_deadline() {
+        let stream = serve_slow(Duration::from_millis(600), Some(Duration::from_millis(50)));
+        let client = Client::new("pair").with_idle_timeout(Duration::from_millis(200));
+        let out = client.call_on::<Slow, _>(stream, &Empty {}, None, |_| {}).await;
+        assert!(out.is_ok(), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_fails_the_call_at_the_idle_deadline() {
+        let stream = serve_slow(Duration::from_secs(30), None);
+        let client = Client::new("pair").with_idle_timeout(Duration::from_millis(200));
+        let started = Instant::now();
+        let out = client.call_on::<Slow, _>(stream, &Empty {}, None, |_| {}).await;
+        assert!(matches!(out, Err(ClientError::Idle { .. })), "{out:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

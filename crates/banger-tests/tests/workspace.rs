@@ -223,3 +223,61 @@ fn bad_workspaces_and_flag_combinations_are_refused_before_a_vm_exists() {
     );
     assert_eq!(vm_count(&env), 0);
 }
+
+/// A patch far larger than the guest's vsock credit window (256 KiB) comes
+/// back whole: the export used to stop at ~170 KB and hang.
+#[test]
+fn a_ten_mebibyte_patch_exports_whole() {
+    let env = Env::with_image();
+    let repo = fixture_repo(&env);
+    env.banger_ok(&[
+        "vm",
+        "run",
+        repo.to_str().unwrap(),
+        "-d",
+        "--name",
+        "big",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "256",
+    ]);
+    // ~10 MiB of text lines, so the patch itself is ~10 MiB.
+    let guest_sum = env.banger_ok(&[
+        "vm",
+        "exec",
+        "big",
+        "--",
+        "sh",
+        "-c",
+        "head -c 7800000 /dev/urandom | base64 > big.txt && sha256sum big.txt | cut -d' ' -f1",
+    ]);
+    let patch = env.dir.path().join("big.patch");
+    env.banger_ok(&[
+        "vm",
+        "workspace",
+        "export",
+        "big",
+        "--output",
+        patch.to_str().unwrap(),
+    ]);
+    let size = std::fs::metadata(&patch).unwrap().len();
+    assert!(size > 10_000_000, "the patch is only {size} bytes");
+    let clean = env.dir.path().join("clean");
+    Command::new("git")
+        .args(["clone", "-q"])
+        .arg(&repo)
+        .arg(&clean)
+        .status()
+        .unwrap();
+    git(&clean, &["apply", patch.to_str().unwrap()]);
+    let host_sum = Command::new("sha256sum")
+        .arg(clean.join("big.txt"))
+        .output()
+        .unwrap();
+    let host_sum = String::from_utf8_lossy(&host_sum.stdout);
+    assert_eq!(host_sum.split_whitespace().next(), Some(guest_sum.trim()));
+    env.banger_ok(&["vm", "delete", "big"]);
+}

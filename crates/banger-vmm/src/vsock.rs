@@ -3,8 +3,10 @@
 //! vhost-device-vsock speak the same protocol.
 
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,4 +108,118 @@ pub async fn connect_with_retry(
         secs: deadline.as_secs(),
         last,
     })
+}
+
+/// How many bytes read from the guest before one acknowledgement byte goes
+/// back. Well under the 256 KiB window a guest gets from a vhost-user
+/// vsock device.
+pub const ACK_EVERY: usize = 64 * 1024;
+
+/// The byte sent back: whitespace, which a line-framed peer that ignores
+/// everything after its request (the agent) discards.
+const ACK_BYTE: u8 = b'\n';
+
+/// A host-side hybrid vsock stream that sends one byte back to the guest
+/// for every [`ACK_EVERY`] bytes it reads.
+///
+/// Why: a guest's virtio-vsock driver may only send as much as the device
+/// has told it was consumed, and it learns that from the header of packets
+/// that travel *to* the guest. vhost-device-vsock (0.3.0) never sends a
+/// credit update on its own, so a guest→host stream with no reverse
+/// traffic stops dead after 256 KiB. Any byte back carries the device's
+/// forwarded count and restores the credit. Harmless on Firecracker, whose
+/// device sends credit updates itself.
+///
+/// Acknowledgements are written only from `poll_read`, so the stream suits
+/// request-then-response exchanges: the caller must have finished writing
+/// its request before it reads.
+pub struct CreditAcked<S> {
+    inner: S,
+    unacked: usize,
+}
+
+impl<S> CreditAcked<S> {
+    pub fn new(inner: S) -> Self {
+        CreditAcked { inner, unacked: 0 }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for CreditAcked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.unacked >= ACK_EVERY {
+            // Best effort: a failed write shows up on the read side soon
+            // enough; a pending one is retried on the next read (its waker
+            // is registered).
+            match Pin::new(&mut this.inner).poll_write(cx, &[ACK_BYTE]) {
+                Poll::Ready(_) => this.unacked -= ACK_EVERY,
+                Poll::Pending => {}
+            }
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let n = buf.filled().len() - before;
+            this.unacked += n;
+            if n > 0 && this.unacked >= ACK_EVERY {
+                // Ack now rather than at the next read: the guest may be
+                // waiting for exactly this credit before it sends more.
+                if Pin::new(&mut this.inner).poll_write(cx, &[ACK_BYTE]).is_ready() {
+                    this.unacked -= ACK_EVERY;
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CreditAcked<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading N bytes through the wrapper sends N / ACK_EVERY bytes back.
+    #[tokio::test]
+    async fn one_ack_byte_per_window_read() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut host = CreditAcked::new(host);
+        let total = ACK_EVERY * 5 + 100;
+        let writer = tokio::spawn(async move {
+            guest.write_all(&vec![7u8; total]).await.unwrap();
+            // The guest's view: it must see the acks while it sends.
+            let mut acks = vec![0u8; 16];
+            let mut got = 0;
+            while got < 5 {
+                let n = guest.read(&mut acks[got..]).await.unwrap();
+                assert!(n > 0, "host closed before acking");
+                got += n;
+            }
+            acks.truncate(got);
+            acks
+        });
+        let mut seen = 0;
+        let mut buf = vec![0u8; 8192];
+        while seen < total {
+            seen += host.read(&mut buf).await.unwrap();
+        }
+        let acks = writer.await.unwrap();
+        assert_eq!(acks, vec![ACK_BYTE; 5]);
+    }
 }

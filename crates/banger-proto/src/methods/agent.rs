@@ -6,6 +6,14 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 52;
 
+/// How often the agent sends a heartbeat on a call that is otherwise quiet.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long the host waits for any frame from the agent before it gives a
+/// call up: many heartbeats, so a guest busy under software emulation is
+/// not mistaken for a stalled one.
+pub const IDLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The host port the agent connects to once it listens, to say so: the
 /// host learns the guest is ready without polling it during boot.
 pub const READY_PORT: u32 = 1052;

@@ -1,6 +1,6 @@
 //! The daemon's client for the guest agent, over hybrid vsock.
 
-use banger_proto::methods::agent::AGENT_PORT;
+use banger_proto::methods::agent::{AGENT_PORT, IDLE_DEADLINE};
 use banger_proto::{Client, ClientError, Method, OpId, RpcError};
 use banger_vmm::vsock;
 use std::path::Path;
@@ -16,7 +16,9 @@ fn agent_err(e: ClientError) -> RpcError {
     }
 }
 
-/// One call to the agent, relaying its events to `on_event`.
+/// One call to the agent, relaying its events to `on_event`. The stream
+/// acknowledges what it reads (see [`vsock::CreditAcked`]), and a call that
+/// hears nothing, not even a heartbeat, for [`IDLE_DEADLINE`] fails.
 pub async fn call<M: Method>(
     uds: &Path,
     op: &OpId,
@@ -27,7 +29,8 @@ pub async fn call<M: Method>(
         .await
         .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
     Client::new(uds)
-        .call_on::<M, _>(stream, params, Some(op), on_event)
+        .with_idle_timeout(IDLE_DEADLINE)
+        .call_on::<M, _>(vsock::CreditAcked::new(stream), params, Some(op), on_event)
         .await
         .map_err(agent_err)
 }
