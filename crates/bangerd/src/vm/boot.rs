@@ -1,0 +1,200 @@
+//! Starting a VM: network attachment, the VMM, and waiting until the guest
+//! agent answers; one more boot for a guest that stays silent; on failure,
+//! a full teardown and a stopped VM with `last_error`.
+//!
+//! Everything here runs under the VM's lifecycle lock (`start_locked`),
+//! whether reached from `start`, `restart` or `create --start`.
+
+use super::alloc::{self, mac_for};
+use super::handles::{self, VmHandles};
+use super::{current_op, VmService};
+use banger_proto::methods::agent as a;
+use banger_proto::methods::daemon::VmInfo;
+use banger_proto::{OpId, RpcError};
+use banger_store::{VmRecord, VmState};
+use banger_vmm::{process, LaunchSpec, Launched, VmmKind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a booting guest may take to answer (TCG is slow).
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// How long to wait for the agent's "ready" before polling it anyway
+/// (images whose agent does not announce itself).
+const READY_WAIT: Duration = Duration::from_secs(20);
+/// The first boot's share of it, after which the guest is booted again.
+const FIRST_BOOT_DEADLINE: Duration = Duration::from_secs(30);
+
+impl VmService {
+    pub async fn start(&self, name: &str) -> Result<VmInfo, RpcError> {
+        let (_g, vm) = self.locked(name).await?;
+        let vm = self.start_locked(vm).await?;
+        Ok(self.info(&vm))
+    }
+
+    pub(super) async fn start_locked(&self, mut vm: VmRecord) -> Result<VmRecord, RpcError> {
+        if self.is_alive(&vm) {
+            return Ok(vm);
+        }
+        let op = current_op();
+        let spec = self.launch_spec(&vm)?;
+        // Not written as "starting": if the daemon dies before the VM is
+        // running, the record still says stopped and reconcile kills
+        // whatever the VM directory's processes are. One fsync less.
+        vm.runtime.state = VmState::Starting;
+        vm.runtime.last_error = None;
+        // A guest that boots but never answers on vsock (seen, rarely, with
+        // the userspace vsock backend under load) gets one fresh boot.
+        let launched = match self
+            .boot_once(&mut vm, &op, spec.clone(), FIRST_BOOT_DEADLINE)
+            .await
+        {
+            Ok(l) => l,
+            Err((e, true)) => {
+                tracing::warn!(vm = %vm.name, error = %e.message, "the guest did not answer; booting it once more");
+                match self.boot_once(&mut vm, &op, spec, BOOT_DEADLINE).await {
+                    Ok(l) => l,
+                    Err((e, _)) => return Err(self.fail_start(vm, e).await),
+                }
+            }
+            Err((e, false)) => return Err(self.fail_start(vm, e).await),
+        };
+        vm.runtime.state = VmState::Running;
+        self.save(&vm)?;
+        tracing::info!(vm = %vm.name, "vm running");
+        // Without a network there is no ssh to set up.
+        if vm.runtime.guest_ip.is_none() {
+            return Ok(vm);
+        }
+        if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
+            // An image without sshd still runs; only `vm ssh` is affected.
+            tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
+        }
+        Ok(vm)
+    }
+
+    /// One boot: network, VMM, wait for the agent. On error everything it
+    /// made is torn down; the flag says whether booting again may help.
+    async fn boot_once(
+        &self,
+        vm: &mut VmRecord,
+        op: &OpId,
+        mut spec: LaunchSpec,
+        deadline: Duration,
+    ) -> Result<Launched, (RpcError, bool)> {
+        if let Some(tap) = vm.runtime.tap.clone() {
+            let fd = match self.network.attach(op, &tap).await {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.teardown(vm, None).await;
+                    return Err((e, false));
+                }
+            };
+            spec.net = Some(banger_vmm::NetSpec {
+                tap,
+                fd: Some(Arc::new(fd)),
+                mac: mac_for(&vm.id),
+            });
+            if vm.spec.nat {
+                if let Some(ip) = vm.runtime.guest_ip.as_deref().and_then(alloc::address_of) {
+                    if let Err(e) = self.network.nat_add(op, &vm.id, ip).await {
+                        self.teardown(vm, None).await;
+                        return Err((e, false));
+                    }
+                }
+            }
+        }
+        let launched = match self.launch(vm, &spec).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.teardown(vm, None).await;
+                return Err((e, false));
+            }
+        };
+        tracing::info!(vm = %vm.name, pid = launched.pid, vmm = launched.kind.as_str(), "vmm started");
+        let h = VmHandles {
+            launched: launched.clone(),
+        };
+        let dir = PathBuf::from(&vm.runtime.vm_dir);
+        if let Err(e) = handles::write(&dir, &h) {
+            self.teardown(vm, Some(&h)).await;
+            return Err((RpcError::failed(format!("writing handles.json: {e}")), false));
+        }
+        self.handles.lock().unwrap().insert(vm.id.clone(), h);
+        // Saved together with the Running state: until then handles.json
+        // is what a restarted daemon adopts from.
+        vm.runtime.api_socket = launched.api_socket.display().to_string();
+        vm.runtime.vsock_uds = launched.vsock_uds.display().to_string();
+        vm.runtime.log_path = launched.serial_log.display().to_string();
+
+        let marker = vm.runtime.vm_dir.clone();
+        let pid = launched.pid;
+        if launched.kind == VmmKind::Qemu {
+            // The agent announces itself; polling a guest whose vsock
+            // driver is not up yet is what occasionally wedged
+            // vhost-device-vsock. Firecracker's own vsock is polled at once.
+            wait_for_ready(&launched.vsock_uds, pid, &marker, READY_WAIT.min(deadline)).await;
+        }
+        let ready =
+            banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, deadline, || {
+                process::alive(pid, &marker)
+            })
+            .await;
+        if let Err(e) = ready {
+            let serial = tail(&launched.serial_log, 1500);
+            let vmm_died = !process::alive(pid, &marker);
+            let vmm_log = self::tail(&Path::new(&vm.runtime.vm_dir).join("vmm.log"), 600);
+            let e = RpcError::failed(format!(
+                "the guest did not come up: {e}\n--- serial console (tail) ---\n{serial}\n--- VMM log (tail) ---\n{vmm_log}"
+            ));
+            self.teardown(vm, self.cached(&vm.id).as_ref()).await;
+            return Err((e, !vmm_died));
+        }
+        Ok(launched)
+    }
+
+    async fn fail_start(&self, mut vm: VmRecord, e: RpcError) -> RpcError {
+        vm.runtime.state = VmState::Stopped;
+        vm.runtime.last_error = Some(e.message.clone());
+        let _ = self.save(&vm);
+        e
+    }
+}
+
+/// The last `max` bytes of a text file.
+pub(super) fn tail(path: &Path, max: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// Waits until the guest agent connects to the host's ready port (or the
+/// VMM exits, or `limit` passes). Guest-initiated connections to port P
+/// arrive on `<vsock uds>_P`.
+async fn wait_for_ready(uds: &Path, pid: u32, marker: &str, limit: Duration) {
+    let path = PathBuf::from(format!("{}_{}", uds.display(), a::READY_PORT));
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "no ready listener; polling instead");
+            return;
+        }
+    };
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if accepted.is_ok() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if !process::alive(pid, marker) || tokio::time::Instant::now() >= end {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}

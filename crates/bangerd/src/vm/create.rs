@@ -1,0 +1,216 @@
+//! Creating a VM: synchronous validation, then a detached task registered
+//! as an operation (image, allocation, disks, optional boot), with its
+//! status and cancellation; and `discard`, which removes a VM whose
+//! creation did not finish.
+//!
+//! The rules live in the pure `spec` and `alloc` modules; this file only
+//! adds what needs the world: the image registry, the VMM on this host,
+//! the store (under `create_lock`) and the address lease.
+
+use super::alloc;
+use super::spec::{self, Defaults};
+use super::{names, VmService};
+use crate::image::store_err;
+use crate::kernel;
+use crate::ops::OpHandle;
+use crate::sys::{self, io};
+use banger_proto::methods::daemon::{StageInfo, VmCreate, VmCreateBegun, VmCreateStatus};
+use banger_proto::methods::Empty;
+use banger_proto::{Ctx, ErrorCode, OpId, RpcError};
+use banger_store::{VmRecord, VmSpec, VmState};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// The system overlay: every write to `/` outside `/root` lands here.
+const OVERLAY_BYTES: u64 = 4 << 30;
+
+impl VmService {
+    /// Validates synchronously (bad input fails before anything exists),
+    /// then creates in a detached task registered under the call's op id.
+    pub fn create_begin(self: &Arc<Self>, ctx: &Ctx, p: VmCreate) -> Result<VmCreateBegun, RpcError> {
+        let name = if p.name.is_empty() {
+            names::generate()
+        } else {
+            p.name.clone()
+        };
+        let defaults = Defaults {
+            vcpus: self.settings.default_vcpus,
+            memory_mib: self.settings.default_memory_mib,
+            work_disk_mib: self.settings.default_work_disk_mib,
+        };
+        let vmm = self.resolve_vmm()?;
+        let spec::CreateRequest { name, spec } = spec::validate(&p, name, &defaults, vmm)?;
+        if spec.image != crate::image::DEFAULT_IMAGE {
+            self.images.get(&spec.image)?;
+        }
+        self.check_vmm(vmm)?;
+        if self.store.get_vm(&name).map_err(store_err)?.is_some() {
+            return Err(RpcError::already_exists(format!(
+                "a VM named {name:?} already exists"
+            )));
+        }
+        let op = self.ops.begin(&ctx.op_id, "vm.create", &name);
+        let cancel = CancellationToken::new();
+        self.cancels
+            .lock()
+            .unwrap()
+            .insert(ctx.op_id.clone(), cancel.clone());
+        let svc = self.clone();
+        let start = p.start;
+        let vm_name = name.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let res = svc.create(&op, &vm_name, spec, start, &cancel).await;
+                if let Err(e) = &res {
+                    tracing::warn!(error = %e.message, "vm create failed");
+                }
+                svc.cancels.lock().unwrap().remove(op.id());
+                op.finish(res.map(|_| ()));
+            }
+            .instrument(span),
+        );
+        Ok(VmCreateBegun {
+            op_id: ctx.op_id.to_string(),
+            name,
+        })
+    }
+
+    pub fn create_status(&self, op_id: &str) -> Result<VmCreateStatus, RpcError> {
+        let id =
+            OpId::parse(op_id).ok_or_else(|| RpcError::bad_request(format!("invalid op id {op_id:?}")))?;
+        let op = self
+            .ops
+            .get(&id)
+            .ok_or_else(|| RpcError::not_found(format!("no operation {op_id}")))?;
+        let stages = self
+            .ops
+            .stages(&id)
+            .into_iter()
+            .map(|(name, elapsed_ms)| StageInfo { name, elapsed_ms })
+            .collect();
+        let vm = self
+            .store
+            .get_vm(&op.subject)
+            .ok()
+            .flatten()
+            .map(|v| self.info(&v));
+        Ok(VmCreateStatus { op, stages, vm })
+    }
+
+    pub fn create_cancel(&self, op_id: &str) -> Result<Empty, RpcError> {
+        let id =
+            OpId::parse(op_id).ok_or_else(|| RpcError::bad_request(format!("invalid op id {op_id:?}")))?;
+        match self.cancels.lock().unwrap().get(&id) {
+            Some(t) => {
+                t.cancel();
+                Ok(Empty {})
+            }
+            None => Err(RpcError::not_found(format!(
+                "no running create operation {op_id}"
+            ))),
+        }
+    }
+
+    async fn create(
+        self: &Arc<Self>,
+        op: &OpHandle,
+        name: &str,
+        spec: VmSpec,
+        start: bool,
+        cancel: &CancellationToken,
+    ) -> Result<VmRecord, RpcError> {
+        let cancelled = || -> Result<(), RpcError> {
+            if cancel.is_cancelled() {
+                Err(RpcError::new(ErrorCode::Cancelled, "creation cancelled"))
+            } else {
+                Ok(())
+            }
+        };
+        op.stage("image");
+        let progress = |s: &str| op.stage(s);
+        let image = self.images.ensure(&spec.image, &progress).await?;
+        cancelled()?;
+
+        op.stage("allocate");
+        let vm = {
+            let _g = self.create_lock.lock().await;
+            let all = self.store.list_vms().map_err(store_err)?;
+            if all.iter().any(|v| v.name == name) {
+                return Err(RpcError::already_exists(format!(
+                    "a VM named {name:?} already exists"
+                )));
+            }
+            let cid = alloc::next_cid(all.iter().map(|v| v.runtime.vsock_cid));
+            let id = alloc::vm_id(kernel::rand_u32(), kernel::rand_u32());
+            let dir = self.settings.vms_dir.join(&id);
+            let (guest_ip, tap) = if spec.network {
+                let lease = self.network.allocate(&alloc::used_addresses(&all))?;
+                (
+                    Some(alloc::guest_cidr(lease.ip, lease.prefix)),
+                    Some(alloc::tap_name(&id)),
+                )
+            } else {
+                (None, None)
+            };
+            let runtime = alloc::creating_runtime(&dir, cid, guest_ip, tap);
+            let vm = VmRecord {
+                id,
+                name: name.to_string(),
+                spec,
+                runtime,
+                created_at: banger_store::now(),
+            };
+            self.store.insert_vm(&vm).map_err(store_err)?;
+            vm
+        };
+        tracing::info!(vm = %vm.name, id = %vm.id, image = %image.name, "vm allocated");
+
+        let made = async {
+            cancelled()?;
+            op.stage("disks");
+            let dir = Path::new(&vm.runtime.vm_dir);
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+            sys::make_ext4(
+                Path::new(&vm.runtime.overlay_path),
+                OVERLAY_BYTES,
+                "banger-overlay",
+            )
+            .await?;
+            sys::make_ext4(
+                Path::new(&vm.runtime.work_disk_path),
+                vm.spec.work_disk_bytes,
+                "banger-work",
+            )
+            .await?;
+            cancelled()?;
+            Ok::<_, RpcError>(())
+        }
+        .await;
+        if let Err(e) = made {
+            self.discard(&vm);
+            return Err(e);
+        }
+        let mut vm = vm;
+        vm.runtime.state = VmState::Stopped;
+        self.save(&vm)?;
+        if start {
+            op.stage("boot");
+            let lock = self.lock_for(&vm.id);
+            let _g = lock.lock().await;
+            vm = self.start_locked(vm).await?;
+        }
+        op.stage("ready");
+        Ok(vm)
+    }
+
+    /// Removes a VM that never finished creating: directory and row.
+    pub(super) fn discard(&self, vm: &VmRecord) {
+        if !vm.runtime.vm_dir.is_empty() {
+            let _ = std::fs::remove_dir_all(&vm.runtime.vm_dir);
+        }
+        let _ = self.store.delete_vm(&vm.id);
+    }
+}

@@ -1,0 +1,96 @@
+//! Calls into a running guest through its agent: ssh set-up after boot,
+//! shell snippets for other operations, `exec` for users, and the check
+//! that a VM is running before any of them.
+
+use super::handles::VmHandles;
+use super::{agent, VmService};
+use banger_proto::methods::agent as a;
+use banger_proto::{Ctx, OpId, RpcError};
+use banger_store::VmRecord;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+impl VmService {
+    /// Authorises banger's key in the guest and pins the guest's host key.
+    pub(super) async fn ssh_setup(&self, vm: &VmRecord, uds: &Path, op: &OpId) -> Result<(), RpcError> {
+        use base64::Engine;
+        let public = self.ssh.public_key().await?;
+        let req = a::ExecRequest {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "umask 077; mkdir -p /root/.ssh && cat > /root/.ssh/authorized_keys".into(),
+            ],
+            stdin_b64: Some(base64::engine::general_purpose::STANDARD.encode(format!("{public}\n"))),
+            ..Default::default()
+        };
+        let st = agent::call::<a::Exec>(uds, op, &req, |_| ()).await?;
+        if st.shell_code() != 0 {
+            return Err(RpcError::failed("could not write authorized_keys in the guest"));
+        }
+        let host_key = self
+            .guest_sh(uds, op, "cat /etc/ssh/ssh_host_ed25519_key.pub".into())
+            .await?;
+        let host_key = String::from_utf8_lossy(&host_key);
+        let mut parts = host_key.split_whitespace();
+        let (Some(kind), Some(key)) = (parts.next(), parts.next()) else {
+            return Err(RpcError::failed("the guest has no ed25519 host key"));
+        };
+        let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
+        self.ssh.pin(&vm.name, ip, &format!("{kind} {key}"))
+    }
+
+    /// Runs a shell snippet in the guest and fails with its stderr.
+    pub(super) async fn guest_sh(&self, uds: &Path, op: &OpId, script: String) -> Result<Vec<u8>, RpcError> {
+        let out = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let sink = out.clone();
+        let req = a::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script],
+            ..Default::default()
+        };
+        let st = agent::call::<a::Exec>(uds, op, &req, move |ev| {
+            use base64::Engine;
+            if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
+                let mut o = sink.lock().unwrap();
+                match ev.stream {
+                    a::StreamName::Stdout => o.0.extend(b),
+                    a::StreamName::Stderr => o.1.extend(b),
+                }
+            }
+        })
+        .await?;
+        let (stdout, stderr) = std::mem::take(&mut *out.lock().unwrap());
+        if st.shell_code() != 0 {
+            return Err(RpcError::failed(format!(
+                "guest command failed ({}): {}",
+                st.shell_code(),
+                String::from_utf8_lossy(&stderr).trim()
+            )));
+        }
+        Ok(stdout)
+    }
+
+    pub(super) fn running_handles(&self, vm: &VmRecord) -> Result<VmHandles, RpcError> {
+        match self.cached(&vm.id) {
+            Some(h) if self.is_alive(vm) => Ok(h),
+            _ => Err(RpcError::not_running(format!(
+                "VM {} is not running (start it with `banger vm start {}`)",
+                vm.name, vm.name
+            ))),
+        }
+    }
+
+    pub async fn exec(&self, ctx: &Ctx, name: &str, req: a::ExecRequest) -> Result<a::ExitStatus, RpcError> {
+        if req.argv.is_empty() {
+            return Err(RpcError::bad_request("nothing to run: argv is empty"));
+        }
+        let vm = self.get(name)?;
+        let h = self.running_handles(&vm)?;
+        let mut req = req;
+        if req.cwd.is_none() {
+            req.cwd = vm.runtime.workspace.clone();
+        }
+        let ctx2 = ctx.clone();
+        agent::call::<a::Exec>(&h.launched.vsock_uds, &ctx.op_id, &req, move |ev| ctx2.emit(&ev)).await
+    }
+}

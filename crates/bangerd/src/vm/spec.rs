@@ -1,0 +1,250 @@
+//! What a create request asks for, checked: a name, an image name and the
+//! VM's resources turned into a [`VmSpec`], or a `bad_request` that says
+//! what is wrong.
+//!
+//! Pure on purpose: no store, no image lookup, no VMM probe, so every rule
+//! here is unit-tested and bad input is refused before anything exists.
+//! The checks that need the world (the image is registered, the VMM is
+//! installed, the name is free) stay with the caller in `create.rs`.
+
+use banger_proto::methods::daemon::VmCreate;
+use banger_proto::RpcError;
+use banger_store::VmSpec;
+use banger_vmm::VmmKind;
+
+use super::names;
+
+pub const MIN_VCPUS: u32 = 1;
+pub const MAX_VCPUS: u32 = 32;
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 262_144;
+pub const MIN_WORK_DISK_MIB: u64 = 64;
+/// 16 TiB: far beyond any real work disk, and far below `u64` bytes.
+pub const MAX_WORK_DISK_MIB: u64 = 16 << 20;
+
+/// The configured values used when the request leaves one out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub work_disk_mib: u64,
+}
+
+/// A create request that passed every check that needs nothing but itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateRequest {
+    pub name: String,
+    pub spec: VmSpec,
+}
+
+/// Checks `p` (whose empty name the caller has already replaced by a
+/// generated one, passed as `name`) and builds the spec for `vmm`.
+pub fn validate(
+    p: &VmCreate,
+    name: String,
+    defaults: &Defaults,
+    vmm: VmmKind,
+) -> Result<CreateRequest, RpcError> {
+    names::validate(&name).map_err(RpcError::bad_request)?;
+    let image = p
+        .image
+        .clone()
+        .unwrap_or_else(|| crate::image::DEFAULT_IMAGE.to_string());
+    crate::image::validate_name(&image)?;
+    let vcpus = p.vcpus.unwrap_or(defaults.vcpus);
+    if !(MIN_VCPUS..=MAX_VCPUS).contains(&vcpus) {
+        return Err(RpcError::bad_request(format!(
+            "vcpus must be {MIN_VCPUS}-{MAX_VCPUS}, not {vcpus}"
+        )));
+    }
+    let memory_mib = p.memory_mib.unwrap_or(defaults.memory_mib);
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(RpcError::bad_request(format!(
+            "memory must be {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB, not {memory_mib}"
+        )));
+    }
+    let work_mib = p.work_disk_mib.unwrap_or(defaults.work_disk_mib);
+    let work_disk_bytes = work_disk_bytes(work_mib)?;
+    if p.nat && p.no_network {
+        return Err(RpcError::bad_request("--nat needs networking: drop --no-network"));
+    }
+    Ok(CreateRequest {
+        name,
+        spec: VmSpec {
+            image,
+            vcpus,
+            memory_mib,
+            work_disk_bytes,
+            vmm: vmm.as_str().to_string(),
+            nat: p.nat,
+            network: !p.no_network,
+        },
+    })
+}
+
+/// The work disk size in bytes, within bounds and without wrapping.
+pub fn work_disk_bytes(mib: u64) -> Result<u64, RpcError> {
+    if mib < MIN_WORK_DISK_MIB {
+        return Err(RpcError::bad_request(format!(
+            "work disk of {mib} MiB is too small: at least {MIN_WORK_DISK_MIB} MiB"
+        )));
+    }
+    let too_large = || {
+        RpcError::bad_request(format!(
+            "work disk of {mib} MiB is too large: at most {MAX_WORK_DISK_MIB} MiB (16 TiB)"
+        ))
+    };
+    if mib > MAX_WORK_DISK_MIB {
+        return Err(too_large());
+    }
+    mib.checked_mul(1 << 20).ok_or_else(too_large)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_proto::ErrorCode;
+
+    const DEFAULTS: Defaults = Defaults {
+        vcpus: 2,
+        memory_mib: 1024,
+        work_disk_mib: 8192,
+    };
+
+    fn check(p: VmCreate) -> Result<CreateRequest, RpcError> {
+        validate(&p, "dev".into(), &DEFAULTS, VmmKind::Qemu)
+    }
+
+    fn refused(p: VmCreate, text: &str) {
+        let e = check(p.clone()).expect_err(&format!("{p:?} was accepted"));
+        assert_eq!(e.code, ErrorCode::BadRequest, "{p:?}: {e:?}");
+        assert!(e.message.contains(text), "{p:?}: {}", e.message);
+    }
+
+    #[test]
+    fn defaults_fill_what_the_request_leaves_out() {
+        let r = check(VmCreate::default()).unwrap();
+        assert_eq!(r.name, "dev");
+        assert_eq!(
+            r.spec,
+            VmSpec {
+                image: crate::image::DEFAULT_IMAGE.into(),
+                vcpus: 2,
+                memory_mib: 1024,
+                work_disk_bytes: 8192 << 20,
+                vmm: "qemu".into(),
+                nat: false,
+                network: true,
+            }
+        );
+        let r = validate(
+            &VmCreate::default(),
+            "dev".into(),
+            &DEFAULTS,
+            VmmKind::Firecracker,
+        )
+        .unwrap();
+        assert_eq!(r.spec.vmm, "firecracker");
+    }
+
+    #[test]
+    fn the_request_overrides_defaults() {
+        let r = check(VmCreate {
+            image: Some("mine".into()),
+            vcpus: Some(32),
+            memory_mib: Some(128),
+            work_disk_mib: Some(64),
+            nat: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.spec.image, "mine");
+        assert_eq!((r.spec.vcpus, r.spec.memory_mib), (32, 128));
+        assert_eq!(r.spec.work_disk_bytes, 64 << 20);
+        assert!(r.spec.nat && r.spec.network);
+        let r = check(VmCreate {
+            no_network: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!r.spec.network && !r.spec.nat);
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for bad in ["", "-bad", "Bad_Name", "a.b", "../etc"] {
+            let e = validate(&VmCreate::default(), bad.into(), &DEFAULTS, VmmKind::Qemu).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}");
+        }
+        refused(
+            VmCreate {
+                image: Some("../etc".into()),
+                ..Default::default()
+            },
+            "image name",
+        );
+    }
+
+    #[test]
+    fn vcpus_and_memory_are_bounded() {
+        for vcpus in [0, 33, u32::MAX] {
+            refused(
+                VmCreate {
+                    vcpus: Some(vcpus),
+                    ..Default::default()
+                },
+                "vcpus must be 1-32",
+            );
+        }
+        for memory_mib in [0, 127, 262_145] {
+            refused(
+                VmCreate {
+                    memory_mib: Some(memory_mib),
+                    ..Default::default()
+                },
+                "memory must be 128-262144 MiB",
+            );
+        }
+        assert!(check(VmCreate {
+            memory_mib: Some(262_144),
+            vcpus: Some(1),
+            ..Default::default()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn work_disk_is_bounded_and_never_wraps() {
+        refused(
+            VmCreate {
+                work_disk_mib: Some(63),
+                ..Default::default()
+            },
+            "too small",
+        );
+        // 2^44 + 1 MiB: `<< 20` would wrap to 1 MiB.
+        for mib in [17_592_186_044_417, MAX_WORK_DISK_MIB + 1, u64::MAX] {
+            refused(
+                VmCreate {
+                    work_disk_mib: Some(mib),
+                    ..Default::default()
+                },
+                "too large",
+            );
+        }
+        assert_eq!(work_disk_bytes(MAX_WORK_DISK_MIB).unwrap(), 16 << 40);
+        assert_eq!(work_disk_bytes(MIN_WORK_DISK_MIB).unwrap(), 64 << 20);
+    }
+
+    #[test]
+    fn nat_needs_a_network() {
+        refused(
+            VmCreate {
+                nat: true,
+                no_network: true,
+                ..Default::default()
+            },
+            "--nat needs networking",
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Which VMM boots a VM, whether it is installed, and what it is launched
+//! with: kernel, initramfs, command line, drives, vsock CID.
+//!
+//! Kept apart from `boot` so the back-end specifics (QEMU vs Firecracker,
+//! kernel flavours) sit in one place and `boot` only orchestrates.
+
+use super::VmService;
+use crate::initramfs;
+use crate::kernel;
+use banger_proto::RpcError;
+use banger_store::VmRecord;
+use banger_vmm::qemu::Qemu;
+use banger_vmm::{Drive, LaunchSpec, Launched, Vmm, VmmKind};
+use std::path::{Path, PathBuf};
+
+impl VmService {
+    /// Resolves `auto` to a back-end that can really boot here.
+    pub fn resolve_vmm(&self) -> Result<VmmKind, RpcError> {
+        match self.settings.vmm.as_str() {
+            "qemu" => Ok(VmmKind::Qemu),
+            "firecracker" => Ok(VmmKind::Firecracker),
+            _ => {
+                let fc = self
+                    .settings
+                    .firecracker
+                    .clone()
+                    .or_else(|| banger_vmm::which("firecracker"));
+                if fc.is_some() && banger_vmm::kvm_usable() {
+                    Ok(VmmKind::Firecracker)
+                } else {
+                    Ok(VmmKind::Qemu)
+                }
+            }
+        }
+    }
+
+    pub(super) fn check_vmm(&self, kind: VmmKind) -> Result<(), RpcError> {
+        match kind {
+            VmmKind::Qemu => Qemu::detect(self.settings.qemu.clone())
+                .map(|_| ())
+                .map_err(|e| RpcError::failed(e.to_string())),
+            VmmKind::Firecracker => {
+                let fc = self
+                    .settings
+                    .firecracker
+                    .clone()
+                    .or_else(|| banger_vmm::which("firecracker"));
+                match fc {
+                    Some(p) if banger_vmm::is_executable(&p) => Ok(()),
+                    Some(p) => Err(RpcError::failed(format!(
+                        "firecracker binary not found: {}",
+                        p.display()
+                    ))),
+                    None => Err(RpcError::failed("firecracker binary not found on PATH")),
+                }
+            }
+        }
+    }
+
+    pub(super) fn launch_spec(&self, vm: &VmRecord) -> Result<LaunchSpec, RpcError> {
+        let image = self.images.get(&vm.spec.image)?;
+        let k = kernel::read_manifest(Path::new(&image.kernel))?;
+        let initrd = initramfs::ensure(&initramfs::Inputs {
+            kernel: &k,
+            agent: &self.settings.agent_binary,
+            busybox: &self.settings.busybox,
+        })?;
+        let kernel = match VmmKind::parse(&vm.spec.vmm) {
+            Some(VmmKind::Firecracker) => match &k.vmlinux {
+                Some(f) => Path::new(&k.dir).join(f),
+                None => {
+                    return Err(RpcError::failed(format!(
+                        "kernel {} has no uncompressed vmlinux, which Firecracker needs",
+                        k.version
+                    )))
+                }
+            },
+            _ => Path::new(&k.dir).join("vmlinuz"),
+        };
+        Ok(LaunchSpec {
+            vm_dir: PathBuf::from(&vm.runtime.vm_dir),
+            kernel,
+            initrd: Some(initrd),
+            cmdline: cmdline(vm, self.network.cidr().ok()),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            drives: vec![
+                Drive {
+                    id: "base".into(),
+                    path: PathBuf::from(&image.rootfs),
+                    read_only: true,
+                },
+                Drive {
+                    id: "overlay".into(),
+                    path: PathBuf::from(&vm.runtime.overlay_path),
+                    read_only: false,
+                },
+                Drive {
+                    id: "work".into(),
+                    path: PathBuf::from(&vm.runtime.work_disk_path),
+                    read_only: false,
+                },
+            ],
+            vsock_cid: vm.runtime.vsock_cid,
+            net: None,
+        })
+    }
+
+    pub(super) async fn launch(&self, vm: &VmRecord, spec: &LaunchSpec) -> Result<Launched, RpcError> {
+        match VmmKind::parse(&vm.spec.vmm) {
+            Some(VmmKind::Qemu) => {
+                let q =
+                    Qemu::detect(self.settings.qemu.clone()).map_err(|e| RpcError::failed(e.to_string()))?;
+                q.launch(spec).await.map_err(|e| RpcError::failed(e.to_string()))
+            }
+            Some(VmmKind::Firecracker) => {
+                let fc = banger_vmm::firecracker::Firecracker {
+                    binary: self
+                        .settings
+                        .firecracker
+                        .clone()
+                        .unwrap_or_else(|| "firecracker".into()),
+                };
+                fc.launch(spec).await.map_err(|e| RpcError::failed(e.to_string()))
+            }
+            None => Err(RpcError::failed(format!("unknown vmm {:?}", vm.spec.vmm))),
+        }
+    }
+}
+
+/// The kernel command line: console, hostname, static network, and the
+/// boot-time savings (no crypto self-tests, no kprobe tracer set-up).
+fn cmdline(vm: &VmRecord, cidr: Option<(std::net::Ipv4Addr, u8)>) -> String {
+    // BANGER_GUEST_DEBUG=1 keeps the kernel's boot messages in `vm logs`.
+    let quiet = if std::env::var("BANGER_GUEST_DEBUG").is_ok_and(|v| v == "1") {
+        ""
+    } else {
+        " quiet"
+    };
+    let mut c = format!(
+        "console=ttyS0{quiet} panic=-1 cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace banger.hostname={}",
+        vm.name
+    );
+    if let (Some(ip), Some((gw, _))) = (&vm.runtime.guest_ip, cidr) {
+        c.push_str(&format!(" banger.ip={ip} banger.gw={gw}"));
+    }
+    c
+}
