@@ -3,6 +3,8 @@
 //!
 //!   banger-bench create-flat   VM create with a 1 GiB vs an 8 GiB image
 //!   banger-bench run-vs-qemu   `vm run --rm -- true` vs a hand-made QEMU boot
+//!   banger-bench guest-output  guest→host (`vm exec cat`) vs host→guest
+//!                              (workspace copy) of the same file
 //!   banger-bench fc-start      `vm start` of a tiny guest vs configuring
 //!                              firecracker by hand (needs --firecracker)
 //!
@@ -41,6 +43,12 @@ enum Cmd {
         /// "random" (incompressible: the worst case).
         #[arg(long, default_value = "text")]
         content: String,
+    },
+    /// Guest→host throughput (`vm exec -- cat FILE`) against host→guest
+    /// (`vm workspace prepare` of a repo holding that file).
+    GuestOutput {
+        #[arg(long, default_value_t = 64)]
+        megabytes: usize,
     },
     FcStart {
         #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
@@ -410,6 +418,66 @@ async fn workspace_copy(b: &Bench, runs: usize, files: usize, mb: usize, random:
     Ok(())
 }
 
+/// Moves one incompressible file of `mb` MiB each way through banger.
+fn guest_output(b: &Bench, runs: usize, mb: usize) -> Result<()> {
+    b.default_image()?;
+    let repo = b.home.join(format!("bench-repo-1-{mb}-random"));
+    make_repo(&repo, 1, mb, true)?;
+    let _ = b.banger(&["vm", "delete", "outbench"]);
+    b.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "outbench",
+        "--disk-size",
+        &(4 * mb + 512).to_string(),
+    ])?;
+    let file = "/root/repo/d00/f00000.bin";
+    let (mut out, mut inn) = (vec![], vec![]);
+    for _ in 0..runs {
+        b.banger(&[
+            "vm",
+            "exec",
+            "outbench",
+            "--cwd",
+            "/",
+            "--",
+            "rm",
+            "-rf",
+            "/root/repo",
+        ])?;
+        inn.push(b.timed(&["vm", "workspace", "prepare", "outbench", repo.to_str().unwrap()])?);
+        let t = Instant::now();
+        let got = Command::new(b.bin.join("banger"))
+            .env("BANGER_HOME", &b.home)
+            .env("BANGER_RUNTIME_DIR", b.home.join("run"))
+            .env("BANGER_HELPER_SOCKET", b.home.join("helper.sock"))
+            .args(["vm", "exec", "outbench", "--", "cat", file])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()?;
+        out.push(t.elapsed());
+        if !got.status.success() || got.stdout.len() != mb << 20 {
+            bail!("vm exec cat returned {} bytes ({})", got.stdout.len(), got.status);
+        }
+    }
+    b.banger(&["vm", "delete", "outbench"])?;
+    let rate = |v: &[Duration]| mb as f64 / median(v.to_vec()).as_secs_f64();
+    println!(
+        "  guest→host {:.1} MiB/s, host→guest {:.1} MiB/s",
+        rate(&out),
+        rate(&inn)
+    );
+    report(
+        &format!("moving {mb} MiB of random bytes"),
+        "guest→host: vm exec -- cat FILE",
+        out,
+        "host→guest: vm workspace prepare",
+        inn,
+    );
+    Ok(())
+}
+
 async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/fc-tiny-guests");
     let guest = fixtures.join("vsockguest.elf");
@@ -570,6 +638,7 @@ async fn main() -> Result<()> {
             megabytes,
             content,
         } => workspace_copy(&b, cli.runs, files, megabytes, content == "random").await?,
+        Cmd::GuestOutput { megabytes } => guest_output(&b, cli.runs, megabytes)?,
         Cmd::FcStart { firecracker } => {
             b.env = vec![
                 ("BANGER_VMM".into(), "firecracker".into()),
