@@ -79,7 +79,10 @@ enum NetworkCmd {
 fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let code = match rt.block_on(run(cli)) {
+    // One op id for the whole command: every call it makes (and so every
+    // log line in the daemon, the helper and the guest) carries it.
+    let op = banger_proto::OpId::mint();
+    let code = match rt.block_on(banger_proto::opid::scope(op, run(cli))) {
         Ok(code) => code,
         Err(e) => {
             report(&e);

@@ -210,7 +210,21 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
                 _ = tokio::time::sleep(Duration::from_millis(1)) => {}
             }
         }
-        let st = c.call::<d::VmCreateStatusM>(&op, None).await?;
+        let st = match c.call::<d::VmCreateStatusM>(&op, None).await {
+            Ok(st) => st,
+            Err(e) if e.code() == Some(banger_proto::ErrorCode::NotFound) || e.is_unreachable() => {
+                progress.finish();
+                bail!(
+                    "the daemon restarted while creating {} ({}): the operation is gone; \
+                     a restarted daemon removes an unfinished creation and tears down an unfinished start. \
+                     See `banger vm show {}`",
+                    begun.name,
+                    begun.op_id,
+                    begun.name
+                );
+            }
+            Err(e) => return Err(e.into()),
+        };
         progress.stage(&st.op.stage, st.op.elapsed_ms);
         if st.op.done {
             progress.finish();
@@ -258,6 +272,36 @@ pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, stdin: bool, cwd: Op
     Ok(st.shell_code())
 }
 
+/// Waits for a mutating verb. Ctrl-C only detaches: the daemon runs the
+/// operation to its end whoever listens, so say so and how to follow it.
+/// A daemon that goes away mid-operation finishes or undoes it when it
+/// comes back; say that too instead of a bare I/O error.
+pub async fn follow<T>(
+    what: &str,
+    name: &str,
+    call: impl std::future::Future<Output = Result<T, banger_proto::ClientError>>,
+) -> Result<T> {
+    let op = banger_proto::opid::current()
+        .map(|o| o.to_string())
+        .unwrap_or_default();
+    tokio::select! {
+        r = call => match r {
+            Err(banger_proto::ClientError::NoAnswer { .. }) | Err(banger_proto::ClientError::Frame { .. }) => bail!(
+                "the daemon went away during {what} {name} ({op}); when it restarts it finishes or undoes \
+                 the operation: see `banger vm show {name}`"
+            ),
+            r => Ok(r?),
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!(
+                "interrupted: {what} {name} keeps going in the daemon as {op}; \
+                 follow it with `banger daemon operations`"
+            );
+            std::process::exit(130);
+        }
+    }
+}
+
 pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
     let vm_ref = |name: &str| -> Result<d::VmRef> {
         check_name(name)?;
@@ -270,22 +314,30 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
             let v = create(c, &args, !no_start).await?;
             print(json, &v, show_vm);
         }
-        VmCmd::Start { name } => print(json, &c.call::<d::VmStart>(&vm_ref(&name)?, None).await?, show_vm),
-        VmCmd::Stop { name } => print(json, &c.call::<d::VmStop>(&vm_ref(&name)?, None).await?, show_vm),
-        VmCmd::Restart { name } => print(
-            json,
-            &c.call::<d::VmRestart>(&vm_ref(&name)?, None).await?,
-            show_vm,
-        ),
-        VmCmd::Kill { name } => print(json, &c.call::<d::VmKill>(&vm_ref(&name)?, None).await?, show_vm),
+        VmCmd::Start { name } => {
+            let v = follow("vm start", &name, c.call::<d::VmStart>(&vm_ref(&name)?, None)).await?;
+            print(json, &v, show_vm)
+        }
+        VmCmd::Stop { name } => {
+            let v = follow("vm stop", &name, c.call::<d::VmStop>(&vm_ref(&name)?, None)).await?;
+            print(json, &v, show_vm)
+        }
+        VmCmd::Restart { name } => {
+            let v = follow("vm restart", &name, c.call::<d::VmRestart>(&vm_ref(&name)?, None)).await?;
+            print(json, &v, show_vm)
+        }
+        VmCmd::Kill { name } => {
+            let v = follow("vm kill", &name, c.call::<d::VmKill>(&vm_ref(&name)?, None)).await?;
+            print(json, &v, show_vm)
+        }
         VmCmd::Delete { name } => {
-            c.call::<d::VmDelete>(&vm_ref(&name)?, None).await?;
+            follow("vm delete", &name, c.call::<d::VmDelete>(&vm_ref(&name)?, None)).await?;
             if !json {
                 println!("deleted {name}");
             }
         }
         VmCmd::Prune => {
-            let p = c.call::<d::VmPrune>(&Empty {}, None).await?;
+            let p = follow("vm prune", "", c.call::<d::VmPrune>(&Empty {}, None)).await?;
             print(json, &p, |p| {
                 for n in &p.deleted {
                     println!("deleted {n}");
@@ -346,18 +398,19 @@ pub async fn run(c: &Client, cmd: VmCmd, json: bool) -> Result<i32> {
         }) => {
             check_name(&name)?;
             let path = std::path::absolute(&path)?.display().to_string();
-            let w = c
-                .call::<d::VmWorkspacePrepare>(
-                    &d::WorkspacePrepare {
-                        name,
-                        path,
-                        include_untracked,
-                        branch,
-                        from,
-                    },
-                    None,
-                )
-                .await?;
+            let req = d::WorkspacePrepare {
+                name: name.clone(),
+                path,
+                include_untracked,
+                branch,
+                from,
+            };
+            let w = follow(
+                "vm workspace prepare",
+                &name,
+                c.call::<d::VmWorkspacePrepare>(&req, None),
+            )
+            .await?;
             crate::run::untracked_notice(&w.skipped_untracked);
             print(json, &w, |w| {
                 println!(

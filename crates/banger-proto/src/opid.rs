@@ -60,6 +60,32 @@ pub fn current() -> Option<OpId> {
     CURRENT.try_with(|o| o.clone()).ok()
 }
 
+/// Spawns `fut` as a task that keeps the spawner's op id (for helper and
+/// agent calls, through [`current`]) and its tracing span (for log lines).
+/// Use it instead of a bare `tokio::spawn` for any work done on behalf of
+/// an operation: a task-local does not travel into a new task by itself.
+pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    let span = tracing::Span::current();
+    match current() {
+        Some(op) => tokio::spawn(CURRENT.scope(op, fut).instrument(span)),
+        None => tokio::spawn(fut.instrument(span)),
+    }
+}
+
+/// Runs `fut` as background work under an op id of its own: a fresh id,
+/// scoped as the current one and on a span named `what`, so every log line
+/// and every helper call it makes carries that one id.
+pub async fn run_as<F: std::future::Future>(op: OpId, what: &'static str, fut: F) -> F::Output {
+    use tracing::Instrument;
+    let span = tracing::info_span!("background", op_id = %op, method = what);
+    CURRENT.scope(op, fut).instrument(span).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +96,19 @@ mod tests {
         let b = OpId::mint();
         assert!(OpId::parse(a.as_str()).is_some());
         assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn spawned_tasks_keep_the_op_id_of_their_spawner() {
+        let op = OpId::mint();
+        let inner = scope(op.clone(), async { spawn(async { current() }).await.unwrap() }).await;
+        assert_eq!(inner, Some(op));
+        // A bare spawn loses it: the reason `spawn` exists.
+        let lost = scope(OpId::mint(), async {
+            tokio::spawn(async { current() }).await.unwrap()
+        })
+        .await;
+        assert_eq!(lost, None);
     }
 
     #[test]

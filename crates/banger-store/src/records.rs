@@ -13,6 +13,8 @@ pub enum VmState {
     Running,
     Stopping,
     Failed,
+    /// Being deleted: reconcile finishes the deletion.
+    Deleting,
 }
 
 impl VmState {
@@ -24,6 +26,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Failed => "failed",
+            VmState::Deleting => "deleting",
         }
     }
 }

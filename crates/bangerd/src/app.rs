@@ -137,20 +137,54 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmCreateBegin, _, _>(handler!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
         .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
-        .method::<d::VmStart, _, _>(handler!(app, |_, p| app.vms.start(&p.name).await))
-        .method::<d::VmStop, _, _>(handler!(app, |ctx, p| app.vms.stop(&ctx.op_id, &p.name).await))
-        .method::<d::VmRestart, _, _>(handler!(app, |ctx, p| app.vms.restart(&ctx.op_id, &p.name).await))
-        .method::<d::VmKill, _, _>(handler!(app, |ctx, p| app.vms.kill(&ctx.op_id, &p.name).await))
-        .method::<d::VmDelete, _, _>(handler!(app, |ctx, p| app
-            .vms
-            .delete(&ctx.op_id, &p.name)
-            .await
-            .map(|_| Empty {})))
-        .method::<d::VmPrune, _, _>(handler!(app, |ctx, _| app
-            .vms
-            .prune(&ctx.op_id)
-            .await
-            .map(|deleted| d::Pruned { deleted })))
+        .method::<d::VmStart, _, _>(handler!(app, |ctx, p| {
+            let vms = app.vms.clone();
+            app.ops
+                .run(&ctx.op_id, "vm.start", &p.name.clone(), async move {
+                    vms.start(&p.name).await
+                })
+                .await
+        }))
+        .method::<d::VmStop, _, _>(handler!(app, |ctx, p| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "vm.stop", &p.name.clone(), async move {
+                    vms.stop(&op, &p.name).await
+                })
+                .await
+        }))
+        .method::<d::VmRestart, _, _>(handler!(app, |ctx, p| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "vm.restart", &p.name.clone(), async move {
+                    vms.restart(&op, &p.name).await
+                })
+                .await
+        }))
+        .method::<d::VmKill, _, _>(handler!(app, |ctx, p| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "vm.kill", &p.name.clone(), async move {
+                    vms.kill(&op, &p.name).await
+                })
+                .await
+        }))
+        .method::<d::VmDelete, _, _>(handler!(app, |ctx, p| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "vm.delete", &p.name.clone(), async move {
+                    vms.delete(&op, &p.name).await.map(|_| Empty {})
+                })
+                .await
+        }))
+        .method::<d::VmPrune, _, _>(handler!(app, |ctx, _| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "vm.prune", "stopped VMs", async move {
+                    vms.prune(&op).await.map(|deleted| d::Pruned { deleted })
+                })
+                .await
+        }))
         .method::<d::VmList, _, _>(handler!(app, |_, _| app.vms.list()))
         .method::<d::VmShow, _, _>(handler!(app, |_, p| app.vms.show(&p.name)))
         .method::<d::VmLogsM, _, _>(handler!(app, |_, p| app
@@ -172,10 +206,14 @@ pub fn router(app: &Arc<App>) -> Router {
                 .await
                 .map(|(_, plan)| plan)
         })
-        .method::<d::VmWorkspacePrepare, _, _>(handler!(app, |ctx, p| app
-            .vms
-            .workspace_prepare(&ctx.op_id, p)
-            .await))
+        .method::<d::VmWorkspacePrepare, _, _>(handler!(app, |ctx, p| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "vm.workspace.prepare", &p.name.clone(), async move {
+                    vms.workspace_prepare(&op, p).await
+                })
+                .await
+        }))
         .method::<d::VmWorkspaceExport, _, _>(handler!(app, |ctx, p| app.vms.workspace_export(&ctx, p).await))
         // images and kernels
         .method::<d::ImageBuildM, _, _>(handler!(app, |ctx, p| {

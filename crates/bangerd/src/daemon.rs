@@ -44,22 +44,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let app = App::new(cfg, store, shutdown.clone());
     let router = Arc::new(app::router(&app));
 
-    // Adopt what still runs, clean up what does not, before serving.
-    let reconcile = banger_proto::OpId::mint();
-    banger_proto::opid::scope(reconcile.clone(), async {
-        let span = tracing::info_span!("reconcile", op_id = %reconcile);
-        let _e = span.enter();
-        tracing::info!("reconcile started");
-    })
-    .await;
-    {
-        use tracing::Instrument;
-        app.vms
-            .reconcile()
-            .instrument(tracing::info_span!("reconcile", op_id = %reconcile))
-            .await;
-    }
-    app.vms.sweep_nat().await;
+    // Adopt what still runs, finish or undo what a killed daemon left
+    // half done, before serving: all under one op id.
+    banger_proto::opid::run_as(banger_proto::OpId::mint(), "reconcile", app.vms.reconcile()).await;
     if !app.cfg.dns_listen.is_empty() {
         match app.cfg.dns_listen.parse::<std::net::SocketAddr>() {
             Ok(addr) => match crate::dns::bind(addr).await {
@@ -67,7 +54,21 @@ pub async fn run(cfg: Config) -> Result<()> {
                     *app.dns_addr.lock().unwrap() = Some(local);
                     let vms = app.vms.clone();
                     let lookup: crate::dns::Lookup = Arc::new(move |name: &str| vms.resolve(name));
-                    tokio::spawn(crate::dns::serve(sock, lookup, shutdown.clone()));
+                    let stop = shutdown.clone();
+                    // The first socket is bound here (so a bad address fails
+                    // loudly); a restart after a crash binds the same address.
+                    let first = std::sync::Mutex::new(Some(sock));
+                    supervise("dns server", shutdown.clone(), move || {
+                        let (lookup, stop) = (lookup.clone(), stop.clone());
+                        let sock = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        async move {
+                            let sock = match sock {
+                                Some(s) => s,
+                                None => crate::dns::bind(local).await.map(|(s, _)| s)?,
+                            };
+                            crate::dns::serve(sock, lookup, stop).await
+                        }
+                    });
                 }
                 Err(e) => tracing::warn!(%addr, error = %e, "DNS server not started"),
             },
@@ -78,11 +79,15 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let watcher = app.clone();
     let watch_stop = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = watch_stop.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => watcher.vms.reap_dead().await,
+    supervise("vm watcher", shutdown.clone(), move || {
+        let (watcher, watch_stop) = (watcher.clone(), watch_stop.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = watch_stop.cancelled() => return Ok(()),
+                    // A VMM that dies is noticed within a second.
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => watcher.vms.reap_dead().await,
+                }
             }
         }
     });
@@ -95,4 +100,31 @@ pub async fn run(cfg: Config) -> Result<()> {
     tracing::info!("bangerd stopped");
     drop(pid_file);
     Ok(())
+}
+
+/// Runs a long-lived background task and starts it again if it fails or
+/// panics (after a pause, so a task that fails at once cannot spin), until
+/// `shutdown`.
+fn supervise<F, Fut>(what: &'static str, shutdown: CancellationToken, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let outcome = tokio::spawn(make()).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match outcome {
+                Ok(Ok(())) => tracing::warn!("{what} stopped; starting it again"),
+                Ok(Err(e)) => tracing::error!(error = %e, "{what} failed; starting it again"),
+                Err(e) => tracing::error!(error = %e, "{what} panicked; starting it again"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    });
 }

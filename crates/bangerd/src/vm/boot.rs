@@ -7,6 +7,7 @@
 
 use super::alloc::{self, mac_for};
 use super::handles::{self, VmHandles};
+use super::state::Lifecycle;
 use super::{current_op, VmService};
 use banger_proto::methods::agent as a;
 use banger_proto::methods::daemon::VmInfo;
@@ -33,16 +34,29 @@ impl VmService {
     }
 
     pub(super) async fn start_locked(&self, mut vm: VmRecord) -> Result<VmRecord, RpcError> {
+        if !vm.runtime.state.can_start() {
+            return Err(RpcError::bad_request(format!(
+                "VM {} is {}; it cannot be started now",
+                vm.name,
+                vm.runtime.state.as_str()
+            )));
+        }
         if self.is_alive(&vm) {
-            return Ok(vm);
+            if vm.runtime.state == VmState::Running {
+                return Ok(vm);
+            }
+            // A VMM runs under a record that does not say running: whatever
+            // it is, it is not a VM this start can vouch for.
+            tracing::warn!(vm = %vm.name, state = vm.runtime.state.as_str(), "a VMM runs for a VM not recorded as running; tearing it down first");
+            self.teardown(&vm, self.cached(&vm.id).as_ref()).await;
         }
         let op = current_op();
         let spec = self.launch_spec(&vm)?;
-        // Not written as "starting": if the daemon dies before the VM is
-        // running, the record still says stopped and reconcile kills
-        // whatever the VM directory's processes are. One fsync less.
+        // The intent, before any side effect: a daemon killed from here on
+        // leaves "starting", which reconcile undoes (tap, rules, processes).
         vm.runtime.state = VmState::Starting;
         vm.runtime.last_error = None;
+        self.save(&vm)?;
         // A guest that boots but never answers on vsock (seen, rarely, with
         // the userspace vsock backend under load) gets one fresh boot.
         let launched = match self
@@ -66,6 +80,7 @@ impl VmService {
         if vm.runtime.guest_ip.is_none() {
             return Ok(vm);
         }
+        crate::ops::stage("ssh");
         if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
             // An image without sshd still runs; only `vm ssh` is affected.
             tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
@@ -83,6 +98,7 @@ impl VmService {
         deadline: Duration,
     ) -> Result<Launched, (RpcError, bool)> {
         if let Some(tap) = vm.runtime.tap.clone() {
+            crate::ops::stage("network");
             let fd = match self.network.attach(op, &tap).await {
                 Ok(fd) => fd,
                 Err(e) => {
@@ -104,6 +120,7 @@ impl VmService {
                 }
             }
         }
+        crate::ops::stage("vmm");
         let launched = match self.launch(vm, &spec).await {
             Ok(l) => l,
             Err(e) => {
@@ -127,19 +144,30 @@ impl VmService {
         vm.runtime.vsock_uds = launched.vsock_uds.display().to_string();
         vm.runtime.log_path = launched.serial_log.display().to_string();
 
+        crate::ops::stage("guest");
         let marker = vm.runtime.vm_dir.clone();
         let pid = launched.pid;
-        if launched.kind == VmmKind::Qemu {
-            // The agent announces itself; polling a guest whose vsock
-            // driver is not up yet is what occasionally wedged
-            // vhost-device-vsock. Firecracker's own vsock is polled at once.
-            wait_for_ready(&launched.vsock_uds, pid, &marker, READY_WAIT.min(deadline)).await;
-        }
-        let ready =
+        let interrupted = self.interrupt_token(&vm.id);
+        let wait_guest = async {
+            if launched.kind == VmmKind::Qemu {
+                // The agent announces itself; polling a guest whose vsock
+                // driver is not up yet is what occasionally wedged
+                // vhost-device-vsock. Firecracker's own vsock is polled at once.
+                wait_for_ready(&launched.vsock_uds, pid, &marker, READY_WAIT.min(deadline)).await;
+            }
             banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, deadline, || {
                 process::alive(pid, &marker)
             })
-            .await;
+            .await
+            .map_err(|e| e.to_string())
+        };
+        let ready = tokio::select! {
+            r = wait_guest => r,
+            _ = interrupted.cancelled() => {
+                self.teardown(vm, self.cached(&vm.id).as_ref()).await;
+                return Err((RpcError::new(banger_proto::ErrorCode::Cancelled, "start cut short by vm kill"), false));
+            }
+        };
         if let Err(e) = ready {
             let serial = tail(&launched.serial_log, 1500);
             let vmm_died = !process::alive(pid, &marker);

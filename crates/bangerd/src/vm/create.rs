@@ -21,7 +21,6 @@ use banger_store::{VmRecord, VmSpec, VmState};
 use std::path::Path;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// The system overlay: every write to `/` outside `/root` lands here.
 const OVERLAY_BYTES: u64 = 4 << 30;
@@ -60,18 +59,14 @@ impl VmService {
         let svc = self.clone();
         let start = p.start;
         let vm_name = name.clone();
-        let span = tracing::Span::current();
-        tokio::spawn(
-            async move {
-                let res = svc.create(&op, &vm_name, spec, start, &cancel).await;
-                if let Err(e) = &res {
-                    tracing::warn!(error = %e.message, "vm create failed");
-                }
-                svc.cancels.lock().unwrap().remove(op.id());
-                op.finish(res.map(|_| ()));
-            }
-            .instrument(span),
-        );
+        let handle = op.clone();
+        // Detached: the operation runs to its end (or its own clean-up)
+        // whether or not anyone polls it.
+        drop(op.run(async move {
+            let res = svc.create(&handle, &vm_name, spec, start, &cancel).await;
+            svc.cancels.lock().unwrap().remove(handle.id());
+            res.map(|_| ())
+        }));
         Ok(VmCreateBegun {
             op_id: ctx.op_id.to_string(),
             name,
@@ -83,11 +78,11 @@ impl VmService {
             OpId::parse(op_id).ok_or_else(|| RpcError::bad_request(format!("invalid op id {op_id:?}")))?;
         let op = self
             .ops
-            .get(&id)
+            .get(&id, "vm.create")
             .ok_or_else(|| RpcError::not_found(format!("no operation {op_id}")))?;
         let stages = self
             .ops
-            .stages(&id)
+            .stages(&id, "vm.create")
             .into_iter()
             .map(|(name, elapsed_ms)| StageInfo { name, elapsed_ms })
             .collect();

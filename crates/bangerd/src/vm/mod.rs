@@ -73,6 +73,13 @@ pub struct VmService {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     create_lock: tokio::sync::Mutex<()>,
     cancels: Mutex<HashMap<OpId, CancellationToken>>,
+    /// Per VM id: fired by `kill` to cut short whatever waits on the guest
+    /// under the lifecycle lock (a graceful stop, a boot), so that `kill`
+    /// works at once whatever the guest does.
+    interrupts: Mutex<HashMap<String, CancellationToken>>,
+    /// VM ids whose network teardown failed (helper unreachable): retried
+    /// by the watcher until it succeeds.
+    unclean: Mutex<std::collections::HashSet<String>>,
 }
 
 impl VmService {
@@ -95,6 +102,25 @@ impl VmService {
             locks: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             cancels: Mutex::new(HashMap::new()),
+            interrupts: Mutex::new(HashMap::new()),
+            unclean: Mutex::new(Default::default()),
+        }
+    }
+
+    /// The token `kill` fires for this VM; a fresh one once fired.
+    fn interrupt_token(&self, id: &str) -> CancellationToken {
+        let mut m = self.interrupts.lock().unwrap_or_else(|p| p.into_inner());
+        let t = m.entry(id.to_string()).or_default();
+        if t.is_cancelled() {
+            *t = CancellationToken::new();
+        }
+        t.clone()
+    }
+
+    /// Cuts short the guest waits of whatever holds this VM's lock.
+    fn interrupt(&self, id: &str) {
+        if let Some(t) = self.interrupts.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            t.cancel();
         }
     }
 

@@ -1,41 +1,62 @@
 //! Making the records true again: at daemon start (`reconcile`: adopt VMs
-//! whose VMM still runs, tear down the rest, discard interrupted creations)
-//! and while running (`reap_dead`: the watcher for a VMM that died behind
-//! the daemon's back). What each recorded state calls for is decided in
-//! `state::Lifecycle::recovery`.
+//! whose VMM still runs, finish or undo what a killed daemon left half
+//! done) and while running (`reap_dead`: the watcher for a VMM that died
+//! behind the daemon's back). What each recorded state calls for is decided
+//! in `state::Lifecycle::recovery`.
+//!
+//! Every teardown says in the log what it removed and why.
 
 use super::handles;
 use super::state::{Lifecycle, Recovery};
 use super::VmService;
-use banger_store::VmState;
+use banger_proto::{opid, OpId};
+use banger_store::{VmRecord, VmState};
 use banger_vmm::process;
 use std::path::PathBuf;
 
 impl VmService {
     /// Finds VMs whose VMM died while the daemon was running and cleans
-    /// them up. VMs busy in another lifecycle operation are left to it.
+    /// them up, each under an op id of its own. VMs busy in another
+    /// lifecycle operation are left to it.
     pub async fn reap_dead(&self) {
+        self.retry_unclean().await;
         let ids: Vec<String> = self.handles.lock().unwrap().keys().cloned().collect();
         for id in ids {
             let lock = self.lock_for(&id);
             let Ok(_g) = lock.try_lock() else { continue };
-            let Ok(Some(mut vm)) = self.store.get_vm(&id) else {
+            let Ok(Some(vm)) = self.store.get_vm(&id) else {
                 continue;
             };
             if self.is_alive(&vm) {
                 continue;
             }
-            tracing::warn!(vm = %vm.name, "the VMM exited; cleaning up");
-            let h = self.cached(&id);
-            self.teardown(&vm, h.as_ref()).await;
-            vm.runtime.state = VmState::Stopped;
-            vm.runtime.last_error = Some("the VMM exited unexpectedly".into());
-            let _ = self.save(&vm);
+            opid::run_as(OpId::mint(), "vm.reap", async {
+                tracing::warn!(vm = %vm.name, "the VMM exited; cleaning up");
+                self.clean_up(vm, "the VMM exited unexpectedly").await;
+            })
+            .await;
         }
     }
 
-    /// At daemon start: adopt VMs whose VMM still runs, tear down the rest.
+    /// Tears a VM down and records it stopped with `why`.
+    async fn clean_up(&self, mut vm: VmRecord, why: &str) {
+        let h = self
+            .cached(&vm.id)
+            .or_else(|| handles::read(&PathBuf::from(&vm.runtime.vm_dir)));
+        self.teardown(&vm, h.as_ref()).await;
+        vm.runtime.state = VmState::Stopped;
+        vm.runtime.last_error = Some(why.to_string());
+        if let Err(e) = self.save(&vm) {
+            tracing::error!(vm = %vm.name, error = %e.message, "could not record the VM as stopped");
+        }
+    }
+
+    /// At daemon start, before serving: adopt VMs whose VMM still runs;
+    /// finish or undo every operation a killed daemon left half done; make
+    /// sure nothing (process, tap, NAT rule) is left for a stopped VM.
+    /// Runs under the caller's op id (one for the whole reconcile).
     pub async fn reconcile(&self) {
+        tracing::info!("reconcile started");
         let vms = match self.store.list_vms() {
             Ok(v) => v,
             Err(e) => {
@@ -43,42 +64,62 @@ impl VmService {
                 return;
             }
         };
+        let (mut adopted, mut cleaned) = (0, 0);
         for mut vm in vms {
             let dir = PathBuf::from(&vm.runtime.vm_dir);
             match vm.runtime.state.recovery() {
                 Recovery::Discard => {
                     tracing::warn!(vm = %vm.name, "reconcile: removing a VM whose creation was interrupted");
-                    self.teardown(&vm, None).await;
+                    self.teardown(&vm, handles::read(&dir).as_ref()).await;
                     self.discard(&vm);
+                    cleaned += 1;
                 }
-                Recovery::AdoptOrCleanUp => {
-                    let h = handles::read(&dir);
-                    match h {
-                        Some(h) if process::alive(h.launched.pid, &vm.runtime.vm_dir) => {
-                            tracing::info!(vm = %vm.name, pid = h.launched.pid, "reconcile: adopted running VM");
-                            self.handles.lock().unwrap().insert(vm.id.clone(), h);
-                            if vm.runtime.state != VmState::Running {
-                                vm.runtime.state = VmState::Running;
-                                let _ = self.save(&vm);
-                            }
-                        }
-                        h => {
-                            tracing::warn!(vm = %vm.name, scratch = h.is_some(), "reconcile: VMM is gone; cleaning up");
-                            self.teardown(&vm, h.as_ref()).await;
-                            vm.runtime.state = VmState::Stopped;
-                            vm.runtime.last_error =
-                                Some("the VMM exited while banger was not watching".into());
-                            let _ = self.save(&vm);
-                        }
+                Recovery::AdoptOrCleanUp => match handles::read(&dir) {
+                    Some(h) if process::alive(h.launched.pid, &vm.runtime.vm_dir) => {
+                        tracing::info!(vm = %vm.name, pid = h.launched.pid, "reconcile: adopted running VM");
+                        self.handles.lock().unwrap().insert(vm.id.clone(), h);
+                        adopted += 1;
                     }
+                    h => {
+                        tracing::warn!(vm = %vm.name, scratch = h.is_some(), "reconcile: VMM is gone; cleaning up");
+                        self.clean_up(vm, "the VMM exited while banger was not watching")
+                            .await;
+                        cleaned += 1;
+                    }
+                },
+                Recovery::TearDown => {
+                    let what = if vm.runtime.state == VmState::Starting {
+                        "start"
+                    } else {
+                        "stop"
+                    };
+                    tracing::warn!(vm = %vm.name, "reconcile: a {what} was interrupted by a daemon restart; tearing the VM down");
+                    self.clean_up(vm, &format!("a {what} was interrupted by a daemon restart"))
+                        .await;
+                    cleaned += 1;
+                }
+                Recovery::FinishDelete => {
+                    tracing::warn!(vm = %vm.name, "reconcile: finishing an interrupted delete");
+                    if let Err(e) = self.finish_delete(&vm).await {
+                        tracing::error!(vm = %vm.name, error = %e.message, "reconcile: could not finish the delete");
+                    }
+                    cleaned += 1;
                 }
                 Recovery::EnsureNothingRuns => {
-                    // Nothing may run for a stopped VM.
-                    if !process::find_by_marker(&vm.runtime.vm_dir).is_empty() {
+                    // Nothing may run for a stopped VM, and its tap (taps are
+                    // named by VM, so this never touches another daemon's)
+                    // must not outlive a crash.
+                    if !process::find_by_marker(&vm.runtime.vm_dir).is_empty() || vm.runtime.tap.is_some() {
                         self.teardown(&vm, None).await;
+                    }
+                    if vm.runtime.state == VmState::Failed {
+                        vm.runtime.state = VmState::Stopped;
+                        let _ = self.save(&vm);
                     }
                 }
             }
         }
+        self.sweep_nat().await;
+        tracing::info!(adopted, cleaned, "reconcile finished");
     }
 }

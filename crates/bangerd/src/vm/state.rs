@@ -6,9 +6,11 @@
 //! needs it.
 //!
 //! A VM in `Creating` belongs to its create task (or, after a crash, to
-//! reconcile, which discards it). `prune` honours that through
-//! [`Lifecycle::can_delete`]. The by-name `start`, `stop` and `delete` do not
-//! check the state today; the guards say what they should admit.
+//! reconcile, which discards it). `start`, `stop`, `kill` and `delete`
+//! check the guards under the VM's lifecycle lock. `Starting`, `Stopping`
+//! and `Deleting` are intents, written before any side effect, so that a
+//! daemon killed at any line leaves a record that says what to finish or
+//! undo.
 
 use banger_store::VmState;
 
@@ -19,6 +21,11 @@ pub enum Recovery {
     Discard,
     /// Recorded as up: adopt it if the VMM lives, else clean up and mark stopped.
     AdoptOrCleanUp,
+    /// A start or a stop was cut short: tear everything down (undoing the
+    /// start, finishing the stop) and mark the VM stopped.
+    TearDown,
+    /// A deletion was cut short: finish it.
+    FinishDelete,
     /// Recorded as down: make sure nothing runs for it.
     EnsureNothingRuns,
 }
@@ -40,11 +47,11 @@ pub trait Lifecycle: Copy {
 
 impl Lifecycle for VmState {
     fn can_start(self) -> bool {
-        self != VmState::Creating
+        !matches!(self, VmState::Creating | VmState::Deleting)
     }
 
     fn can_stop(self) -> bool {
-        self != VmState::Creating
+        !matches!(self, VmState::Creating | VmState::Deleting)
     }
 
     fn can_delete(self) -> bool {
@@ -62,7 +69,9 @@ impl Lifecycle for VmState {
     fn recovery(self) -> Recovery {
         match self {
             VmState::Creating => Recovery::Discard,
-            VmState::Running | VmState::Starting | VmState::Stopping => Recovery::AdoptOrCleanUp,
+            VmState::Running => Recovery::AdoptOrCleanUp,
+            VmState::Starting | VmState::Stopping => Recovery::TearDown,
+            VmState::Deleting => Recovery::FinishDelete,
             VmState::Stopped | VmState::Failed => Recovery::EnsureNothingRuns,
         }
     }
@@ -72,13 +81,14 @@ impl Lifecycle for VmState {
 mod tests {
     use super::*;
 
-    const ALL: [VmState; 6] = [
+    const ALL: [VmState; 7] = [
         VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
         VmState::Stopping,
         VmState::Failed,
+        VmState::Deleting,
     ];
 
     #[test]
@@ -88,9 +98,16 @@ mod tests {
         assert!(!s.can_stop());
         assert!(!s.can_delete());
         assert!(!s.prunable(false));
-        for s in ALL.into_iter().filter(|s| *s != VmState::Creating) {
+        for s in ALL
+            .into_iter()
+            .filter(|s| !matches!(s, VmState::Creating | VmState::Deleting))
+        {
             assert!(s.can_start() && s.can_stop() && s.can_delete(), "{s:?}");
         }
+        // A VM being deleted cannot be brought back up; deleting it again
+        // finishes the job.
+        assert!(!VmState::Deleting.can_start() && !VmState::Deleting.can_stop());
+        assert!(VmState::Deleting.can_delete());
     }
 
     #[test]
@@ -113,9 +130,13 @@ mod tests {
     #[test]
     fn reconcile_recovers_each_state() {
         assert_eq!(VmState::Creating.recovery(), Recovery::Discard);
-        for s in [VmState::Running, VmState::Starting, VmState::Stopping] {
-            assert_eq!(s.recovery(), Recovery::AdoptOrCleanUp, "{s:?}");
+        assert_eq!(VmState::Running.recovery(), Recovery::AdoptOrCleanUp);
+        // An interrupted start is undone, never adopted half-made; an
+        // interrupted stop is finished.
+        for s in [VmState::Starting, VmState::Stopping] {
+            assert_eq!(s.recovery(), Recovery::TearDown, "{s:?}");
         }
+        assert_eq!(VmState::Deleting.recovery(), Recovery::FinishDelete);
         for s in [VmState::Stopped, VmState::Failed] {
             assert_eq!(s.recovery(), Recovery::EnsureNothingRuns, "{s:?}");
         }

@@ -16,10 +16,11 @@ impl VmService {
     /// Kills every process of the VM and removes its runtime files. Uses
     /// the handles when known, and the VM directory marker regardless, so
     /// a lost scratch file cannot leak a process.
-    pub(super) async fn teardown(&self, vm: &VmRecord, h: Option<&VmHandles>) {
+    /// Returns false when the network part failed (retried later).
+    pub(super) async fn teardown(&self, vm: &VmRecord, h: Option<&VmHandles>) -> bool {
         let marker = vm.runtime.vm_dir.clone();
         if marker.is_empty() {
-            return;
+            return true;
         }
         let mut pids: Vec<u32> = h
             .map(|h| {
@@ -33,8 +34,8 @@ impl VmService {
                 pids.push(p);
             }
         }
-        for pid in pids {
-            process::terminate(pid, &marker, Duration::from_secs(2)).await;
+        for pid in &pids {
+            process::terminate(*pid, &marker, Duration::from_secs(2)).await;
         }
         let dir = Path::new(&marker);
         for f in ["qmp.sock", "vsock.sock", "vhost-vsock.sock", "firecracker.sock"] {
@@ -51,15 +52,68 @@ impl VmService {
         self.handles.lock().unwrap().remove(&vm.id);
         // Host network resources: the tap, and NAT rules (looked up by tag,
         // so a crash between adding and recording them cannot leak one).
+        // A failure is remembered and retried by the watcher: a helper
+        // that died mid-call must not leak a tap for good.
+        let mut network_clean = true;
         if let Some(tap) = &vm.runtime.tap {
             let op = current_op();
             if vm.spec.nat {
                 if let Err(e) = self.network.nat_remove(&op, &vm.id).await {
-                    tracing::warn!(vm = %vm.name, error = %e.message, "could not remove NAT rules");
+                    tracing::warn!(vm = %vm.name, error = %e.message, "could not remove NAT rules; will retry");
+                    network_clean = false;
                 }
             }
             if let Err(e) = self.network.detach(&op, tap).await {
-                tracing::warn!(vm = %vm.name, tap = %tap, error = %e.message, "could not delete the tap");
+                tracing::warn!(vm = %vm.name, tap = %tap, error = %e.message, "could not delete the tap; will retry");
+                network_clean = false;
+            }
+        }
+        let mut unclean = self.unclean.lock().unwrap_or_else(|p| p.into_inner());
+        if network_clean {
+            unclean.remove(&vm.id);
+        } else {
+            unclean.insert(vm.id.clone());
+        }
+        tracing::info!(
+            vm = %vm.name,
+            pids = ?pids,
+            tap = vm.runtime.tap.as_deref().unwrap_or(""),
+            nat = vm.spec.nat,
+            network_clean,
+            "teardown: processes signalled, sockets removed, network released"
+        );
+        network_clean
+    }
+
+    /// Retries the network teardown of VMs whose last one failed (the
+    /// watcher calls this), each under an op id of its own.
+    pub(super) async fn retry_unclean(&self) {
+        let ids: Vec<String> = self
+            .unclean
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for id in ids {
+            let lock = self.lock_for(&id);
+            let Ok(_g) = lock.try_lock() else { continue };
+            match self.store.get_vm(&id) {
+                Ok(Some(vm)) if !self.is_alive(&vm) => {
+                    banger_proto::opid::run_as(banger_proto::OpId::mint(), "vm.teardown.retry", async {
+                        if vm.runtime.state == banger_store::VmState::Deleting {
+                            let _ = self.finish_delete(&vm).await;
+                        } else {
+                            self.teardown(&vm, None).await;
+                        }
+                    })
+                    .await
+                }
+                Ok(Some(_)) => {}
+                // Deleted since: its tap name is still known only here.
+                _ => {
+                    self.unclean.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                }
             }
         }
     }
