@@ -367,3 +367,25 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     refused(&env, &["vm", "exec", "ghost", "--", "true"], "not_found", "ghost");
     assert_nothing_left(&env);
 }
+
+#[test]
+fn teardown_never_signals_a_process_banger_did_not_start() {
+    let env = Env::with_image();
+    env.create_small("tailed", &[]);
+    let dir = env.vm("tailed")["vm_dir"].as_str().unwrap().to_string();
+    // A user following the console: its command line names the VM's files.
+    let mut tail = std::process::Command::new("tail")
+        .args(["-f", &format!("{dir}/serial.log")])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    env.banger_ok(&["vm", "kill", "tailed"]);
+    env.banger_ok(&["vm", "start", "tailed"]);
+    env.banger_ok(&["vm", "delete", "tailed"]);
+    assert!(
+        tail.try_wait().unwrap().is_none(),
+        "banger signalled the user's tail -f"
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
+}

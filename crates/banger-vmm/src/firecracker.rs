@@ -329,7 +329,7 @@ impl Vmm for Firecracker {
         let vmm_log = dir.join("vmm.log");
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.arg("--api-sock").arg(&paths.api);
-        let pid = process::spawn_detached(&mut cmd, &vmm_log)?;
+        let pid = process::spawn_detached(&mut cmd, &vmm_log, &marker)?;
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             if UnixStream::connect(&paths.api).await.is_ok() {

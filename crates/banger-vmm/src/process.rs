@@ -1,15 +1,27 @@
 //! Supervising VMM processes by PID. They are started in their own session
 //! so they outlive the daemon; after a daemon restart they are found again
-//! by PID and checked against a marker in their command line, so a recycled
-//! PID is never mistaken for a VM.
+//! by PID.
+//!
+//! Identity: every process banger starts for a VM carries the environment
+//! entry `BANGER_VM_DIR=<vm dir>` (the marker). A process belongs to a VM
+//! only if that exact entry is in its environment, so a recycled PID, or a
+//! user's `tail -f <vm dir>/serial.log`, is never mistaken for (or
+//! signalled as) one of its processes. Only when the environment cannot be
+//! read (a process that made itself non-dumpable) does an argument that
+//! *is* a path inside the VM directory stand in for it.
 
 use crate::VmmError;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// Spawns `cmd` detached (new session, stdio to `log`). Returns its PID.
-pub fn spawn_detached(cmd: &mut tokio::process::Command, log: &Path) -> Result<u32, VmmError> {
+/// The environment variable that names the VM a process was started for.
+pub const MARKER_ENV: &str = "BANGER_VM_DIR";
+
+/// Spawns `cmd` detached (new session, stdio to `log`), marked as belonging
+/// to the VM whose directory is `marker`. Returns its PID.
+pub fn spawn_detached(cmd: &mut tokio::process::Command, log: &Path, marker: &str) -> Result<u32, VmmError> {
+    cmd.env(MARKER_ENV, marker);
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -39,8 +51,33 @@ pub fn spawn_detached(cmd: &mut tokio::process::Command, log: &Path) -> Result<u
     Ok(pid)
 }
 
-/// Is `pid` a live (non-zombie) process whose command line contains `marker`?
-/// This is the one answer to "is this VM's process alive".
+/// Does the process carry `marker` as its exact `BANGER_VM_DIR`?
+fn belongs(pid: u32, marker: &str) -> bool {
+    if marker.is_empty() {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(env) => {
+            let want = format!("{MARKER_ENV}={marker}");
+            env.split(|&b| b == 0).any(|e| e == want.as_bytes())
+        }
+        // Unreadable environment: an argument that is a path in the VM
+        // directory (never a mere substring of one).
+        Err(_) => match std::fs::read(format!("/proc/{pid}/cmdline")) {
+            Ok(c) => {
+                let dir = format!("{}/", marker.trim_end_matches('/'));
+                c.split(|&b| b == 0)
+                    .skip(1)
+                    .any(|a| a.starts_with(dir.as_bytes()) || a == marker.as_bytes())
+            }
+            Err(_) => false,
+        },
+    }
+}
+
+/// Is `pid` a live (non-zombie) process that banger started for the VM
+/// whose directory is `marker`? The one answer to "is this VM's process
+/// alive".
 pub fn alive(pid: u32, marker: &str) -> bool {
     if pid == 0 {
         return false;
@@ -56,10 +93,7 @@ pub fn alive(pid: u32, marker: &str) -> bool {
     if matches!(state, Some("Z") | Some("X") | None) {
         return false;
     }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(c) => String::from_utf8_lossy(&c).contains(marker),
-        Err(_) => false,
-    }
+    belongs(pid, marker)
 }
 
 /// Waits until the process is gone or the deadline passes.
@@ -102,8 +136,8 @@ pub async fn kill(pid: u32, marker: &str) {
     }
 }
 
-/// Every live process whose command line contains `marker` (a VM's
-/// directory). Used to tear a VM down when its scratch file is lost.
+/// Every live process banger started for the VM whose directory is
+/// `marker`. Used to tear a VM down when its handles file is lost.
 pub fn find_by_marker(marker: &str) -> Vec<u32> {
     let me = std::process::id();
     std::fs::read_dir("/proc")
@@ -113,4 +147,41 @@ pub fn find_by_marker(marker: &str) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me && alive(pid, marker))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that merely names the VM directory is not the VM's; one
+    /// started with the marker is, and only for that exact directory.
+    #[tokio::test]
+    async fn identity_is_the_marker_not_a_path_in_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().display().to_string();
+        let log = dir.path().join("log");
+        let mut tail = std::process::Command::new("sleep")
+            .arg("30")
+            .arg(format!("{marker}/serial.log"))
+            .spawn()
+            .unwrap();
+        let mut ours = tokio::process::Command::new("sleep");
+        ours.arg("30");
+        let pid = spawn_detached(&mut ours, &log, &marker).unwrap();
+        assert!(alive(pid, &marker));
+        assert!(!alive(pid, &format!("{marker}-other")));
+        assert!(
+            !alive(pid, &marker[..marker.len() - 1]),
+            "a prefix is not the marker"
+        );
+        assert!(
+            !alive(tail.id(), &marker),
+            "a process naming a VM file is not the VM's"
+        );
+        assert_eq!(find_by_marker(&marker), vec![pid]);
+        kill(pid, &marker).await;
+        assert!(!alive(pid, &marker));
+        let _ = tail.kill();
+        let _ = tail.wait();
+    }
 }

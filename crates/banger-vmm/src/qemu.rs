@@ -170,7 +170,7 @@ impl Vmm for Qemu {
             // need fewer credit round trips with the guest.
             .arg("--tx-buffer-size")
             .arg((1u32 << 20).to_string());
-        let vpid = process::spawn_detached(&mut vcmd, &log)?;
+        let vpid = process::spawn_detached(&mut vcmd, &log, &marker)?;
         let end = Instant::now() + Duration::from_secs(10);
         while !vhost.exists() {
             if !process::alive(vpid, &marker) || Instant::now() > end {
@@ -201,7 +201,7 @@ impl Vmm for Qemu {
                 });
             }
         }
-        let qpid = match process::spawn_detached(&mut qcmd, &log) {
+        let qpid = match process::spawn_detached(&mut qcmd, &log, &marker) {
             Ok(p) => p,
             Err(e) => {
                 process::kill(vpid, &marker).await;
