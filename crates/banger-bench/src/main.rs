@@ -5,11 +5,16 @@
 //!   banger-bench run-vs-qemu   `vm run --rm -- true` vs a hand-made QEMU boot
 //!   banger-bench guest-output  guest→host (`vm exec cat`) vs host→guest
 //!                              (workspace copy) of the same file
+//!   banger-bench chaos         random lifecycle commands while bangerd,
+//!                              the helper, a VMM or the client is killed;
+//!                              checks the invariants after each round
 //!   banger-bench fc-start      `vm start` of a tiny guest vs configuring
 //!                              firecracker by hand (needs --firecracker)
 //!
 //! It drives the release or debug binaries next to itself with a private
 //! BANGER_HOME (default target/bench-home, kept so the image is built once).
+
+mod chaos;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -49,6 +54,15 @@ enum Cmd {
     GuestOutput {
         #[arg(long, default_value_t = 64)]
         megabytes: usize,
+    },
+    /// Kill -9 of bangerd, the helper, a VMM or the client at random
+    /// moments of random lifecycle commands; invariants after each round.
+    Chaos {
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        /// Replays a run (printed at its start).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     FcStart {
         #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
@@ -638,6 +652,10 @@ async fn main() -> Result<()> {
             megabytes,
             content,
         } => workspace_copy(&b, cli.runs, files, megabytes, content == "random").await?,
+        Cmd::Chaos { rounds, seed } => {
+            chaos::run(&b.bin, &b.home, rounds, seed)?;
+            return Ok(());
+        }
         Cmd::GuestOutput { megabytes } => guest_output(&b, cli.runs, megabytes)?,
         Cmd::FcStart { firecracker } => {
             b.env = vec![

@@ -135,6 +135,31 @@ fn strip_block(text: &str) -> String {
     out
 }
 
+/// The user's ssh config, or "" when there is none yet. Any other failure
+/// to read it stops the command: a config banger could not read is never
+/// rewritten (that would replace it with banger's block alone).
+fn read_config(file: &Path) -> Result<String> {
+    match std::fs::read(file) {
+        Ok(b) => {
+            String::from_utf8(b).map_err(|_| anyhow!("{} is not UTF-8 text; not touching it", file.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(anyhow!("cannot read {}: {e}; not touching it", file.display())),
+    }
+}
+
+/// Replaces the config atomically (a crash leaves the old or the new file,
+/// never a truncated one), keeping it private.
+fn replace_config(file: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = file.with_extension("banger-tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
 /// Writes banger's `Host *.vm` config and includes it from `file`.
 pub async fn install(c: &Client, file: Option<PathBuf>, state_dir: &Path) -> Result<i32> {
     let info = c.call::<d::SshInfoM>(&Empty {}, None).await?;
@@ -175,16 +200,14 @@ pub async fn install(c: &Client, file: Option<PathBuf>, state_dir: &Path) -> Res
             banger_config::ensure_private_dir(dir, 0o700)?;
         }
     }
-    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    let text = read_config(&file)?;
     // At the top: an Include inside a Host block would only apply there.
     let new = format!(
         "{BEGIN}\nInclude {}\n{END}\n{}",
         ours.display(),
         strip_block(&text)
     );
-    std::fs::write(&file, new)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+    replace_config(&file, &new)?;
     println!(
         "`ssh NAME.vm` now works: {} includes {}",
         file.display(),
@@ -198,8 +221,8 @@ pub fn uninstall(file: Option<PathBuf>) -> Result<i32> {
         Some(f) => f,
         None => default_user_config()?,
     };
-    let text = std::fs::read_to_string(&file).unwrap_or_default();
-    std::fs::write(&file, strip_block(&text))?;
+    let text = read_config(&file)?;
+    replace_config(&file, &strip_block(&text))?;
     println!("removed banger's block from {}", file.display());
     Ok(0)
 }
@@ -207,6 +230,24 @@ pub fn uninstall(file: Option<PathBuf>) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_config_is_never_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config");
+        std::fs::write(&file, b"Host a\n  User \xff\n").unwrap();
+        assert!(uninstall(Some(file.clone())).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"Host a\n  User \xff\n");
+        // A directory where the file should be: refused, left alone.
+        let d = dir.path().join("cfgdir");
+        std::fs::create_dir(&d).unwrap();
+        assert!(uninstall(Some(d.clone())).is_err());
+        assert!(d.is_dir());
+        // No config yet: created.
+        let fresh = dir.path().join("fresh");
+        uninstall(Some(fresh.clone())).unwrap();
+        assert!(fresh.exists());
+    }
 
     #[test]
     fn the_block_is_removed_and_the_rest_kept() {

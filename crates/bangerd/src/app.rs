@@ -6,6 +6,7 @@ use crate::image::ImageService;
 use crate::kernel::KernelService;
 use crate::network::NetworkService;
 use crate::ops::Operations;
+use crate::sync::Locked;
 use crate::vm::{Settings, VmService};
 use banger_config::Config;
 use banger_proto::methods::daemon as d;
@@ -101,7 +102,7 @@ impl App {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             socket: self.cfg.daemon_socket().display().to_string(),
             state_dir: self.cfg.state_dir.display().to_string(),
-            dns: self.dns_addr.lock().unwrap().map(|a| a.to_string()),
+            dns: self.dns_addr.locked().map(|a| a.to_string()),
         }
     }
 }

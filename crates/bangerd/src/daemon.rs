@@ -1,6 +1,7 @@
 //! Process-level concerns: the single-instance lock, the socket, signals.
 
 use crate::app::{self, App};
+use crate::sync::Locked;
 use anyhow::{bail, Context, Result};
 use banger_config::{ensure_private_dir, Config};
 use banger_store::Store;
@@ -51,7 +52,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         match app.cfg.dns_listen.parse::<std::net::SocketAddr>() {
             Ok(addr) => match crate::dns::bind(addr).await {
                 Ok((sock, local)) => {
-                    *app.dns_addr.lock().unwrap() = Some(local);
+                    *app.dns_addr.locked() = Some(local);
                     let vms = app.vms.clone();
                     let lookup: crate::dns::Lookup = Arc::new(move |name: &str| vms.resolve(name));
                     let stop = shutdown.clone();
@@ -60,7 +61,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     let first = std::sync::Mutex::new(Some(sock));
                     supervise("dns server", shutdown.clone(), move || {
                         let (lookup, stop) = (lookup.clone(), stop.clone());
-                        let sock = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        let sock = first.locked().take();
                         async move {
                             let sock = match sock {
                                 Some(s) => s,

@@ -154,7 +154,9 @@ impl ImageService {
             if !force {
                 return Ok(existing);
             }
-            self.delete(name)?;
+            // Built beside the old image, which stays until the new one
+            // is complete: a failed rebuild loses nothing.
+            self.ensure_unused(name)?;
         }
         let kernel = self.kernels.ensure(progress).await?;
         std::fs::create_dir_all(&self.dir).map_err(io("creating the images directory"))?;
@@ -222,6 +224,10 @@ impl ImageService {
         )
         .await?;
         let dest_dir = self.dir.join(name);
+        // The swap: only now does the old image (record and files) go.
+        if self.store.get_image(name).map_err(store_err)?.is_some() {
+            self.store.delete_image(name).map_err(store_err)?;
+        }
         let _ = std::fs::remove_dir_all(&dest_dir);
         std::fs::create_dir_all(&dest_dir).map_err(io("creating the image directory"))?;
         let dest = dest_dir.join("rootfs.ext4");
@@ -269,8 +275,8 @@ impl ImageService {
     }
 
     /// Deletes an image no VM uses. Files are removed only for images banger built.
-    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
-        let rec = self.get(name)?;
+    /// Refuses when a VM uses the image.
+    fn ensure_unused(&self, name: &str) -> Result<(), RpcError> {
         let users: Vec<String> = self
             .store
             .list_vms()
@@ -285,6 +291,12 @@ impl ImageService {
                 users.join(", ")
             )));
         }
+        Ok(())
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
+        let rec = self.get(name)?;
+        self.ensure_unused(name)?;
         self.store.delete_image(name).map_err(store_err)?;
         if rec.source != SOURCE_REGISTERED {
             let _ = std::fs::remove_dir_all(self.dir.join(name));

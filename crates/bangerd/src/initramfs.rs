@@ -3,6 +3,7 @@
 //! agent. Written as a newc cpio directly (no external cpio needed), cached
 //! per (kernel, agent, init script) so a rebuild of the agent is picked up.
 
+use crate::sync::Locked;
 use crate::sys::io;
 use banger_proto::methods::daemon::KernelInfo;
 use banger_proto::RpcError;
@@ -155,20 +156,14 @@ pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
         stamp(inputs.agent)?,
         stamp(inputs.busybox)?
     );
-    if let Some(p) = BUILT
-        .lock()
-        .unwrap()
-        .get_or_insert_with(Default::default)
-        .get(&key)
-    {
+    if let Some(p) = BUILT.locked().get_or_insert_with(Default::default).get(&key) {
         if p.exists() {
             return Ok(p.clone());
         }
     }
     let path = build(inputs)?;
     BUILT
-        .lock()
-        .unwrap()
+        .locked()
         .get_or_insert_with(Default::default)
         .insert(key, path.clone());
     Ok(path)

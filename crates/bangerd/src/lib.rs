@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod network;
 pub mod ops;
 pub mod ssh;
+pub mod sync;
 pub mod sys;
 pub mod vm;
 pub mod workspace;

@@ -8,6 +8,7 @@
 //! a hang-up only detaches the client. A panic ends the operation with an
 //! error instead of leaving it "running" for ever.
 
+use crate::sync::Locked;
 use banger_proto::methods::daemon::OperationInfo;
 use banger_proto::{opid, OpId, RpcError};
 use std::collections::BTreeMap;
@@ -88,7 +89,7 @@ impl Operations {
     fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<Key, Op>, u64)> {
         // The registry holds plain data; a panic elsewhere cannot leave it
         // half-updated, so a poisoned lock is still good to use.
-        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+        self.ops.locked()
     }
 
     /// The operation `kind` begun by `id`.

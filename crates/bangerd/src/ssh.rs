@@ -4,6 +4,7 @@
 //! is read over vsock, a channel only the host can use, so the pin is
 //! trustworthy; a later change fails in ssh as a possible MITM.
 
+use crate::sync::Locked;
 use crate::sys;
 use banger_proto::RpcError;
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ impl SshService {
     /// Pins `host_key` ("ssh-ed25519 AAAA...") for the VM's names unless a
     /// pin exists: first use wins.
     pub fn pin(&self, name: &str, ip: Option<&str>, host_key: &str) -> Result<(), RpcError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = self.lock.locked();
         let path = self.known_hosts();
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let alias = format!("{name}.vm");
@@ -84,7 +85,7 @@ impl SshService {
 
     /// Removes every pin of the VM (by name and by address).
     pub fn forget(&self, name: &str, ip: Option<&str>) -> Result<(), RpcError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = self.lock.locked();
         let path = self.known_hosts();
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(());

@@ -9,6 +9,7 @@ use super::alloc::{self, mac_for};
 use super::handles::{self, VmHandles};
 use super::state::Lifecycle;
 use super::{current_op, VmService};
+use crate::sync::Locked;
 use banger_proto::methods::agent as a;
 use banger_proto::methods::daemon::VmInfo;
 use banger_proto::{OpId, RpcError};
@@ -137,7 +138,7 @@ impl VmService {
             self.teardown(vm, Some(&h)).await;
             return Err((RpcError::failed(format!("writing handles.json: {e}")), false));
         }
-        self.handles.lock().unwrap().insert(vm.id.clone(), h);
+        self.handles.locked().insert(vm.id.clone(), h);
         // Saved together with the Running state: until then handles.json
         // is what a restarted daemon adopts from.
         vm.runtime.api_socket = launched.api_socket.display().to_string();

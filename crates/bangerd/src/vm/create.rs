@@ -13,6 +13,7 @@ use super::{names, VmService};
 use crate::image::store_err;
 use crate::kernel;
 use crate::ops::OpHandle;
+use crate::sync::Locked;
 use crate::sys::{self, io};
 use banger_proto::methods::daemon::{StageInfo, VmCreate, VmCreateBegun, VmCreateStatus};
 use banger_proto::methods::Empty;
@@ -52,10 +53,7 @@ impl VmService {
         }
         let op = self.ops.begin(&ctx.op_id, "vm.create", &name);
         let cancel = CancellationToken::new();
-        self.cancels
-            .lock()
-            .unwrap()
-            .insert(ctx.op_id.clone(), cancel.clone());
+        self.cancels.locked().insert(ctx.op_id.clone(), cancel.clone());
         let svc = self.clone();
         let start = p.start;
         let vm_name = name.clone();
@@ -64,7 +62,7 @@ impl VmService {
         // whether or not anyone polls it.
         drop(op.run(async move {
             let res = svc.create(&handle, &vm_name, spec, start, &cancel).await;
-            svc.cancels.lock().unwrap().remove(handle.id());
+            svc.cancels.locked().remove(handle.id());
             res.map(|_| ())
         }));
         Ok(VmCreateBegun {
@@ -98,7 +96,7 @@ impl VmService {
     pub fn create_cancel(&self, op_id: &str) -> Result<Empty, RpcError> {
         let id =
             OpId::parse(op_id).ok_or_else(|| RpcError::bad_request(format!("invalid op id {op_id:?}")))?;
-        match self.cancels.lock().unwrap().get(&id) {
+        match self.cancels.locked().get(&id) {
             Some(t) => {
                 t.cancel();
                 Ok(Empty {})

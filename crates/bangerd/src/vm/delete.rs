@@ -7,6 +7,7 @@
 use super::state::Lifecycle;
 use super::VmService;
 use crate::image::store_err;
+use crate::sync::Locked;
 use crate::sys::io;
 use banger_proto::{OpId, RpcError};
 use banger_store::{VmRecord, VmState};
@@ -53,11 +54,8 @@ impl VmService {
                 .map_err(io(format!("removing {}", dir.display())))?;
         }
         self.store.delete_vm(&vm.id).map_err(store_err)?;
-        self.locks.lock().unwrap().remove(&vm.id);
-        self.interrupts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vm.id);
+        self.locks.locked().remove(&vm.id);
+        self.interrupts.locked().remove(&vm.id);
         let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
         if let Err(e) = self.ssh.forget(&vm.name, ip) {
             tracing::warn!(vm = %vm.name, error = %e.message, "could not remove known_hosts entries");

@@ -4,6 +4,7 @@
 
 use super::handles::VmHandles;
 use super::{agent, VmService};
+use crate::sync::Locked;
 use banger_proto::methods::agent as a;
 use banger_proto::{Ctx, OpId, RpcError};
 use banger_store::VmRecord;
@@ -51,7 +52,7 @@ impl VmService {
         let st = agent::call::<a::Exec>(uds, op, &req, move |ev| {
             use base64::Engine;
             if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
-                let mut o = sink.lock().unwrap();
+                let mut o = sink.locked();
                 match ev.stream {
                     a::StreamName::Stdout => o.0.extend(b),
                     a::StreamName::Stderr => o.1.extend(b),
@@ -59,7 +60,7 @@ impl VmService {
             }
         })
         .await?;
-        let (stdout, stderr) = std::mem::take(&mut *out.lock().unwrap());
+        let (stdout, stderr) = std::mem::take(&mut *out.locked());
         if st.shell_code() != 0 {
             return Err(RpcError::failed(format!(
                 "guest command failed ({}): {}",

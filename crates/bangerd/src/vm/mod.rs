@@ -40,6 +40,7 @@ use crate::image::{store_err, ImageService};
 use crate::network::NetworkService;
 use crate::ops::Operations;
 use crate::ssh::SshService;
+use crate::sync::Locked;
 use banger_proto::{OpId, RpcError};
 use banger_store::{Store, VmRecord};
 use banger_vmm::process;
@@ -109,7 +110,7 @@ impl VmService {
 
     /// The token `kill` fires for this VM; a fresh one once fired.
     fn interrupt_token(&self, id: &str) -> CancellationToken {
-        let mut m = self.interrupts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.interrupts.locked();
         let t = m.entry(id.to_string()).or_default();
         if t.is_cancelled() {
             *t = CancellationToken::new();
@@ -119,18 +120,13 @@ impl VmService {
 
     /// Cuts short the guest waits of whatever holds this VM's lock.
     fn interrupt(&self, id: &str) {
-        if let Some(t) = self.interrupts.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(t) = self.interrupts.locked().get(id) {
             t.cancel();
         }
     }
 
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap()
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+        self.locks.locked().entry(id.to_string()).or_default().clone()
     }
 
     /// Takes the VM's lifecycle lock and re-reads the record under it (an
@@ -156,7 +152,7 @@ impl VmService {
     }
 
     fn cached(&self, id: &str) -> Option<VmHandles> {
-        self.handles.lock().unwrap().get(id).cloned()
+        self.handles.locked().get(id).cloned()
     }
 
     /// The one answer to "is this VM alive": its VMM process, checked

@@ -9,6 +9,7 @@
 use super::handles;
 use super::state::{Lifecycle, Recovery};
 use super::VmService;
+use crate::sync::Locked;
 use banger_proto::{opid, OpId};
 use banger_store::{VmRecord, VmState};
 use banger_vmm::process;
@@ -20,7 +21,7 @@ impl VmService {
     /// lifecycle operation are left to it.
     pub async fn reap_dead(&self) {
         self.retry_unclean().await;
-        let ids: Vec<String> = self.handles.lock().unwrap().keys().cloned().collect();
+        let ids: Vec<String> = self.handles.locked().keys().cloned().collect();
         for id in ids {
             let lock = self.lock_for(&id);
             let Ok(_g) = lock.try_lock() else { continue };
@@ -77,7 +78,7 @@ impl VmService {
                 Recovery::AdoptOrCleanUp => match handles::read(&dir) {
                     Some(h) if process::alive(h.launched.pid, &vm.runtime.vm_dir) => {
                         tracing::info!(vm = %vm.name, pid = h.launched.pid, "reconcile: adopted running VM");
-                        self.handles.lock().unwrap().insert(vm.id.clone(), h);
+                        self.handles.locked().insert(vm.id.clone(), h);
                         adopted += 1;
                     }
                     h => {

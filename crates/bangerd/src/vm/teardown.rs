@@ -7,6 +7,7 @@
 
 use super::handles::{self, VmHandles};
 use super::{current_op, VmService};
+use crate::sync::Locked;
 use banger_store::VmRecord;
 use banger_vmm::process;
 use std::path::Path;
@@ -49,7 +50,7 @@ impl VmService {
             }
         }
         handles::remove(dir);
-        self.handles.lock().unwrap().remove(&vm.id);
+        self.handles.locked().remove(&vm.id);
         // Host network resources: the tap, and NAT rules (looked up by tag,
         // so a crash between adding and recording them cannot leak one).
         // A failure is remembered and retried by the watcher: a helper
@@ -68,7 +69,7 @@ impl VmService {
                 network_clean = false;
             }
         }
-        let mut unclean = self.unclean.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unclean = self.unclean.locked();
         if network_clean {
             unclean.remove(&vm.id);
         } else {
@@ -88,13 +89,7 @@ impl VmService {
     /// Retries the network teardown of VMs whose last one failed (the
     /// watcher calls this), each under an op id of its own.
     pub(super) async fn retry_unclean(&self) {
-        let ids: Vec<String> = self
-            .unclean
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let ids: Vec<String> = self.unclean.locked().iter().cloned().collect();
         for id in ids {
             let lock = self.lock_for(&id);
             let Ok(_g) = lock.try_lock() else { continue };
@@ -112,7 +107,7 @@ impl VmService {
                 Ok(Some(_)) => {}
                 // Deleted since: its tap name is still known only here.
                 _ => {
-                    self.unclean.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    self.unclean.locked().remove(&id);
                 }
             }
         }

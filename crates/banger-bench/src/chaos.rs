@@ -1,0 +1,462 @@
+//! `banger-bench chaos`: random lifecycle commands on a few real guests
+//! while bangerd, the root helper, a VMM or the client itself is killed
+//! with SIGKILL at a random moment. After each round, once every
+//! operation has settled, the invariants are checked:
+//!
+//! - no command hung (each ends within its deadline, with a status);
+//! - no VM is left in an intermediate state (creating, starting, stopping,
+//!   deleting);
+//! - every VM recorded running has a live VMM, its tap, and answers `exec`;
+//! - every VM recorded stopped has no process, no tap, no NAT rule and no
+//!   socket file;
+//! - no process, tap, NAT rule or VM directory belongs to no VM.
+//!
+//! The whole stack runs in a network namespace of its own (the process
+//! unshares one at start), so taps, the bridge and nft rules never touch
+//! the host's network. Needs root.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one command may take before it counts as hung.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(240);
+/// How long the invariants may take to hold after a round (a VMM killed
+/// behind the daemon's back is reaped by the watcher within about 1 s; a
+/// killed helper comes back with the next command).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
+const VMS: [&str; 3] = ["chaos0", "chaos1", "chaos2"];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*: plenty for picking moves.
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Chaos {
+    bin: PathBuf,
+    home: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Victim {
+    Nobody,
+    Client,
+    Daemon,
+    Helper,
+    Vmm,
+}
+
+impl Chaos {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(self.bin.join("banger"));
+        c.env("BANGER_HOME", &self.home)
+            .env("BANGER_RUNTIME_DIR", self.home.join("run"))
+            .env("BANGER_HELPER_SOCKET", self.home.join("helper.sock"))
+            .env("BANGER_DNS_LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn banger(&self, args: &[&str]) -> Result<String> {
+        let out = self.cmd().args(args).output()?;
+        if !out.status.success() {
+            bail!("banger {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn vms(&self) -> Result<Vec<Value>> {
+        let v: Value = serde_json::from_str(&self.banger(&["vm", "list", "--json"])?)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    fn pid_file(&self, name: &str) -> Option<i32> {
+        std::fs::read_to_string(self.home.join("run").join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Waits until the daemon (restarted by the call if it was killed) has
+    /// no unfinished operation.
+    fn settle(&self) -> Result<()> {
+        let end = Instant::now() + SETTLE_DEADLINE * 4;
+        loop {
+            if let Ok(out) = self.banger(&["daemon", "operations", "--json"]) {
+                let ops: Value = serde_json::from_str(&out)?;
+                if ops
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|o| o["done"].as_bool() == Some(true)))
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > end {
+                bail!("operations still running after {:?}", SETTLE_DEADLINE * 4);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every invariant violation visible now.
+    fn violations(&self) -> Result<Vec<String>> {
+        let mut v = Vec::new();
+        let vms = self.vms()?;
+        let taps = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-o", "link", "show", "type", "tun"])
+                .output()?
+                .stdout,
+        )
+        .into_owned();
+        let nft = String::from_utf8_lossy(
+            &Command::new("nft")
+                .args(["list", "table", "inet", "banger"])
+                .output()?
+                .stdout,
+        )
+        .into_owned();
+        let vms_dir = self.home.join("vms");
+        let mut known_dirs = Vec::new();
+        for vm in &vms {
+            let name = vm["name"].as_str().unwrap_or("?");
+            let id = vm["id"].as_str().unwrap_or("?");
+            let dir = vm["vm_dir"].as_str().unwrap_or("").to_string();
+            let tap = format!("bgt{}", &id[..8.min(id.len())]);
+            known_dirs.push(dir.clone());
+            let procs = processes_in(&dir);
+            match vm["state"].as_str() {
+                Some("running") => {
+                    if !vm["pid"].is_u64() {
+                        v.push(format!("{name}: recorded running without a live VMM"));
+                    } else if self.banger(&["vm", "exec", name, "--", "true"]).is_err() {
+                        v.push(format!("{name}: recorded running but exec fails"));
+                    }
+                    if !taps.contains(&tap) {
+                        v.push(format!("{name}: running without its tap {tap}"));
+                    }
+                }
+                Some("stopped") => {
+                    if !procs.is_empty() {
+                        v.push(format!("{name}: recorded stopped while {procs:?} run"));
+                    }
+                    if taps.contains(&tap) {
+                        v.push(format!("{name}: stopped but its tap {tap} exists"));
+                    }
+                    if nft.contains(&format!("banger:{id}")) {
+                        v.push(format!("{name}: stopped but NAT rules remain"));
+                    }
+                    let socks: Vec<String> = std::fs::read_dir(&dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|f| f.contains(".sock"))
+                        .collect();
+                    if !socks.is_empty() {
+                        v.push(format!("{name}: stopped but sockets remain: {socks:?}"));
+                    }
+                }
+                other => v.push(format!("{name}: left in state {other:?}")),
+            }
+        }
+        // Anything that belongs to no VM.
+        for e in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
+            let d = e.path().display().to_string();
+            if !known_dirs.contains(&d) {
+                v.push(format!("orphan VM directory {d}"));
+                let p = processes_in(&d);
+                if !p.is_empty() {
+                    v.push(format!("orphan processes {p:?} for {d}"));
+                }
+            }
+        }
+        for line in taps.lines() {
+            if let Some(tap) = line
+                .split(':')
+                .nth(1)
+                .map(|t| t.trim().split('@').next().unwrap_or(""))
+            {
+                if tap.starts_with("bgt")
+                    && !vms.iter().any(|vm| {
+                        vm["id"]
+                            .as_str()
+                            .is_some_and(|id| tap == format!("bgt{}", &id[..8]))
+                    })
+                {
+                    v.push(format!("orphan tap {tap}"));
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// Invariants, given time to hold (watcher, helper restart).
+    fn check(&self) -> Result<Vec<String>> {
+        let end = Instant::now() + SETTLE_DEADLINE;
+        loop {
+            self.settle()?;
+            let v = self.violations()?;
+            if v.is_empty() || Instant::now() > end {
+                return Ok(v);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn kill(&self, victim: Victim, child: &mut std::process::Child, rng: &mut Rng) -> Option<i32> {
+        let pid = match victim {
+            Victim::Nobody => return None,
+            Victim::Client => child.id() as i32,
+            Victim::Daemon => self.pid_file("bangerd.pid")?,
+            Victim::Helper => helper_pid(&self.home.join("helper.sock"))?,
+            Victim::Vmm => {
+                let vms = self.vms().ok()?;
+                let pids: Vec<i32> = vms
+                    .iter()
+                    .filter_map(|v| v["pid"].as_i64())
+                    .map(|p| p as i32)
+                    .collect();
+                *pids.get(rng.below(pids.len().max(1) as u64) as usize)?
+            }
+        };
+        // SAFETY: a process of this chaos run (its client, daemon, helper or a VMM).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        Some(pid)
+    }
+}
+
+/// Processes whose command line names `dir` (a VM directory).
+fn processes_in(dir: &str) -> Vec<u32> {
+    if dir.is_empty() {
+        return vec![];
+    }
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                == Some("Z");
+            !zombie
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(dir))
+                    .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The helper serving `sock` (found by its command line).
+fn helper_pid(sock: &Path) -> Option<i32> {
+    let s = sock.display().to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("banger-helper") && c.contains(&s)
+            })
+        })
+}
+
+/// Moves into a network namespace of our own, loopback up.
+fn private_netns() -> Result<()> {
+    // SAFETY: unshare affects only this process (single-threaded here: it
+    // runs before any runtime thread does network work) and its children.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "unshare(CLONE_NEWNET): {} (chaos needs root)",
+            std::io::Error::last_os_error()
+        );
+    }
+    let st = Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
+    if !st.success() {
+        bail!("ip link set lo up failed");
+    }
+    Ok(())
+}
+
+pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<()> {
+    private_netns()?;
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1
+    });
+    let home = home.join("chaos");
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home)?;
+    let c = Chaos {
+        bin: bin.to_path_buf(),
+        home,
+    };
+    // The default image from the bench home, registered in place.
+    let image: Value = serde_json::from_str(
+        &Command::new(bin.join("banger"))
+            .env("BANGER_HOME", c.home.parent().unwrap())
+            .env("BANGER_RUNTIME_DIR", c.home.parent().unwrap().join("run"))
+            .args(["image", "build", "--json"])
+            .output()
+            .context("building the default image")?
+            .stdout
+            .into_iter()
+            .map(char::from)
+            .collect::<String>(),
+    )
+    .context("image build --json")?;
+    let _ = Command::new(bin.join("banger"))
+        .env("BANGER_HOME", c.home.parent().unwrap())
+        .env("BANGER_RUNTIME_DIR", c.home.parent().unwrap().join("run"))
+        .args(["daemon", "stop"])
+        .output();
+    c.banger(&[
+        "image",
+        "register",
+        "default",
+        "--rootfs",
+        image["rootfs"].as_str().unwrap_or_default(),
+        "--kernel",
+        image["kernel"].as_str().unwrap_or_default(),
+    ])?;
+    println!("chaos: {rounds} rounds, seed {seed}, home {}", c.home.display());
+    let mut rng = Rng(seed);
+    let mut violations = 0usize;
+    let mut kills: BTreeMap<String, usize> = BTreeMap::new();
+    let mut hung = 0usize;
+    let started = Instant::now();
+    for round in 1..=rounds {
+        let name = VMS[rng.below(VMS.len() as u64) as usize];
+        let exists = c.vms()?.iter().any(|v| v["name"] == name);
+        let verb: Vec<&str> = if !exists {
+            let nat = if name == "chaos0" { "--nat" } else { "--no-start" };
+            vec![
+                "vm",
+                "create",
+                "--name",
+                name,
+                "--vcpus",
+                "1",
+                "--memory",
+                "512",
+                "--disk-size",
+                "128",
+                nat,
+            ]
+        } else {
+            match rng.below(7) {
+                0 => vec!["vm", "start", name],
+                1 => vec!["vm", "stop", name],
+                2 => vec!["vm", "restart", name],
+                3 => vec!["vm", "kill", name],
+                4 => vec!["vm", "delete", name],
+                5 => vec![
+                    "vm",
+                    "exec",
+                    name,
+                    "--",
+                    "sh",
+                    "-c",
+                    "head -c 300000 /dev/zero | wc -c",
+                ],
+                _ => vec!["vm", "start", name],
+            }
+        };
+        let victim = match rng.below(10) {
+            0..=2 => Victim::Client,
+            3..=4 => Victim::Daemon,
+            5 => Victim::Helper,
+            6..=7 => Victim::Vmm,
+            _ => Victim::Nobody,
+        };
+        // Kill points spread over how long the verb usually takes here.
+        let slow = matches!(verb[1], "create" | "start" | "restart");
+        let delay = Duration::from_millis(rng.below(if slow { 3000 } else { 900 }));
+        let t = Instant::now();
+        let mut child = c
+            .cmd()
+            .args(&verb)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut killed = None;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break Some(st);
+            }
+            if killed.is_none() && t.elapsed() >= delay {
+                killed = Some(c.kill(victim, &mut child, &mut rng));
+            }
+            if t.elapsed() > COMMAND_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let what = match killed {
+            Some(Some(pid)) => {
+                *kills.entry(format!("{victim:?}")).or_default() += 1;
+                format!("killed {victim:?} ({pid}) at {} ms", delay.as_millis())
+            }
+            _ => "no kill".into(),
+        };
+        let ended = match status {
+            None => {
+                hung += 1;
+                "HUNG".to_string()
+            }
+            Some(st) => format!("exit {}", st.code().map_or("signal".into(), |c| c.to_string())),
+        };
+        let v = c.check()?;
+        violations += v.len();
+        println!(
+            "round {round:>3}: {:<40} {what:<34} {ended:<10} {}",
+            verb[..verb.len().min(3)].join(" "),
+            if v.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("VIOLATIONS: {v:?}")
+            }
+        );
+    }
+    // Clean up what the rounds left.
+    for name in VMS {
+        let _ = c.banger(&["vm", "delete", name]);
+    }
+    let _ = c.banger(&["daemon", "stop"]);
+    if let Some(pid) = helper_pid(&c.home.join("helper.sock")) {
+        // SAFETY: this run's helper.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    println!(
+        "chaos: {rounds} rounds in {:.0} s, kills {kills:?}, hung commands {hung}, violations {violations}",
+        started.elapsed().as_secs_f64()
+    );
+    if violations + hung > 0 {
+        bail!("{violations} violations, {hung} hung commands");
+    }
+    Ok(())
+}
