@@ -1,6 +1,8 @@
 //! PID 1 in the guest. The initramfs has already assembled the root
 //! filesystem and mounted /proc, /sys, /dev, /run and /root; what is left
-//! is the hostname, the agent, and reaping.
+//! is the hostname, what a distribution's init would set up (`system`),
+//! the services (the agent and sshd, both restarted when they exit), and
+//! reaping.
 
 use anyhow::Result;
 use std::process::Command;
@@ -30,12 +32,42 @@ pub fn poweroff() -> ! {
     std::process::exit(0)
 }
 
+/// Restart pacing for a service that keeps exiting: quick at first,
+/// then at most every 10 s, so a service that cannot start neither spins
+/// nor floods the console.
+struct Backoff {
+    delay: Duration,
+    started: std::time::Instant,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            delay: Duration::from_millis(200),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Sleeps before a restart; a service that ran for a while starts over
+    /// with the short delay.
+    fn pause(&mut self) {
+        if self.started.elapsed() > Duration::from_secs(30) {
+            self.delay = Duration::from_millis(200);
+        }
+        std::thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(Duration::from_secs(10));
+        self.started = std::time::Instant::now();
+    }
+}
+
 pub fn run() -> Result<()> {
-    if let Some(name) = cmdline_value("banger.hostname") {
+    let hostname = cmdline_value("banger.hostname");
+    if let Some(name) = &hostname {
         // SAFETY: pointer and length of a live buffer.
         unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
         let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
     }
+    crate::system::prepare(hostname.as_deref());
     std::env::set_var(
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -43,12 +75,18 @@ pub fn run() -> Result<()> {
     std::env::set_var("HOME", "/root");
     // sshd before the agent: once the host can reach the agent, the host
     // key it will pin exists.
-    if let Err(e) = start_sshd() {
-        eprintln!("banger-agent: sshd not started: {e}");
-    }
+    let mut sshd_pid = match start_sshd() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("banger-agent: sshd not started: {e}");
+            None
+        }
+    };
+    let mut sshd_backoff = Backoff::new();
     let exe = std::env::current_exe()?;
     let mut agent = Command::new(&exe).arg("serve").spawn()?;
     let mut agent_pid = agent.id() as i32;
+    let mut agent_backoff = Backoff::new();
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid out-pointer.
@@ -60,9 +98,16 @@ pub fn run() -> Result<()> {
         if pid == agent_pid {
             // The agent must always be there for the host: restart it.
             eprintln!("banger-agent exited ({status}); restarting");
-            std::thread::sleep(Duration::from_millis(200));
+            agent_backoff.pause();
             agent = Command::new(&exe).arg("serve").spawn()?;
             agent_pid = agent.id() as i32;
+        } else if Some(pid) == sshd_pid {
+            eprintln!("banger-agent: sshd exited ({status}); restarting");
+            sshd_backoff.pause();
+            sshd_pid = start_sshd().unwrap_or_else(|e| {
+                eprintln!("banger-agent: sshd not restarted: {e}");
+                None
+            });
         }
     }
 }
@@ -80,10 +125,11 @@ UseDNS no
 ";
 
 /// Makes this VM's own host key on first boot (images ship none, so no two
-/// VMs share one) and starts sshd in the foreground as our child.
-fn start_sshd() -> std::io::Result<()> {
+/// VMs share one) and starts sshd in the foreground as our child; returns
+/// its pid (none for an image without sshd).
+fn start_sshd() -> std::io::Result<Option<i32>> {
     if !std::path::Path::new("/usr/sbin/sshd").exists() {
-        return Ok(());
+        return Ok(None);
     }
     let key = "/etc/ssh/ssh_host_ed25519_key";
     if !std::path::Path::new(key).exists() {
@@ -97,6 +143,6 @@ fn start_sshd() -> std::io::Result<()> {
     std::fs::create_dir_all("/etc/ssh/sshd_config.d")?;
     std::fs::write("/etc/ssh/sshd_config.d/banger.conf", SSHD_DROP_IN)?;
     std::fs::create_dir_all("/run/sshd")?;
-    Command::new("/usr/sbin/sshd").args(["-D", "-e"]).spawn()?;
-    Ok(())
+    let child = Command::new("/usr/sbin/sshd").args(["-D", "-e"]).spawn()?;
+    Ok(Some(child.id() as i32))
 }

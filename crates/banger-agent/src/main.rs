@@ -7,6 +7,7 @@
 mod bulk;
 mod exec;
 mod init;
+mod system;
 
 use anyhow::Result;
 use banger_proto::methods::agent::{self as a, AGENT_PORT};

@@ -1,0 +1,50 @@
+//! The guest is a normal Linux box: a script run in a fresh guest checks
+//! what a distribution's init provides and what build tools and test
+//! suites rely on. Each failed check prints its name.
+
+use banger_tests::Env;
+
+/// One line per check: `ok NAME` or `FAIL NAME`. Runs under bash (the
+/// default image's shell with process substitution).
+const CHECKS: &str = r#"
+check() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "ok $name"; else echo "FAIL $name"; fi; }
+check process-substitution bash -c 'test "$(cat <(echo hi))" = hi'
+check dev-fd test -e /dev/fd/0
+check dev-stdin test -L /dev/stdin
+check dev-stdout test -L /dev/stdout
+check dev-stderr test -L /dev/stderr
+check dev-shm-tmpfs sh -c 'grep -q " /dev/shm tmpfs " /proc/mounts && test "$(stat -c %a /dev/shm)" = 1777'
+check dev-pts sh -c 'grep -q " /dev/pts devpts " /proc/mounts'
+check dev-mqueue sh -c 'grep -q " /dev/mqueue mqueue " /proc/mounts'
+check run-tmpfs sh -c 'grep -q " /run tmpfs " /proc/mounts && test "$(stat -c %a /run)" = 755'
+check cgroup2 sh -c 'grep -q " /sys/fs/cgroup cgroup2 " /proc/mounts && test -e /sys/fs/cgroup/cgroup.controllers'
+check nofile sh -c 'test "$(ulimit -n)" -ge 1048576'
+check etc-hosts grep -q "$(hostname)" /etc/hosts
+check resolve-own-name getent hosts "$(hostname)"
+check utf8-locale sh -c 'case "$LANG" in *UTF-8*) true;; *) false;; esac'
+check inotify-watches sh -c 'test "$(cat /proc/sys/fs/inotify/max_user_watches)" -ge 524288'
+check unprivileged-ping sh -c 'test "$(cat /proc/sys/net/ipv4/ping_group_range | tr -s "\t " " ")" = "0 2147483647"'
+check userns-sandbox unshare --user --pid --mount --fork --map-root-user true
+check clock sh -c 'test "$(date +%s)" -ge "$HOST_EPOCH"'
+check entropy sh -c 'test "$(cat /proc/sys/kernel/random/entropy_avail)" -ge 128'
+sh -c 'sleep 0.2 & exit 0'; sleep 1
+check zombies-reaped sh -c '! grep -qs "^State:.*Z" /proc/[0-9]*/status'
+"#;
+
+#[test]
+fn a_fresh_guest_has_what_a_distribution_gives() {
+    let env = Env::with_image();
+    env.create_small("compat", &[]);
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 5;
+    let script = format!("export HOST_EPOCH={epoch}\n{CHECKS}");
+    let out = env.banger_ok(&["vm", "exec", "compat", "--", "bash", "-c", &script]);
+    let failed: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+    let passed = out.lines().filter(|l| l.starts_with("ok ")).count();
+    assert!(failed.is_empty(), "guest-compat failures: {failed:?}\n{out}");
+    assert_eq!(passed, CHECKS.matches("\ncheck ").count(), "{out}");
+    env.banger_ok(&["vm", "delete", "compat"]);
+}
