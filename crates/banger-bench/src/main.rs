@@ -493,7 +493,7 @@ fn guest_output(b: &Bench, runs: usize, mb: usize) -> Result<()> {
 }
 
 async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/fc-tiny-guests");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../banger-tests/fixtures/fc-tiny-guests");
     let guest = fixtures.join("vsockguest.elf");
     let kdir = b.home.join("tiny-kernel");
     std::fs::create_dir_all(&kdir)?;

@@ -175,6 +175,21 @@ pub fn plan(spec: &LaunchSpec, p: &Paths) -> Vec<Call> {
             },
         ));
     }
+    // The VM's tap, opened by Firecracker itself by name: it must exist in
+    // Firecracker's network namespace and be owned by its uid (the helper
+    // creates it persistent, owned by the daemon's user). The guest's
+    // address is static (kernel command line), so only the MAC is given.
+    if let Some(net) = &spec.net {
+        calls.push(call(
+            "/network-interfaces/eth0",
+            "NetworkInterface",
+            &api::NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: net.tap.clone(),
+                guest_mac: net.mac.clone(),
+            },
+        ));
+    }
     calls.push(call(
         "/vsock",
         "Vsock",

@@ -107,6 +107,29 @@ fn launch_spec() -> LaunchSpec {
     }
 }
 
+/// The network card is really configured: the VM's tap by name with its
+/// MAC, before the instance starts; and no card without a network.
+#[test]
+fn the_network_card_is_sent_before_instance_start() {
+    let ls = launch_spec();
+    let calls = plan(&ls, &Paths::new(&ls.vm_dir));
+    let net = calls
+        .iter()
+        .position(|c| c.method == "PUT" && c.path == "/network-interfaces/eth0")
+        .expect("no PUT /network-interfaces in the plan");
+    let start = calls.iter().position(|c| c.path == "/actions").unwrap();
+    assert!(net < start, "the card is configured after InstanceStart");
+    let body = &calls[net].body;
+    assert_eq!(body["host_dev_name"], "bgt0a1b2c3d");
+    assert_eq!(body["guest_mac"], "52:54:00:0a:1b:2c");
+    assert_eq!(body["iface_id"], "eth0");
+
+    let mut no_net = launch_spec();
+    no_net.net = None;
+    let calls = plan(&no_net, &Paths::new(&no_net.vm_dir));
+    assert!(!calls.iter().any(|c| c.path.starts_with("/network-interfaces")));
+}
+
 #[test]
 fn every_body_banger_sends_matches_the_api_description() {
     let api = spec();

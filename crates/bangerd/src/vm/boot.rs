@@ -107,9 +107,13 @@ impl VmService {
                     return Err((e, false));
                 }
             };
+            // QEMU gets the open tap (it cannot open one unprivileged);
+            // Firecracker opens it by name itself, which fails while
+            // another descriptor is attached, so ours is closed.
+            let fd = (VmmKind::parse(&vm.spec.vmm) == Some(VmmKind::Qemu)).then(|| Arc::new(fd));
             spec.net = Some(banger_vmm::NetSpec {
                 tap,
-                fd: Some(Arc::new(fd)),
+                fd,
                 mac: mac_for(&vm.id),
             });
             if vm.spec.nat {
