@@ -165,7 +165,14 @@ impl Client {
     {
         let (rd, mut wr) = tokio::io::split(stream);
         let mut rd = BufReader::new(rd);
-        write_json(&mut wr, req).await.map_err(|e| self.frame(e))?;
+        if let Err(e) = write_json(&mut wr, req).await {
+            // A server may refuse and close before reading (an unauthorized
+            // caller): its answer is still there to read.
+            return match read_json::<_, Frame>(&mut rd).await {
+                Ok(Some(Frame::Error { error })) => Err(ClientError::Rpc(error)),
+                _ => Err(self.frame(e)),
+            };
+        }
         loop {
             let next = read_json(&mut rd);
             let frame: Option<Frame> = match self.idle_timeout {

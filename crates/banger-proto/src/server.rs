@@ -20,7 +20,30 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// How long a connected client may take to send its request.
-pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest method name that reaches a log line: a peer cannot flood the
+/// log through the one field it controls.
+const MAX_LOGGED_METHOD: usize = 64;
+
+/// A method name as it may appear in a log line: printable, short.
+fn loggable_method(m: &str) -> String {
+    let mut out: String = m
+        .chars()
+        .take(MAX_LOGGED_METHOD)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if m.chars().count() > MAX_LOGGED_METHOD {
+        out.push_str("...");
+    }
+    out
+}
 
 /// Builds a handler that clones the shared state `$state` (an `Arc`) into
 /// each call's future: `handler!(svc, |ctx, params| svc.run(params).await)`.
@@ -165,8 +188,35 @@ impl Router {
                 return;
             }
         };
+        // A caller who may not use the socket is refused before a single
+        // byte is read: it can neither hold the server's memory with a
+        // half-sent frame nor a connection for the read timeout.
+        if let Some(auth) = &self.authorize {
+            if !auth(peer_uid) {
+                self.refuse(stream, peer_uid).await;
+                return;
+            }
+        }
         let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
         self.serve_one(stream, peer_uid, Some(raw)).await
+    }
+
+    async fn refuse(&self, mut stream: UnixStream, peer_uid: u32) {
+        let op = OpId::mint();
+        let label = self.label;
+        let e = RpcError::new(
+            ErrorCode::Unauthorized,
+            format!("uid {peer_uid} may not use this socket"),
+        )
+        .with_op_id(&op);
+        let span = tracing::info_span!("rpc", op_id = %op, method = "", peer_uid);
+        let _e = span.enter();
+        tracing::warn!(duration_ms = 0u64, code = %e.code, error = %e.message, "{label} rpc failed");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            write_json(&mut stream, &Frame::Error { error: e }),
+        )
+        .await;
     }
 
     /// Serves the single request of any byte stream (e.g. vsock), whose
@@ -203,6 +253,7 @@ impl Router {
         };
 
         let fd_slot = call.as_ref().map(|p| p.0.fd.clone()).unwrap_or_default();
+        let method = loggable_method(&method);
         let span = tracing::info_span!("rpc", op_id = %op, method = %method, peer_uid);
         let label = self.label;
         async {
@@ -415,6 +466,44 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_method_names_are_cut_and_cleaned_before_logging() {
+        assert_eq!(loggable_method("vm.create.begin"), "vm.create.begin");
+        assert_eq!(loggable_method("a\nb\u{1b}[31m"), "a?b??31m");
+        let long = "x".repeat(1 << 20);
+        assert_eq!(loggable_method(&long).len(), MAX_LOGGED_METHOD + 3);
+    }
+
+    /// An unauthorized peer is answered without the server reading its
+    /// request: a peer that never sends one gets the refusal at once.
+    #[tokio::test]
+    async fn unauthorized_peers_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let router = Arc::new(Router::new("test").authorize(|_| false));
+        let stop = CancellationToken::new();
+        tokio::spawn(router.serve(listener, stop.clone()));
+        let stream = UnixStream::connect(&sock).await.unwrap();
+        let mut rd = BufReader::new(stream);
+        let frame = tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::frame::read_json::<_, Frame>(&mut rd),
+        )
+        .await
+        .expect("refused at once, without waiting for a request")
+        .unwrap()
+        .unwrap();
+        match frame {
+            Frame::Error { error } => {
+                assert_eq!(error.code, ErrorCode::Unauthorized);
+                assert!(error.op_id.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        stop.cancel();
+    }
     use crate::client::{Client, ClientError};
     use crate::methods::agent::Sync as Slow;
     use crate::methods::Empty;

@@ -63,11 +63,15 @@ pub struct ExitStatus {
 
 impl ExitStatus {
     /// The shell convention: the code, or 128 + the signal number.
+    /// A guest reports these numbers; they are not trusted to be sane: a
+    /// code outside 0-255 (what a process can really exit with) or a
+    /// signal outside 1-64 becomes 255, never a wrapped value that could
+    /// read as success.
     pub fn shell_code(&self) -> i32 {
         match (self.code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => 255,
+            (Some(c), _) if (0..=255).contains(&c) => c,
+            (None, Some(s)) if (1..=64).contains(&s) => 128 + s,
+            _ => 255,
         }
     }
 }
@@ -134,3 +138,22 @@ impl Line for BulkResult {}
 
 /// Largest chunk either side sends or accepts on the bulk port.
 pub const BULK_CHUNK: usize = 256 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_exit_statuses_never_read_as_success() {
+        let st = |code, signal| ExitStatus { code, signal }.shell_code();
+        assert_eq!(st(Some(0), None), 0);
+        assert_eq!(st(Some(7), None), 7);
+        assert_eq!(st(None, Some(15)), 143);
+        assert_eq!(st(Some(i32::MIN), None), 255);
+        assert_eq!(st(Some(256), None), 255);
+        assert_eq!(st(Some(-1), None), 255);
+        assert_eq!(st(None, Some(i32::MAX)), 255);
+        assert_eq!(st(None, Some(-128)), 255);
+        assert_eq!(st(None, None), 255);
+    }
+}
