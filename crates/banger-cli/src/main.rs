@@ -1,5 +1,10 @@
 //! `banger`: the command line. It talks only to the daemon.
 
+// Imports run one way: `args` and `output` at the bottom, `client_ops` on
+// them, the command modules (`vm`, `run`, `ssh`, `image`) on those and
+// never on each other, and this file, which routes, on all.
+mod args;
+mod client_ops;
 mod daemon;
 mod image;
 mod output;
@@ -39,7 +44,7 @@ enum Cmd {
     Network(NetworkCmd),
     /// Virtual machines.
     #[command(subcommand)]
-    Vm(vm::VmCmd),
+    Vm(VmCmd),
     /// Root filesystem images.
     #[command(subcommand)]
     Image(image::ImageCmd),
@@ -58,6 +63,29 @@ enum Cmd {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+}
+
+/// `banger vm ...`, in the order help lists them; each goes to the module
+/// that owns it.
+#[derive(Subcommand)]
+enum VmCmd {
+    // create, start, stop, restart, kill, delete, prune, list, show, logs, exec
+    #[command(flatten)]
+    Machine(vm::MachineCmd),
+    /// Create a VM, copy a git workspace in, run a command, print the result.
+    Run(args::RunArgs),
+    /// Open an SSH session (or run a command) with the system ssh client.
+    Ssh {
+        name: String,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// ProxyCommand for `ssh NAME.vm` (see `banger ssh-config`).
+    #[command(hide = true)]
+    SshProxy { host: String, port: u16 },
+    /// Workspaces in a running VM.
+    #[command(subcommand)]
+    Workspace(vm::WorkspaceCmd),
 }
 
 #[derive(Subcommand)]
@@ -166,7 +194,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             });
         }
-        Cmd::Vm(cmd) => return vm::run(&daemon::connect(&cfg).await?, cmd, json).await,
+        Cmd::Vm(cmd) => {
+            let c = daemon::connect(&cfg).await?;
+            return match cmd {
+                VmCmd::Machine(cmd) => vm::run(&c, cmd, json).await,
+                VmCmd::Run(r) => run::run(&c, r).await,
+                VmCmd::Ssh { name, cmd } => ssh::ssh(&c, &name, &cmd).await,
+                VmCmd::SshProxy { host, port } => ssh::proxy(&c, &host, port).await,
+                VmCmd::Workspace(cmd) => vm::workspace(&c, cmd, json).await,
+            };
+        }
         Cmd::Image(cmd) => return image::run_image(&daemon::connect(&cfg).await?, cmd, json).await,
         Cmd::Kernel(cmd) => return image::run_kernel(&daemon::connect(&cfg).await?, cmd, json).await,
         Cmd::SshConfig {

@@ -1,5 +1,5 @@
-//! Output helpers: JSON or human text, and progress that is live on a
-//! terminal and plain lines otherwise.
+//! Output helpers: JSON or human text, progress that is live on a terminal
+//! and plain lines otherwise, and notices more than one command prints.
 
 use std::io::IsTerminal;
 
@@ -53,4 +53,22 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// Names the untracked files a workspace copy left out, and how to include them.
+pub fn untracked_notice(skipped: &[String]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = skipped.iter().take(5).map(String::as_str).collect();
+    let more = if skipped.len() > 5 {
+        format!(" and {} more", skipped.len() - 5)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "note: {} untracked file(s) not copied (add --include-untracked): {}{more}",
+        skipped.len(),
+        shown.join(", ")
+    );
 }

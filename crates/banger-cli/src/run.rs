@@ -1,7 +1,9 @@
 //! `banger vm run`: the one command. Bad combinations and bad workspaces
 //! are refused before any VM exists.
 
-use crate::vm::{check_name, create, exec, RunArgs};
+use crate::args::{check_name, RunArgs};
+use crate::client_ops::{create, exec, ssh_command};
+use crate::output::untracked_notice;
 use anyhow::{bail, Result};
 use banger_proto::methods::daemon as d;
 use banger_proto::Client;
@@ -9,23 +11,6 @@ use std::time::Duration;
 
 /// How long `--rm` may take to delete the VM, whatever happens to the command.
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(60);
-
-pub fn untracked_notice(skipped: &[String]) {
-    if skipped.is_empty() {
-        return;
-    }
-    let shown: Vec<&str> = skipped.iter().take(5).map(String::as_str).collect();
-    let more = if skipped.len() > 5 {
-        format!(" and {} more", skipped.len() - 5)
-    } else {
-        String::new()
-    };
-    eprintln!(
-        "note: {} untracked file(s) not copied (add --include-untracked): {}{more}",
-        skipped.len(),
-        shown.join(", ")
-    );
-}
 
 pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
     if r.detach && r.rm {
@@ -151,7 +136,7 @@ async fn session(c: &Client, r: &RunArgs, v: &d::VmInfo, plan: Option<&d::Worksp
             Some(_) => vec!["cd /root/repo && exec $SHELL -l".to_string()],
             None => vec![],
         };
-        let mut ssh = crate::ssh::command(c, &v.name, &shell, true).await?;
+        let mut ssh = ssh_command(c, &v.name, &shell, true).await?;
         let st = tokio::task::spawn_blocking(move || ssh.status()).await??;
         return Ok(st.code().unwrap_or(255));
     }

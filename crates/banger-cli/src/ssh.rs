@@ -3,7 +3,9 @@
 //! ~/.ssh/config. The system OpenSSH client does the work, so the user's
 //! own settings and habits apply.
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::args::check_name;
+use crate::client_ops::{guest_ip, ssh_command};
+use anyhow::{anyhow, Context, Result};
 use banger_proto::methods::daemon as d;
 use banger_proto::methods::Empty;
 use banger_proto::Client;
@@ -14,47 +16,10 @@ use std::path::{Path, PathBuf};
 const BEGIN: &str = "# >>> banger (managed by `banger ssh-config`) >>>";
 const END: &str = "# <<< banger <<<";
 
-async fn guest_ip(c: &Client, name: &str) -> Result<Ipv4Addr> {
-    let v = c
-        .call::<d::VmShow>(
-            &d::VmRef {
-                name: name.to_string(),
-            },
-            None,
-        )
-        .await?;
-    if v.state != "running" {
-        bail!("VM {name} is {}: start it with `banger vm start {name}`", v.state);
-    }
-    v.guest_ip
-        .as_deref()
-        .and_then(|g| g.split('/').next()?.parse().ok())
-        .ok_or_else(|| anyhow!("VM {name} has no network address (created with --no-network?)"))
-}
-
-/// The ssh command line for a VM: banger's key and pinned host keys.
-pub async fn command(c: &Client, name: &str, cmd: &[String], tty: bool) -> Result<std::process::Command> {
-    let info = c.call::<d::SshInfoM>(&Empty {}, None).await?;
-    let ip = guest_ip(c, name).await?;
-    let mut ssh = std::process::Command::new("ssh");
-    ssh.args(["-i", &info.key, "-o", "IdentitiesOnly=yes"])
-        .args([
-            "-o",
-            &format!("UserKnownHostsFile={}", info.known_hosts),
-            "-o",
-            "StrictHostKeyChecking=yes",
-        ])
-        .args(["-o", &format!("HostKeyAlias={name}.vm")]);
-    if tty {
-        ssh.arg("-t");
-    }
-    ssh.arg(format!("{}@{ip}", info.user)).args(cmd);
-    Ok(ssh)
-}
-
 /// `banger vm ssh NAME [-- CMD]`: replaces this process with ssh.
 pub async fn ssh(c: &Client, name: &str, cmd: &[String]) -> Result<i32> {
-    let err = command(c, name, cmd, false).await?.exec();
+    check_name(name)?;
+    let err = ssh_command(c, name, cmd, false).await?.exec();
     Err(anyhow!("running ssh: {err}"))
 }
 
@@ -88,7 +53,7 @@ async fn resolve(dns: &str, host: &str) -> Result<Ipv4Addr> {
 /// carry the SSH stream over TCP between stdin/stdout and the guest.
 pub async fn proxy(c: &Client, host: &str, port: u16) -> Result<i32> {
     let name = host.strip_suffix(".vm").unwrap_or(host);
-    crate::vm::check_name(name)?;
+    check_name(name)?;
     let info = c.call::<d::Ping>(&Empty {}, None).await?;
     let ip = match &info.dns {
         Some(dns) => resolve(dns, &format!("{name}.vm")).await?,

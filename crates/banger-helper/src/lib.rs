@@ -2,6 +2,7 @@
 //! validated API. It trusts nothing the daemon sends: each name, address and
 //! path is checked here, whatever the daemon already checked.
 
+pub mod error;
 pub mod nat;
 pub mod net;
 pub mod service;

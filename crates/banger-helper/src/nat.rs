@@ -2,7 +2,7 @@
 //! carries the comment `banger:<vm>`, so a VM's rules are found and
 //! removed by that tag alone, even after a crash.
 
-use crate::net::NetError;
+use crate::error::NetError;
 use std::net::Ipv4Addr;
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;

@@ -3,6 +3,8 @@
 //! the real implementation: rtnetlink for links and addresses, the TUN ioctls
 //! for persistent taps.
 
+use crate::error::NetError;
+use crate::nat;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
@@ -23,16 +25,6 @@ pub struct Link {
     pub kind: LinkKind,
     pub up: bool,
     pub controller: Option<u32>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetError {
-    #[error("netlink: {0}")]
-    Netlink(#[from] rtnetlink::Error),
-    #[error("{what}: {source}")]
-    Os { what: String, source: std::io::Error },
-    #[error("no link named {0:?}")]
-    NoLink(String),
 }
 
 /// The network effects the helper performs. Every method is given names the
@@ -178,15 +170,15 @@ impl NetOps for LinuxNet {
     }
 
     async fn nat_add(&self, vm: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), NetError> {
-        crate::nat::add(vm, ip, bridge).await
+        nat::add(vm, ip, bridge).await
     }
 
     async fn nat_remove(&self, vm: &str) -> Result<bool, NetError> {
-        crate::nat::remove(vm).await
+        nat::remove(vm).await
     }
 
     async fn nat_list(&self) -> Result<Vec<String>, NetError> {
-        crate::nat::list().await
+        nat::list().await
     }
 
     async fn delete_link(&self, index: u32) -> Result<(), NetError> {

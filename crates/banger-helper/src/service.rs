@@ -1,6 +1,7 @@
 //! The `priv.*` methods: validate, then sequence idempotent effects.
 
-use crate::net::{Link, LinkKind, NetError, NetOps};
+use crate::error::NetError;
+use crate::net::{Link, LinkKind, NetOps};
 use crate::validate::{self, Invalid};
 use banger_proto::methods::helper::{
     self as m, BridgeEnsure, Changed, HelperInfo, LinkName, NatRef, NatRule, NatRules, TapCreate,

@@ -42,7 +42,8 @@ pub fn info(r: &ImageRecord) -> ImageInfo {
 
 /// Image names: like VM names, a DNS-label-ish token safe in paths.
 pub fn validate_name(name: &str) -> Result<(), RpcError> {
-    crate::vm::names::validate(name).map_err(|e| RpcError::bad_request(e.replace("VM name", "image name")))
+    banger_proto::names::validate_vm_name(name)
+        .map_err(|e| RpcError::bad_request(e.replace("VM name", "image name")))
 }
 
 /// The Debian mirror apt uses here, so debootstrap reaches the same one.
