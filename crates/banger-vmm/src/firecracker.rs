@@ -5,7 +5,7 @@
 //! [`plan`] as typed bodies, so a test can check every body banger sends
 //! against Firecracker's own API description.
 
-use crate::{process, LaunchSpec, Launched, Vmm, VmmError, VmmKind};
+use crate::{process, LaunchFuture, LaunchSpec, Launched, Vmm, VmmError, VmmKind};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -294,6 +294,23 @@ pub struct Firecracker {
 }
 
 impl Firecracker {
+    /// Locates the binary; `binary` overrides the PATH lookup.
+    pub fn detect(binary: Option<PathBuf>) -> Result<Self, VmmError> {
+        let binary = binary
+            .or_else(|| crate::which("firecracker"))
+            .ok_or(VmmError::MissingBinary {
+                what: "firecracker",
+                path: "PATH".into(),
+            })?;
+        if !crate::is_executable(&binary) {
+            return Err(VmmError::MissingBinary {
+                what: "firecracker",
+                path: binary,
+            });
+        }
+        Ok(Firecracker { binary })
+    }
+
     async fn configure(&self, spec: &LaunchSpec, paths: &Paths) -> Result<(), VmmError> {
         let mut api = ApiConn::connect(&paths.api).await?;
         for c in plan(spec, paths) {
@@ -316,7 +333,14 @@ impl Vmm for Firecracker {
         VmmKind::Firecracker
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> LaunchFuture<'a> {
+        Box::pin(self.start(spec))
+    }
+}
+
+impl Firecracker {
+    /// [`Vmm::launch`]: the process, then its configuration over the API.
+    async fn start(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         if !crate::is_executable(&self.binary) {
             return Err(VmmError::MissingBinary {
                 what: "firecracker",

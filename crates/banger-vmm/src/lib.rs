@@ -6,6 +6,9 @@
 //! agent is reached over hybrid vsock (a Unix socket plus a `CONNECT <port>`
 //! handshake), which QEMU (through vhost-device-vsock) and Firecracker
 //! both speak.
+//!
+//! [`backend`] is the one place that turns a [`VmmKind`] and the configured
+//! binaries into a back-end; callers hold it as a `dyn Vmm`.
 
 pub mod firecracker;
 pub mod process;
@@ -15,6 +18,7 @@ pub mod vsock;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,11 +119,35 @@ impl VmmError {
     }
 }
 
-/// One VMM back-end.
+/// What [`Vmm::launch`] returns: boxed, so that `Vmm` is object-safe.
+pub type LaunchFuture<'a> = Pin<Box<dyn Future<Output = Result<Launched, VmmError>> + Send + 'a>>;
+
+/// One VMM back-end. Object-safe: see [`backend`].
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> VmmKind;
     /// Starts the VM. On error nothing the call started is left running.
-    fn launch(&self, spec: &LaunchSpec) -> impl Future<Output = Result<Launched, VmmError>> + Send;
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> LaunchFuture<'a>;
+}
+
+/// The binaries the back-ends run, as configured; `None` looks one up.
+#[derive(Debug, Clone, Default)]
+pub struct BackendPaths {
+    /// `qemu-system-x86_64`; `None`: PATH.
+    pub qemu: Option<PathBuf>,
+    /// `firecracker`; `None`: PATH.
+    pub firecracker: Option<PathBuf>,
+    /// `vhost-device-vsock` (QEMU's vsock); `None`: `$BANGER_VHOST_VSOCK`,
+    /// then PATH.
+    pub vhost_vsock: Option<PathBuf>,
+}
+
+/// The back-end for `kind`, its binaries located (a missing one is
+/// [`VmmError::MissingBinary`]). The one place a kind becomes a back-end.
+pub fn backend(kind: VmmKind, paths: &BackendPaths) -> Result<Box<dyn Vmm>, VmmError> {
+    Ok(match kind {
+        VmmKind::Qemu => Box::new(qemu::Qemu::detect(paths.qemu.clone(), paths.vhost_vsock.clone())?),
+        VmmKind::Firecracker => Box::new(firecracker::Firecracker::detect(paths.firecracker.clone())?),
+    })
 }
 
 /// Finds `name` on PATH.
@@ -153,4 +181,112 @@ pub fn kvm_usable() -> bool {
         .filter(|l| l.starts_with("flags"))
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     opens && hw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// An executable file named `name` in `dir`.
+    fn exe(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, "#!/bin/sh\nexit 1\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn missing(err: VmmError) -> (&'static str, PathBuf) {
+        match err {
+            VmmError::MissingBinary { what, path } => (what, path),
+            other => panic!("expected MissingBinary, got {other:?}"),
+        }
+    }
+
+    fn spec(dir: &Path) -> LaunchSpec {
+        LaunchSpec {
+            vm_dir: dir.to_path_buf(),
+            kernel: dir.join("vmlinux"),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            drives: vec![],
+            vsock_cid: 3,
+            net: None,
+        }
+    }
+
+    #[test]
+    fn backend_kind_matches() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = BackendPaths {
+            qemu: Some(exe(d.path(), "qemu-system-x86_64")),
+            firecracker: Some(exe(d.path(), "firecracker")),
+            vhost_vsock: Some(exe(d.path(), "vhost-device-vsock")),
+        };
+        for kind in [VmmKind::Qemu, VmmKind::Firecracker] {
+            let vmm = backend(kind, &paths).unwrap();
+            assert_eq!(vmm.kind(), kind);
+        }
+    }
+
+    #[test]
+    fn missing_binary_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let absent = d.path().join("absent");
+        let not_exec = d.path().join("not-exec");
+        std::fs::write(&not_exec, "").unwrap();
+        for path in [&absent, &not_exec] {
+            let paths = BackendPaths {
+                qemu: Some(path.clone()),
+                firecracker: Some(path.clone()),
+                vhost_vsock: Some(exe(d.path(), "vhost-device-vsock")),
+            };
+            let err = backend(VmmKind::Firecracker, &paths).err().unwrap();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "firecracker binary not found: {} (install it or set its path in config.toml)",
+                    path.display()
+                )
+            );
+            assert_eq!(missing(err), ("firecracker", path.clone()));
+            let err = backend(VmmKind::Qemu, &paths).err().unwrap();
+            assert_eq!(missing(err), ("qemu-system-x86_64", path.clone()));
+        }
+    }
+
+    #[tokio::test]
+    async fn trait_objects_launch() {
+        let d = tempfile::tempdir().unwrap();
+        let absent = d.path().join("absent");
+        // Object safety: both back-ends behind one type, shared or owned.
+        let vmms: Vec<Box<dyn Vmm>> = vec![
+            Box::new(qemu::Qemu {
+                qemu: absent.clone(),
+                vhost_vsock: absent.clone(),
+                kvm: false,
+            }),
+            Box::new(firecracker::Firecracker {
+                binary: absent.clone(),
+            }),
+        ];
+        let kinds: Vec<VmmKind> = vmms.iter().map(|v| v.kind()).collect();
+        assert_eq!(kinds, [VmmKind::Qemu, VmmKind::Firecracker]);
+        let shared: std::sync::Arc<dyn Vmm> = std::sync::Arc::from(
+            backend(
+                VmmKind::Firecracker,
+                &BackendPaths {
+                    firecracker: Some(exe(d.path(), "firecracker")),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        assert_eq!(shared.kind(), VmmKind::Firecracker);
+        // A launch through the trait object runs the back-end's own checks.
+        let err = vmms[1].launch(&spec(d.path())).await.err().unwrap();
+        assert_eq!(missing(err), ("firecracker", absent));
+    }
 }

@@ -3,7 +3,7 @@
 //! vsock is a vhost-user device served by `vhost-device-vsock`, whose host
 //! side speaks Firecracker's hybrid-vsock protocol.
 
-use crate::{process, LaunchSpec, Launched, Vmm, VmmError, VmmKind};
+use crate::{process, LaunchFuture, LaunchSpec, Launched, Vmm, VmmError, VmmKind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,9 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Locates the binaries; `qemu` overrides the PATH lookup.
-    pub fn detect(qemu: Option<PathBuf>) -> Result<Self, VmmError> {
+    /// Locates the binaries; `qemu` overrides the PATH lookup, and
+    /// `vhost_vsock` the lookup through `$BANGER_VHOST_VSOCK`, then PATH.
+    pub fn detect(qemu: Option<PathBuf>, vhost_vsock: Option<PathBuf>) -> Result<Self, VmmError> {
         let qemu = qemu
             .or_else(|| crate::which("qemu-system-x86_64"))
             .ok_or(VmmError::MissingBinary {
@@ -28,8 +29,8 @@ impl Qemu {
                 path: qemu,
             });
         }
-        let vhost_vsock = std::env::var_os("BANGER_VHOST_VSOCK")
-            .map(PathBuf::from)
+        let vhost_vsock = vhost_vsock
+            .or_else(|| std::env::var_os("BANGER_VHOST_VSOCK").map(PathBuf::from))
             .or_else(|| crate::which("vhost-device-vsock"))
             .ok_or(VmmError::MissingBinary {
                 what: "vhost-device-vsock",
@@ -141,7 +142,14 @@ impl Vmm for Qemu {
         VmmKind::Qemu
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> LaunchFuture<'a> {
+        Box::pin(self.start(spec))
+    }
+}
+
+impl Qemu {
+    /// [`Vmm::launch`]: vhost-device-vsock, then QEMU.
+    async fn start(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
         let vhost = dir.join("vhost-vsock.sock");

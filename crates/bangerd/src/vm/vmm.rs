@@ -9,8 +9,7 @@ use crate::initramfs;
 use crate::kernel;
 use banger_proto::RpcError;
 use banger_store::VmRecord;
-use banger_vmm::qemu::Qemu;
-use banger_vmm::{Drive, LaunchSpec, Launched, Vmm, VmmKind};
+use banger_vmm::{BackendPaths, Drive, LaunchSpec, Launched, Vmm, VmmKind};
 use std::path::{Path, PathBuf};
 
 impl VmService {
@@ -34,27 +33,23 @@ impl VmService {
         }
     }
 
-    pub(super) fn check_vmm(&self, kind: VmmKind) -> Result<(), RpcError> {
-        match kind {
-            VmmKind::Qemu => Qemu::detect(self.settings.qemu.clone())
-                .map(|_| ())
-                .map_err(|e| RpcError::failed(e.to_string())),
-            VmmKind::Firecracker => {
-                let fc = self
-                    .settings
-                    .firecracker
-                    .clone()
-                    .or_else(|| banger_vmm::which("firecracker"));
-                match fc {
-                    Some(p) if banger_vmm::is_executable(&p) => Ok(()),
-                    Some(p) => Err(RpcError::failed(format!(
-                        "firecracker binary not found: {}",
-                        p.display()
-                    ))),
-                    None => Err(RpcError::failed("firecracker binary not found on PATH")),
-                }
-            }
+    /// The binaries configured for the back-ends.
+    fn backend_paths(&self) -> BackendPaths {
+        BackendPaths {
+            qemu: self.settings.qemu.clone(),
+            firecracker: self.settings.firecracker.clone(),
+            vhost_vsock: None,
         }
+    }
+
+    /// The back-end for `kind`, its binaries located.
+    fn backend(&self, kind: VmmKind) -> Result<Box<dyn Vmm>, RpcError> {
+        banger_vmm::backend(kind, &self.backend_paths()).map_err(|e| RpcError::failed(e.to_string()))
+    }
+
+    /// Whether `kind` can be launched here (its binaries are installed).
+    pub(super) fn check_vmm(&self, kind: VmmKind) -> Result<(), RpcError> {
+        self.backend(kind).map(drop)
     }
 
     pub(super) fn launch_spec(&self, vm: &VmRecord) -> Result<LaunchSpec, RpcError> {
@@ -106,25 +101,14 @@ impl VmService {
         })
     }
 
+    /// Launches `spec` with the back-end recorded for the VM at create.
     pub(super) async fn launch(&self, vm: &VmRecord, spec: &LaunchSpec) -> Result<Launched, RpcError> {
-        match VmmKind::parse(&vm.spec.vmm) {
-            Some(VmmKind::Qemu) => {
-                let q =
-                    Qemu::detect(self.settings.qemu.clone()).map_err(|e| RpcError::failed(e.to_string()))?;
-                q.launch(spec).await.map_err(|e| RpcError::failed(e.to_string()))
-            }
-            Some(VmmKind::Firecracker) => {
-                let fc = banger_vmm::firecracker::Firecracker {
-                    binary: self
-                        .settings
-                        .firecracker
-                        .clone()
-                        .unwrap_or_else(|| "firecracker".into()),
-                };
-                fc.launch(spec).await.map_err(|e| RpcError::failed(e.to_string()))
-            }
-            None => Err(RpcError::failed(format!("unknown vmm {:?}", vm.spec.vmm))),
-        }
+        let kind = VmmKind::parse(&vm.spec.vmm)
+            .ok_or_else(|| RpcError::failed(format!("unknown vmm {:?}", vm.spec.vmm)))?;
+        let vmm = self.backend(kind)?;
+        vmm.launch(spec)
+            .await
+            .map_err(|e| RpcError::failed(e.to_string()))
     }
 }
 
