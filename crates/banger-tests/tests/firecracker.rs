@@ -153,7 +153,11 @@ fn firecracker_lifecycle_with_the_real_binary() {
 fn fc_api_get(sock: &std::path::Path, path: &str) -> Value {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).expect("API socket");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
@@ -167,22 +171,40 @@ fn fc_api_get(sock: &std::path::Path, path: &str) -> Value {
 #[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
 fn firecracker_vm_gets_its_tap_in_the_helpers_namespace() {
     let mut env = Env::new();
-    assert!(env.in_helper_ns("ip", &["link", "set", "lo", "up"]).status.success());
+    assert!(env
+        .in_helper_ns("ip", &["link", "set", "lo", "up"])
+        .status
+        .success());
     env.in_netns = true;
     let kernel = tiny_kernel(&env);
     let rootfs = tiny_rootfs(&env);
     fc_ok(
         &env,
         &[
-            "image", "register", "tiny", "--rootfs", rootfs.to_str().unwrap(), "--kernel",
+            "image",
+            "register",
+            "tiny",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
             kernel.to_str().unwrap(),
         ],
     );
     fc_ok(
         &env,
         &[
-            "vm", "create", "--name", "fcnet", "--image", "tiny", "--vcpus", "1", "--memory", "128",
-            "--disk-size", "64",
+            "vm",
+            "create",
+            "--name",
+            "fcnet",
+            "--image",
+            "tiny",
+            "--vcpus",
+            "1",
+            "--memory",
+            "128",
+            "--disk-size",
+            "64",
         ],
     );
     let v = show(&env, "fcnet");
@@ -191,10 +213,15 @@ fn firecracker_vm_gets_its_tap_in_the_helpers_namespace() {
     let tap = format!("bgt{}", &id[..8]);
     let dir = PathBuf::from(v["vm_dir"].as_str().unwrap());
     let config = fc_api_get(&dir.join("firecracker.sock"), "/vm/config");
-    let nics = config["network-interfaces"].as_array().cloned().unwrap_or_default();
+    let nics = config["network-interfaces"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(nics.len(), 1, "Firecracker has no network card: {config}");
     assert_eq!(nics[0]["host_dev_name"], tap.as_str(), "{config}");
-    assert!(nics[0]["guest_mac"].as_str().is_some_and(|m| m.starts_with("52:54:00:")));
+    assert!(nics[0]["guest_mac"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("52:54:00:")));
     // The tap is on banger's bridge and up, in the helper's namespace.
     let link = env.ip_in_helper_ns(&["-d", "link", "show", &tap]);
     let link = String::from_utf8_lossy(&link.stdout);
