@@ -21,7 +21,7 @@ pub fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn spawn_detached(cmd: &mut Command, log: &std::path::Path) -> Result<()> {
+fn spawn_detached(cmd: &mut Command, log: &std::path::Path) -> Result<std::process::Child> {
     std::fs::create_dir_all(log.parent().unwrap_or(std::path::Path::new(".")))?;
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
@@ -34,11 +34,19 @@ fn spawn_detached(cmd: &mut Command, log: &std::path::Path) -> Result<()> {
         });
     }
     cmd.spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    Ok(())
+        .with_context(|| format!("starting {:?}", cmd.get_program()))
 }
 
-async fn wait_until<F, Fut>(what: &str, mut ready: F) -> Result<()>
+/// The last `n` lines of a log file, for an error message.
+fn log_tail(log: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Waits for a process this command started to answer. If it exits
+/// first, says so at once, with its status and the last lines it wrote.
+async fn wait_until<F, Fut>(what: &str, child: &mut std::process::Child, log: &std::path::Path, mut ready: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -48,9 +56,32 @@ where
         if ready().await {
             return Ok(());
         }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{what} exited at start ({status}); its last words ({}):\n{}",
+                log.display(),
+                log_tail(log, 8)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    bail!("{what} did not become ready within {}s", START_DEADLINE.as_secs())
+    bail!(
+        "{what} did not become ready within {}s; see {}",
+        START_DEADLINE.as_secs(),
+        log.display()
+    )
+}
+
+/// Waits (bounded) until no daemon answers on the socket.
+pub async fn wait_gone(cfg: &Config) -> Result<()> {
+    let deadline = Instant::now() + START_DEADLINE;
+    while running(cfg).await.is_some() {
+        if Instant::now() > deadline {
+            bail!("bangerd is still running {}s after it was asked to stop", START_DEADLINE.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 async fn ensure_helper(cfg: &Config) -> Result<()> {
@@ -59,7 +90,7 @@ async fn ensure_helper(cfg: &Config) -> Result<()> {
         return Ok(());
     }
     let log = cfg.log_dir().join("helper.log");
-    spawn_detached(
+    let mut child = spawn_detached(
         Command::new(sibling("banger-helper"))
             .arg("serve")
             .arg("--socket")
@@ -70,7 +101,7 @@ async fn ensure_helper(cfg: &Config) -> Result<()> {
             .arg(&log),
         &log,
     )?;
-    wait_until("banger-helper", || async {
+    wait_until("banger-helper", &mut child, &log, || async {
         helper.call::<h::Ping>(&Empty {}, None).await.is_ok()
     })
     .await
@@ -92,12 +123,11 @@ pub async fn connect(cfg: &Config) -> Result<Client> {
         return Ok(client);
     }
     let log = cfg.log_dir().join("bangerd.out");
-    spawn_detached(&mut Command::new(sibling("bangerd")), &log)?;
-    wait_until("bangerd", || async {
+    let mut child = spawn_detached(&mut Command::new(sibling("bangerd")), &log)?;
+    wait_until("bangerd", &mut child, &log, || async {
         client.call::<d::Ping>(&Empty {}, None).await.is_ok()
     })
-    .await
-    .with_context(|| format!("see {}", log.display()))?;
+    .await?;
     Ok(client)
 }
 

@@ -121,10 +121,12 @@ fn main() {
 }
 
 /// Prints an error with its op id; for a daemon error also its code.
+/// Error text can carry input (a path, a name) or guest output: it is
+/// escaped so it cannot drive the terminal.
 fn report(e: &anyhow::Error) {
     match e.downcast_ref::<ClientError>().and_then(ClientError::rpc) {
-        Some(rpc) => eprintln!("error: {rpc}\n  code: {}", rpc.code),
-        None => eprintln!("error: {e:#}"),
+        Some(rpc) => eprintln!("error: {}\n  code: {}", output::escape(&rpc.to_string()), rpc.code),
+        None => eprintln!("error: {}", output::escape(&format!("{e:#}"))),
     }
 }
 
@@ -169,7 +171,10 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Daemon(DaemonCmd::Stop) => match daemon::running(&cfg).await {
             Some(c) => {
                 c.call::<d::Shutdown>(&Empty {}, None).await?;
-                println!("bangerd stopping");
+                // Return once it is gone, so a command right after this
+                // one never reaches the stopping daemon.
+                daemon::wait_gone(&cfg).await?;
+                println!("bangerd stopped");
             }
             None => println!("bangerd is not running"),
         },

@@ -3,6 +3,22 @@
 
 use std::io::IsTerminal;
 
+/// Escapes control characters (an escape sequence, a carriage return, a
+/// bell) in text that came from input, the guest or the network, so it
+/// cannot drive the terminal it is printed on. Newlines and tabs stay:
+/// multi-line messages (a serial console tail) are meant to be read.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
     if json {
         println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
@@ -71,4 +87,13 @@ pub fn untracked_notice(skipped: &[String]) {
         skipped.len(),
         shown.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped_but_lines_kept() {
+        assert_eq!(super::escape("a\u{1b}[31mred\rb\u{7}"), "a\\u{1b}[31mred\\rb\\u{7}");
+        assert_eq!(super::escape("line 1\nline 2\tx"), "line 1\nline 2\tx");
+    }
 }

@@ -23,6 +23,13 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("database schema version {found} is newer than this build understands ({known})")]
     TooNew { found: i64, known: i64 },
+    /// A database file that exists but is empty: never silently replaced
+    /// by a fresh database (that would forget every VM and image).
+    #[error(
+        "{path} is empty (0 bytes) although it should hold banger's state; refusing to start \
+         with a blank one. Restore it from a backup, or move it away to start from scratch"
+    )]
+    Empty { path: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -36,6 +43,13 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        // SQLite treats an empty file as a new database. Only a missing file
+        // is a first start.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::Empty {
+                path: path.display().to_string(),
+            });
+        }
         let conn = Connection::open(path)?;
         // WAL + synchronous=FULL: an acknowledged commit survives power loss.
         conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -100,3 +100,16 @@ fn wal_and_full_sync_are_on() {
     let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
 }
+
+#[test]
+fn an_empty_database_file_is_refused_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    std::fs::write(&db, b"").unwrap();
+    let err = Store::open(&db).err().expect("an empty file is refused");
+    assert!(err.to_string().contains("is empty"), "{err}");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "the file was touched");
+    // A missing file is a first start.
+    let fresh = dir.path().join("fresh.db");
+    Store::open(&fresh).unwrap();
+}

@@ -295,3 +295,24 @@ fn daemon_logs_are_json_with_op_ids_and_level_is_configurable() {
     }
     assert!(bin("bangerd").exists());
 }
+
+#[test]
+fn a_daemon_that_cannot_start_is_reported_at_once_with_its_reason() {
+    let env = Env::without_helper();
+    // A zero-byte database where state should be: refused, never replaced.
+    std::fs::create_dir_all(env.home()).unwrap();
+    let db = env.home().join("state.db");
+    std::fs::write(&db, b"").unwrap();
+    let started = std::time::Instant::now();
+    let out = env.banger(&["vm", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?} to say the daemon died",
+        started.elapsed()
+    );
+    assert!(stderr.contains("exited at start"), "{stderr}");
+    assert!(stderr.contains("is empty"), "the reason is not shown: {stderr}");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "the database was replaced");
+}
