@@ -133,7 +133,11 @@ pub fn router(app: &Arc<App>) -> Router {
             Ok::<_, RpcError>(Empty {})
         }))
         .method::<d::OperationsList, _, _>(handler!(app, |_, _| Ok(app.ops.list())))
-        .method::<d::NetworkEnsure, _, _>(handler!(app, |ctx, _| app.network.ensure(&ctx.op_id).await))
+        .method::<d::NetworkEnsure, _, _>(handler!(app, |ctx, _| app
+            .network
+            .ensure(&ctx.op_id)
+            .await
+            .map_err(RpcError::from)))
         // VMs
         .method::<d::VmCreateBegin, _, _>(handler!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
@@ -206,6 +210,7 @@ pub fn router(app: &Arc<App>) -> Router {
             crate::workspace::plan(&p.path, p.include_untracked)
                 .await
                 .map(|(_, plan)| plan)
+                .map_err(RpcError::from)
         })
         .method::<d::VmWorkspacePrepare, _, _>(handler!(app, |ctx, p| {
             let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
@@ -227,22 +232,37 @@ pub fn router(app: &Arc<App>) -> Router {
                 .build(&name, p.force, &progress(&ctx))
                 .await
                 .map(|r| crate::image::info(&r))
+                .map_err(RpcError::from)
         }))
-        .method::<d::ImageList, _, _>(handler!(app, |_, _| app.images.list()))
+        .method::<d::ImageList, _, _>(handler!(app, |_, _| app.images.list().map_err(RpcError::from)))
         .method::<d::ImageShow, _, _>(handler!(app, |_, p| app
             .images
             .get(&p.name)
-            .map(|r| crate::image::info(&r))))
-        .method::<d::ImageDelete, _, _>(handler!(app, |_, p| app.images.delete(&p.name).map(|_| Empty {})))
+            .map(|r| crate::image::info(&r))
+            .map_err(RpcError::from)))
+        .method::<d::ImageDelete, _, _>(handler!(app, |_, p| app
+            .images
+            .delete(&p.name)
+            .map(|_| Empty {})
+            .map_err(RpcError::from)))
         .method::<d::ImageRegisterM, _, _>(handler!(app, |_, p| app
             .images
             .register(&p.name, &p.rootfs, &p.kernel)
-            .map(|r| crate::image::info(&r))))
-        .method::<d::KernelFetch, _, _>(handler!(app, |ctx, _| app.kernels.fetch(&progress(&ctx)).await))
+            .map(|r| crate::image::info(&r))
+            .map_err(RpcError::from)))
+        .method::<d::KernelFetch, _, _>(handler!(app, |ctx, _| app
+            .kernels
+            .fetch(&progress(&ctx))
+            .await
+            .map_err(RpcError::from)))
         .method::<d::KernelList, _, _>(handler!(app, |_, _| Ok(app.kernels.list())))
-        .method::<d::KernelShow, _, _>(handler!(app, |_, p| app.kernels.get(&p.name)))
+        .method::<d::KernelShow, _, _>(handler!(app, |_, p| app
+            .kernels
+            .get(&p.name)
+            .map_err(RpcError::from)))
         .method::<d::KernelRm, _, _>(handler!(app, |_, p| app
             .kernels
             .remove(&p.name)
-            .map(|_| Empty {})))
+            .map(|_| Empty {})
+            .map_err(RpcError::from)))
 }

@@ -1,8 +1,9 @@
 //! The daemon's side of the helper protocol. The op id of the call being
 //! served travels in every request envelope, so the helper logs under it.
 
+use crate::error::HelperError;
 use banger_proto::methods::helper as m;
-use banger_proto::{Client, ClientError, Method, OpId, RpcError};
+use banger_proto::{Client, Method, OpId};
 use std::path::PathBuf;
 
 #[derive(Clone)]
@@ -17,8 +18,11 @@ impl HelperClient {
         }
     }
 
-    pub async fn call<M: Method>(&self, op: &OpId, params: &M::Params) -> Result<M::Output, RpcError> {
-        self.client.call::<M>(params, Some(op)).await.map_err(Self::relay)
+    pub async fn call<M: Method>(&self, op: &OpId, params: &M::Params) -> Result<M::Output, HelperError> {
+        self.client
+            .call::<M>(params, Some(op))
+            .await
+            .map_err(HelperError::from)
     }
 
     /// Like `call`, also taking the descriptor the helper passes back.
@@ -26,28 +30,14 @@ impl HelperClient {
         &self,
         op: &OpId,
         params: &M::Params,
-    ) -> Result<(M::Output, Option<std::os::fd::OwnedFd>), RpcError> {
+    ) -> Result<(M::Output, Option<std::os::fd::OwnedFd>), HelperError> {
         self.client
             .call_with_fd::<M>(params, Some(op))
             .await
-            .map_err(Self::relay)
+            .map_err(HelperError::from)
     }
 
-    fn relay(e: ClientError) -> RpcError {
-        match e {
-            ClientError::Rpc(mut e) => {
-                e.message = format!("root helper: {}", e.message);
-                e
-            }
-            ClientError::Connect { path, source } => RpcError::failed(format!(
-                "the root helper is not reachable at {} ({source}); start it with `banger-helper serve --owner-uid $(id -u)` as root",
-                path.display()
-            )),
-            other => RpcError::failed(format!("root helper: {other}")),
-        }
-    }
-
-    pub async fn ping(&self, op: &OpId) -> Result<m::HelperInfo, RpcError> {
+    pub async fn ping(&self, op: &OpId) -> Result<m::HelperInfo, HelperError> {
         self.call::<m::Ping>(op, &Default::default()).await
     }
 }

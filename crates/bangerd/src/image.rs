@@ -3,11 +3,11 @@
 //! ext4 file with `mkfs.ext4 -d`, no mounting; it is shared read-only by
 //! every VM, each of which writes only to its own overlay disk.
 
+use crate::error::ImageError;
 use crate::kernel::{self, KernelService};
 use crate::sys::{self, io};
 use banger_proto::methods::daemon::ImageInfo;
-use banger_proto::RpcError;
-use banger_store::{ImageRecord, Store, StoreError};
+use banger_store::{ImageRecord, Store};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -22,12 +22,8 @@ pub struct ImageService {
     build_lock: Mutex<()>,
 }
 
-pub fn store_err(e: StoreError) -> RpcError {
-    match e {
-        StoreError::AlreadyExists(what) => RpcError::already_exists(format!("{what} already exists")),
-        other => RpcError::failed(other.to_string()),
-    }
-}
+/// Store failures as wire errors, for the VM service (mapped in `crate::error`).
+pub use crate::error::store_err;
 
 pub fn info(r: &ImageRecord) -> ImageInfo {
     ImageInfo {
@@ -41,9 +37,9 @@ pub fn info(r: &ImageRecord) -> ImageInfo {
 }
 
 /// Image names: like VM names, a DNS-label-ish token safe in paths.
-pub fn validate_name(name: &str) -> Result<(), RpcError> {
+pub fn validate_name(name: &str) -> Result<(), ImageError> {
     banger_proto::names::validate_vm_name(name)
-        .map_err(|e| RpcError::bad_request(e.replace("VM name", "image name")))
+        .map_err(|e| ImageError::InvalidName(e.replace("VM name", "image name")))
 }
 
 /// The Debian mirror apt uses here, so debootstrap reaches the same one.
@@ -111,21 +107,14 @@ impl ImageService {
         }
     }
 
-    pub fn get(&self, name: &str) -> Result<ImageRecord, RpcError> {
+    pub fn get(&self, name: &str) -> Result<ImageRecord, ImageError> {
         self.store
-            .get_image(name)
-            .map_err(store_err)?
-            .ok_or_else(|| RpcError::not_found(format!("no image named {name:?} (see `banger image list`)")))
+            .get_image(name)?
+            .ok_or_else(|| ImageError::NotFound { name: name.into() })
     }
 
-    pub fn list(&self) -> Result<Vec<ImageInfo>, RpcError> {
-        Ok(self
-            .store
-            .list_images()
-            .map_err(store_err)?
-            .iter()
-            .map(info)
-            .collect())
+    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
+        Ok(self.store.list_images()?.iter().map(info).collect())
     }
 
     /// Returns the image, building the default one on first use.
@@ -133,10 +122,10 @@ impl ImageService {
         &self,
         name: &str,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<ImageRecord, RpcError> {
+    ) -> Result<ImageRecord, ImageError> {
         match self.get(name) {
             Ok(r) => Ok(r),
-            Err(e) if name == DEFAULT_IMAGE && e.code == banger_proto::ErrorCode::NotFound => {
+            Err(ImageError::NotFound { .. }) if name == DEFAULT_IMAGE => {
                 self.build(DEFAULT_IMAGE, false, progress).await
             }
             Err(e) => Err(e),
@@ -148,10 +137,10 @@ impl ImageService {
         name: &str,
         force: bool,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<ImageRecord, RpcError> {
+    ) -> Result<ImageRecord, ImageError> {
         validate_name(name)?;
         let _g = self.build_lock.lock().await;
-        if let Some(existing) = self.store.get_image(name).map_err(store_err)? {
+        if let Some(existing) = self.store.get_image(name)? {
             if !force {
                 return Ok(existing);
             }
@@ -173,7 +162,7 @@ impl ImageService {
         kernel_dir: &str,
         work: &Path,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<ImageRecord, RpcError> {
+    ) -> Result<ImageRecord, ImageError> {
         let root = work.join("root");
         let mirror = debian_mirror();
         progress(&format!("debootstrap bookworm from {mirror}"));
@@ -226,8 +215,8 @@ impl ImageService {
         .await?;
         let dest_dir = self.dir.join(name);
         // The swap: only now does the old image (record and files) go.
-        if self.store.get_image(name).map_err(store_err)?.is_some() {
-            self.store.delete_image(name).map_err(store_err)?;
+        if self.store.get_image(name)?.is_some() {
+            self.store.delete_image(name)?;
         }
         let _ = std::fs::remove_dir_all(&dest_dir);
         std::fs::create_dir_all(&dest_dir).map_err(io("creating the image directory"))?;
@@ -242,24 +231,29 @@ impl ImageService {
             source: "debootstrap --variant=minbase bookworm".into(),
             created_at: banger_store::now(),
         };
-        self.store.insert_image(&rec).map_err(store_err)?;
+        self.store.insert_image(&rec)?;
         progress("image ready");
         Ok(rec)
     }
 
     /// Registers an existing rootfs (used in place, never copied or
     /// deleted by banger) with a stored kernel.
-    pub fn register(&self, name: &str, rootfs: &str, kernel: &str) -> Result<ImageRecord, RpcError> {
+    pub fn register(&self, name: &str, rootfs: &str, kernel: &str) -> Result<ImageRecord, ImageError> {
         validate_name(name)?;
         let p = Path::new(rootfs);
         if !p.is_absolute() {
-            return Err(RpcError::bad_request(format!(
-                "rootfs must be an absolute path, not {rootfs:?}"
-            )));
+            return Err(ImageError::RelativeRootfs {
+                rootfs: rootfs.into(),
+            });
         }
-        let meta = std::fs::metadata(p).map_err(|e| RpcError::not_found(format!("rootfs {rootfs}: {e}")))?;
+        let meta = std::fs::metadata(p).map_err(|source| ImageError::RootfsMissing {
+            rootfs: rootfs.into(),
+            source,
+        })?;
         if !meta.is_file() || !is_ext4(p) {
-            return Err(RpcError::bad_request(format!("{rootfs} is not an ext4 image")));
+            return Err(ImageError::NotExt4 {
+                rootfs: rootfs.into(),
+            });
         }
         let k = self.kernels.get(kernel)?;
         let rec = ImageRecord {
@@ -271,34 +265,33 @@ impl ImageService {
             source: SOURCE_REGISTERED.into(),
             created_at: banger_store::now(),
         };
-        self.store.insert_image(&rec).map_err(store_err)?;
+        self.store.insert_image(&rec)?;
         Ok(rec)
     }
 
     /// Deletes an image no VM uses. Files are removed only for images banger built.
     /// Refuses when a VM uses the image.
-    fn ensure_unused(&self, name: &str) -> Result<(), RpcError> {
+    fn ensure_unused(&self, name: &str) -> Result<(), ImageError> {
         let users: Vec<String> = self
             .store
-            .list_vms()
-            .map_err(store_err)?
+            .list_vms()?
             .into_iter()
             .filter(|v| v.spec.image == name)
             .map(|v| v.name)
             .collect();
         if !users.is_empty() {
-            return Err(RpcError::bad_request(format!(
-                "image {name} is used by: {}",
-                users.join(", ")
-            )));
+            return Err(ImageError::InUse {
+                name: name.into(),
+                users,
+            });
         }
         Ok(())
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
+    pub fn delete(&self, name: &str) -> Result<(), ImageError> {
         let rec = self.get(name)?;
         self.ensure_unused(name)?;
-        self.store.delete_image(name).map_err(store_err)?;
+        self.store.delete_image(name)?;
         if rec.source != SOURCE_REGISTERED {
             let _ = std::fs::remove_dir_all(self.dir.join(name));
         }

@@ -3,10 +3,10 @@
 //! agent. Written as a newc cpio directly (no external cpio needed), cached
 //! per (kernel, agent, init script) so a rebuild of the agent is picked up.
 
+use crate::error::SysError;
 use crate::sync::Locked;
 use crate::sys::io;
 use banger_proto::methods::daemon::KernelInfo;
-use banger_proto::RpcError;
 use sha2::Digest;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -127,12 +127,12 @@ pub struct Inputs<'a> {
     pub busybox: &'a Path,
 }
 
-fn read(p: &Path) -> Result<Vec<u8>, RpcError> {
+fn read(p: &Path) -> Result<Vec<u8>, SysError> {
     std::fs::read(p).map_err(io(format!("reading {}", p.display())))
 }
 
 /// Identity of an input file without reading it: path, size, mtime.
-fn stamp(p: &Path) -> Result<String, RpcError> {
+fn stamp(p: &Path) -> Result<String, SysError> {
     let m = std::fs::metadata(p).map_err(io(format!("reading {}", p.display())))?;
     let mtime = m
         .modified()
@@ -149,7 +149,7 @@ static BUILT: std::sync::Mutex<Option<std::collections::HashMap<String, PathBuf>
 
 /// Builds (or reuses) the initramfs for these inputs inside the kernel's
 /// directory and returns its path.
-pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
+pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     let key = format!(
         "{}|{}|{}",
         inputs.kernel.dir,
@@ -169,7 +169,7 @@ pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
     Ok(path)
 }
 
-fn build(inputs: &Inputs<'_>) -> Result<PathBuf, RpcError> {
+fn build(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     let agent = read(inputs.agent)?;
     let busybox = read(inputs.busybox)?;
     let mut h = sha2::Sha256::new();

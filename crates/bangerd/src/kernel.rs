@@ -1,9 +1,9 @@
 //! Guest kernels: Debian's cloud kernel, fetched with the host's package
 //! tools (downloaded and unpacked, never installed), stored with a manifest.
 
+use crate::error::{KernelError, SysError};
 use crate::sys::{self, io};
 use banger_proto::methods::daemon::KernelInfo;
-use banger_proto::RpcError;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 use tokio::sync::Mutex;
@@ -37,11 +37,15 @@ pub fn manifest_path(dir: &Path) -> PathBuf {
     dir.join("manifest.json")
 }
 
-pub fn read_manifest(dir: &Path) -> Result<KernelInfo, RpcError> {
-    let text = std::fs::read_to_string(manifest_path(dir))
-        .map_err(|e| RpcError::not_found(format!("no kernel at {} ({e})", dir.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| RpcError::failed(format!("corrupt kernel manifest in {}: {e}", dir.display())))
+pub fn read_manifest(dir: &Path) -> Result<KernelInfo, KernelError> {
+    let text = std::fs::read_to_string(manifest_path(dir)).map_err(|source| KernelError::NotStored {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| KernelError::CorruptManifest {
+        dir: dir.to_path_buf(),
+        source,
+    })
 }
 
 impl KernelService {
@@ -64,24 +68,28 @@ impl KernelService {
     }
 
     /// A kernel by version, or by directory path.
-    pub fn get(&self, name: &str) -> Result<KernelInfo, RpcError> {
+    pub fn get(&self, name: &str) -> Result<KernelInfo, KernelError> {
         let p = Path::new(name);
         if p.is_absolute() {
             return read_manifest(p);
         }
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(RpcError::bad_request(format!("invalid kernel name {name:?}")));
+            return Err(KernelError::InvalidName { name: name.into() });
         }
-        read_manifest(&self.dir.join(name)).map_err(|_| RpcError::not_found(format!("no kernel {name:?}")))
+        read_manifest(&self.dir.join(name)).map_err(|e| KernelError::NoSuchKernel {
+            name: name.into(),
+            source: Box::new(e),
+        })
     }
 
-    pub fn remove(&self, name: &str) -> Result<(), RpcError> {
+    pub fn remove(&self, name: &str) -> Result<(), KernelError> {
         let k = self.get(name)?;
-        std::fs::remove_dir_all(&k.dir).map_err(io(format!("removing {}", k.dir)))
+        std::fs::remove_dir_all(&k.dir).map_err(io(format!("removing {}", k.dir)))?;
+        Ok(())
     }
 
     /// The newest stored kernel, fetching one if there is none.
-    pub async fn ensure(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, RpcError> {
+    pub async fn ensure(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, KernelError> {
         let _g = self.fetch_lock.lock().await;
         if let Some(k) = self.list().pop() {
             return Ok(k);
@@ -89,12 +97,12 @@ impl KernelService {
         self.fetch_locked(progress).await
     }
 
-    pub async fn fetch(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, RpcError> {
+    pub async fn fetch(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, KernelError> {
         let _g = self.fetch_lock.lock().await;
         self.fetch_locked(progress).await
     }
 
-    async fn fetch_locked(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, RpcError> {
+    async fn fetch_locked(&self, progress: &(dyn Fn(&str) + Sync)) -> Result<KernelInfo, KernelError> {
         progress("resolving kernel package");
         let deps = sys::run("apt-cache", ["depends", META_PACKAGE], None).await?;
         let package = deps
@@ -102,10 +110,8 @@ impl KernelService {
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
             .find(|p| p.starts_with("linux-image-"))
             .map(str::to_owned)
-            .ok_or_else(|| {
-                RpcError::failed(format!(
-                    "{META_PACKAGE} has no linux-image dependency (run apt-get update?)"
-                ))
+            .ok_or_else(|| KernelError::NoImagePackage {
+                meta: META_PACKAGE.into(),
             })?;
         std::fs::create_dir_all(&self.dir).map_err(io("creating the kernels directory"))?;
         let work = tempdir_in(&self.dir, ".fetch")?;
@@ -119,7 +125,7 @@ impl KernelService {
         package: &str,
         work: &Path,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<KernelInfo, RpcError> {
+    ) -> Result<KernelInfo, KernelError> {
         progress(&format!("downloading {package}"));
         sys::run("apt-get", ["download", package], Some(work)).await?;
         let deb = std::fs::read_dir(work)
@@ -127,7 +133,9 @@ impl KernelService {
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .ok_or_else(|| RpcError::failed("apt-get download produced no .deb"))?;
+            .ok_or_else(|| KernelError::NoDeb {
+                package: package.into(),
+            })?;
         progress("unpacking the kernel");
         let root = work.join("root");
         sys::run(
@@ -141,7 +149,9 @@ impl KernelService {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .next()
-            .ok_or_else(|| RpcError::failed("the kernel package has no modules directory"))?;
+            .ok_or_else(|| KernelError::NoModulesDir {
+                package: package.into(),
+            })?;
         let staging = work.join("kernel");
         let mods_dir = staging.join("modules");
         std::fs::create_dir_all(&mods_dir).map_err(io("creating the staging directory"))?;
@@ -154,9 +164,10 @@ impl KernelService {
             let name = Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
             let ko = src.join(format!("{m}.ko"));
             if !ko.exists() {
-                return Err(RpcError::failed(format!(
-                    "kernel {version} lacks module {m} (compressed modules are not supported)"
-                )));
+                return Err(KernelError::MissingModule {
+                    version,
+                    module: m.to_string(),
+                });
             }
             std::fs::copy(&ko, mods_dir.join(format!("{name}.ko")))
                 .map_err(io(format!("copying {}", ko.display())))?;
@@ -171,7 +182,7 @@ impl KernelService {
                 Some("vmlinux".to_string())
             }
             Err(e) => {
-                tracing::warn!(error = %e.message, "no vmlinux: the Firecracker back-end cannot boot this kernel");
+                tracing::warn!(error = %e, "no vmlinux: the Firecracker back-end cannot boot this kernel");
                 None
             }
         };
@@ -199,16 +210,18 @@ impl KernelService {
 }
 
 /// A fresh directory inside `parent` named `<prefix>-<random>`.
-pub fn tempdir_in(parent: &Path, prefix: &str) -> Result<PathBuf, RpcError> {
+pub fn tempdir_in(parent: &Path, prefix: &str) -> Result<PathBuf, SysError> {
     for _ in 0..16 {
         let p = parent.join(format!("{prefix}-{:08x}", rand_u32()));
         match std::fs::create_dir(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(RpcError::failed(format!("creating {}: {e}", p.display()))),
+            Err(e) => return Err(io(format!("creating {}", p.display()))(e)),
         }
     }
-    Err(RpcError::failed("could not create a temporary directory"))
+    Err(SysError::NoTempDir {
+        parent: parent.to_path_buf(),
+    })
 }
 
 pub fn rand_u32() -> u32 {
@@ -220,13 +233,13 @@ pub fn rand_u32() -> u32 {
 
 /// The uncompressed ELF kernel inside a bzImage. Debian compresses its
 /// kernels with LZ4 (legacy frame); the payload starts at that magic.
-pub async fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, RpcError> {
+pub async fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, KernelError> {
     use tokio::io::AsyncWriteExt;
     const LZ4_LEGACY: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
     let start = bzimage
         .windows(4)
         .position(|w| w == LZ4_LEGACY)
-        .ok_or_else(|| RpcError::failed("no LZ4 payload in the kernel image"))?;
+        .ok_or(KernelError::NoLz4Payload)?;
     let mut child = tokio::process::Command::new("lz4")
         .arg("-dc")
         .stdin(std::process::Stdio::piped())
@@ -234,21 +247,21 @@ pub async fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, RpcError> {
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| RpcError::failed(format!("running lz4: {e}")))?;
+        .map_err(|source| SysError::Spawn {
+            tool: "lz4".into(),
+            source,
+        })?;
     let mut stdin = child.stdin.take().expect("piped");
     let payload = bzimage[start..].to_vec();
     let feed = tokio::spawn(async move {
         let _ = stdin.write_all(&payload).await;
     });
     // lz4 complains about the bytes after the payload; the ELF is whole anyway.
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| RpcError::failed(format!("lz4: {e}")))?;
+    let out = child.wait_with_output().await.map_err(io("lz4"))?;
     let _ = feed.await;
     if out.stdout.starts_with(b"\x7fELF") {
         Ok(out.stdout)
     } else {
-        Err(RpcError::failed("lz4 did not produce an ELF kernel"))
+        Err(KernelError::NotElf)
     }
 }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod daemon;
 pub mod dns;
+pub mod error;
 pub mod helper_client;
 pub mod image;
 pub mod initramfs;

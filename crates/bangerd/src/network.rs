@@ -1,9 +1,10 @@
 //! Host networking, done through the root helper.
 
+use crate::error::NetworkError;
 use crate::helper_client::HelperClient;
 use banger_proto::methods::daemon::NetworkStatus;
 use banger_proto::methods::helper as m;
-use banger_proto::{OpId, RpcError, PROTOCOL_VERSION};
+use banger_proto::{OpId, PROTOCOL_VERSION};
 
 pub struct NetworkService {
     helper: HelperClient,
@@ -21,13 +22,13 @@ impl NetworkService {
     }
 
     /// Checks the helper speaks our protocol, then makes sure the bridge exists.
-    pub async fn ensure(&self, op: &OpId) -> Result<NetworkStatus, RpcError> {
+    pub async fn ensure(&self, op: &OpId) -> Result<NetworkStatus, NetworkError> {
         let info = self.helper.ping(op).await?;
         if info.protocol != PROTOCOL_VERSION {
-            return Err(RpcError::failed(format!(
-                "root helper speaks protocol {} but the daemon speaks {PROTOCOL_VERSION}; restart the helper",
-                info.protocol
-            )));
+            return Err(NetworkError::ProtocolMismatch {
+                helper: info.protocol,
+                daemon: PROTOCOL_VERSION,
+            });
         }
         let changed = self
             .helper
@@ -62,30 +63,30 @@ pub struct Lease {
 
 impl NetworkService {
     /// Bridge address and prefix length from the configured CIDR.
-    pub fn cidr(&self) -> Result<(std::net::Ipv4Addr, u8), RpcError> {
-        let (ip, len) = self.bridge_address.split_once('/').ok_or_else(|| {
-            RpcError::failed(format!(
-                "bridge_address {:?} has no prefix length",
-                self.bridge_address
-            ))
-        })?;
+    pub fn cidr(&self) -> Result<(std::net::Ipv4Addr, u8), NetworkError> {
+        let address = || self.bridge_address.clone();
+        let (ip, len) = self
+            .bridge_address
+            .split_once('/')
+            .ok_or_else(|| NetworkError::NoPrefixLength { address: address() })?;
         let ip: std::net::Ipv4Addr = ip
             .parse()
-            .map_err(|_| RpcError::failed(format!("bad bridge_address {:?}", self.bridge_address)))?;
+            .map_err(|_| NetworkError::BadBridgeAddress { address: address() })?;
         let len: u8 = len
             .parse()
-            .map_err(|_| RpcError::failed(format!("bad bridge_address {:?}", self.bridge_address)))?;
+            .map_err(|_| NetworkError::BadBridgeAddress { address: address() })?;
         if !(8..=30).contains(&len) {
-            return Err(RpcError::failed(format!(
-                "bridge_address prefix must be 8-30, not {len}"
-            )));
+            return Err(NetworkError::PrefixOutOfRange {
+                address: address(),
+                len,
+            });
         }
         Ok((ip, len))
     }
 
     /// The lowest free address of the bridge's subnet. Called under the
     /// creation lock, with every address already leased.
-    pub fn allocate(&self, used: &[std::net::Ipv4Addr]) -> Result<Lease, RpcError> {
+    pub fn allocate(&self, used: &[std::net::Ipv4Addr]) -> Result<Lease, NetworkError> {
         let (gw, prefix) = self.cidr()?;
         let mask = u32::MAX << (32 - prefix);
         let net = u32::from(gw) & mask;
@@ -98,11 +99,13 @@ impl NetworkService {
                 prefix,
                 gateway: gw,
             })
-            .ok_or_else(|| RpcError::failed(format!("no free address left in {}", self.bridge_address)))
+            .ok_or_else(|| NetworkError::NoFreeAddress {
+                cidr: self.bridge_address.clone(),
+            })
     }
 
     /// Bridge, tap (attached to the bridge), and an open descriptor of it.
-    pub async fn attach(&self, op: &OpId, tap: &str) -> Result<std::os::fd::OwnedFd, RpcError> {
+    pub async fn attach(&self, op: &OpId, tap: &str) -> Result<std::os::fd::OwnedFd, NetworkError> {
         self.ensure(op).await?;
         self.helper
             .call::<m::TapCreateM>(
@@ -124,10 +127,10 @@ impl NetworkService {
                 },
             )
             .await?;
-        fd.ok_or_else(|| RpcError::failed("the root helper opened the tap but passed no descriptor"))
+        fd.ok_or_else(|| NetworkError::NoTapDescriptor { tap: tap.to_string() })
     }
 
-    pub async fn detach(&self, op: &OpId, tap: &str) -> Result<(), RpcError> {
+    pub async fn detach(&self, op: &OpId, tap: &str) -> Result<(), NetworkError> {
         self.helper
             .call::<m::TapDeleteM>(
                 op,
@@ -135,27 +138,28 @@ impl NetworkService {
                     name: tap.to_string(),
                 },
             )
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(())
     }
 
-    pub async fn nat_add(&self, op: &OpId, vm: &str, ip: std::net::Ipv4Addr) -> Result<(), RpcError> {
+    pub async fn nat_add(&self, op: &OpId, vm: &str, ip: std::net::Ipv4Addr) -> Result<(), NetworkError> {
         let rule = m::NatRule {
             vm: vm.to_string(),
             guest_ip: ip.to_string(),
             bridge: self.bridge.clone(),
         };
-        self.helper.call::<m::NatAddM>(op, &rule).await.map(|_| ())
+        self.helper.call::<m::NatAddM>(op, &rule).await?;
+        Ok(())
     }
 
-    pub async fn nat_remove(&self, op: &OpId, vm: &str) -> Result<(), RpcError> {
+    pub async fn nat_remove(&self, op: &OpId, vm: &str) -> Result<(), NetworkError> {
         self.helper
             .call::<m::NatRemoveM>(op, &m::NatRef { vm: vm.to_string() })
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(())
     }
 
-    pub async fn nat_list(&self, op: &OpId) -> Result<Vec<String>, RpcError> {
+    pub async fn nat_list(&self, op: &OpId) -> Result<Vec<String>, NetworkError> {
         Ok(self
             .helper
             .call::<m::NatListM>(op, &Default::default())

@@ -4,9 +4,9 @@
 //! is read over vsock, a channel only the host can use, so the pin is
 //! trustworthy; a later change fails in ssh as a possible MITM.
 
+use crate::error::SysError;
 use crate::sync::Locked;
 use crate::sys;
-use banger_proto::RpcError;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -33,7 +33,7 @@ impl SshService {
     }
 
     /// The public key, generating the pair on first use.
-    pub async fn public_key(&self) -> Result<String, RpcError> {
+    pub async fn public_key(&self) -> Result<String, SysError> {
         let key = self.key_path();
         if !key.exists() {
             banger_config::ensure_private_dir(&self.dir, 0o700)
@@ -62,7 +62,7 @@ impl SshService {
 
     /// Pins `host_key` ("ssh-ed25519 AAAA...") for the VM's names unless a
     /// pin exists: first use wins.
-    pub fn pin(&self, name: &str, ip: Option<&str>, host_key: &str) -> Result<(), RpcError> {
+    pub fn pin(&self, name: &str, ip: Option<&str>, host_key: &str) -> Result<(), SysError> {
         let _g = self.lock.locked();
         let path = self.known_hosts();
         let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -84,7 +84,7 @@ impl SshService {
     }
 
     /// Removes every pin of the VM (by name and by address).
-    pub fn forget(&self, name: &str, ip: Option<&str>) -> Result<(), RpcError> {
+    pub fn forget(&self, name: &str, ip: Option<&str>) -> Result<(), SysError> {
         let _g = self.lock.locked();
         let path = self.known_hosts();
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -103,7 +103,7 @@ impl SshService {
     }
 }
 
-fn write_atomic(path: &Path, text: &str) -> Result<(), RpcError> {
+fn write_atomic(path: &Path, text: &str) -> Result<(), SysError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(sys::io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(sys::io(format!("writing {}", path.display())))

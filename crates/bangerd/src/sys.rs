@@ -2,13 +2,13 @@
 //! that say what failed and why. Arguments are passed as argv, never
 //! through a shell.
 
-use banger_proto::RpcError;
+use crate::error::SysError;
 use std::ffi::OsStr;
 use std::path::Path;
 use tokio::process::Command;
 
 /// Runs `prog args...` to completion; fails with its stderr tail.
-pub async fn run<I, S>(prog: &str, args: I, cwd: Option<&Path>) -> Result<String, RpcError>
+pub async fn run<I, S>(prog: &str, args: I, cwd: Option<&Path>) -> Result<String, SysError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -20,36 +20,38 @@ where
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
-    let out = cmd.output().await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            RpcError::failed(format!(
-                "{prog} is not installed (scripts/install-deps installs it)"
-            ))
+    let out = cmd.output().await.map_err(|source| {
+        let tool = prog.to_string();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            SysError::NotInstalled { tool, source }
         } else {
-            RpcError::failed(format!("running {prog}: {e}"))
+            SysError::Spawn { tool, source }
         }
     })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(5).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(RpcError::failed(format!(
-            "{prog} failed ({}): {}",
-            out.status,
-            tail.join(" | ")
-        )));
+        return Err(SysError::Failed {
+            tool: prog.to_string(),
+            status: out.status,
+            stderr_tail: tail.join(" | "),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Maps an I/O error to an operation failure naming what was attempted.
-pub fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> RpcError {
-    move |e| RpcError::failed(format!("{what}: {e}"))
+/// Maps an I/O error to a failure naming what was attempted.
+pub fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SysError {
+    move |source| SysError::Io {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// Creates a sparse file of `bytes` and formats it ext4. Cost is flat in
 /// size: nothing is written but metadata.
-pub async fn make_ext4(path: &Path, bytes: u64, label: &str) -> Result<(), RpcError> {
+pub async fn make_ext4(path: &Path, bytes: u64, label: &str) -> Result<(), SysError> {
     let f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
     f.set_len(bytes)
         .map_err(io(format!("sizing {}", path.display())))?;

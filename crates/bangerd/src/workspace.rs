@@ -5,10 +5,11 @@
 //! shallow `.git` holding the host's HEAD commit, so it can commit on top
 //! and `export` a patch against that base that applies on the host.
 
+use crate::error::WorkspaceError;
 use crate::sys::{self, io};
 use banger_proto::methods::agent::{BulkHeader, BulkResult, Line, BULK_CHUNK, BULK_PORT};
 use banger_proto::methods::daemon::WorkspacePlan;
-use banger_proto::{OpId, RpcError};
+use banger_proto::OpId;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -16,14 +17,15 @@ use std::path::{Path, PathBuf};
 pub const GUEST_REPO: &str = "/root/repo";
 const BOOTSTRAP_FILES: &[&str] = &[".mise.toml", ".tool-versions"];
 
-async fn git(dir: &Path, args: &[&str]) -> Result<String, RpcError> {
+async fn git(dir: &Path, args: &[&str]) -> Result<String, WorkspaceError> {
     let mut all = vec![
         "-C",
-        dir.to_str()
-            .ok_or_else(|| RpcError::bad_request("path is not UTF-8"))?,
+        dir.to_str().ok_or_else(|| WorkspaceError::PathNotUtf8 {
+            path: dir.to_path_buf(),
+        })?,
     ];
     all.extend_from_slice(args);
-    sys::run("git", all, None).await
+    Ok(sys::run("git", all, None).await?)
 }
 
 fn nul_list(s: &str) -> Vec<String> {
@@ -34,37 +36,27 @@ fn nul_list(s: &str) -> Vec<String> {
 }
 
 /// Validates the repository and lists what would be copied.
-pub async fn plan(path: &str, include_untracked: bool) -> Result<(PathBuf, WorkspacePlan), RpcError> {
+pub async fn plan(path: &str, include_untracked: bool) -> Result<(PathBuf, WorkspacePlan), WorkspaceError> {
     let p = Path::new(path);
     if !p.is_absolute() {
-        return Err(RpcError::bad_request(format!(
-            "workspace path must be absolute, not {path:?}"
-        )));
+        return Err(WorkspaceError::RelativePath { path: path.into() });
     }
     if !p.is_dir() {
-        return Err(RpcError::not_found(format!("{path} is not a directory")));
+        return Err(WorkspaceError::NotADirectory { path: path.into() });
     }
-    let bare = git(p, &["rev-parse", "--is-bare-repository"]).await;
-    match bare.as_deref().map(str::trim) {
-        Err(_) => {
-            return Err(RpcError::bad_request(format!(
-                "{path} is not inside a git repository"
-            )))
-        }
-        Ok("true") => {
-            return Err(RpcError::bad_request(format!(
-                "{path} is a bare git repository: use a work tree"
-            )))
-        }
-        Ok(_) => {}
+    let bare = git(p, &["rev-parse", "--is-bare-repository"])
+        .await
+        .map_err(|e| WorkspaceError::NotARepository {
+            path: path.into(),
+            source: Box::new(e),
+        })?;
+    if bare.trim() == "true" {
+        return Err(WorkspaceError::BareRepository { path: path.into() });
     }
     let root = PathBuf::from(git(p, &["rev-parse", "--show-toplevel"]).await?.trim());
     let staged = git(&root, &["ls-files", "-s", "-z"]).await?;
     if root.join(".gitmodules").exists() || nul_list(&staged).iter().any(|l| l.starts_with("160000 ")) {
-        return Err(RpcError::bad_request(format!(
-            "{} has git submodules, which workspaces do not support",
-            root.display()
-        )));
+        return Err(WorkspaceError::Submodules { root });
     }
     // Tracked files that still exist (a deleted tracked file is not copied).
     let mut files: Vec<String> = nul_list(&git(&root, &["ls-files", "-z", "--cached"]).await?)
@@ -113,7 +105,7 @@ pub async fn shallow_git(
     work: &Path,
     base: &str,
     extra: Option<&str>,
-) -> Result<PathBuf, RpcError> {
+) -> Result<PathBuf, WorkspaceError> {
     let branch = git(root, &["symbolic-ref", "-q", "--short", "HEAD"])
         .await
         .map(|b| b.trim().to_string())
@@ -139,11 +131,11 @@ pub async fn push(
     files: &[String],
     dotgit: Option<&Path>,
     dest: &str,
-) -> Result<BulkResult, RpcError> {
+) -> Result<BulkResult, WorkspaceError> {
     let stream =
         banger_vmm::vsock::connect_with_retry(uds, BULK_PORT, std::time::Duration::from_secs(3), || true)
             .await
-            .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
+            .map_err(|source| WorkspaceError::AgentUnreachable { source })?;
     let std_stream = stream.into_std().map_err(io("converting the vsock stream"))?;
     std_stream.set_nonblocking(false).map_err(io("blocking mode"))?;
     let header = BulkHeader {
@@ -154,7 +146,7 @@ pub async fn push(
     let root = root.to_path_buf();
     let files = files.to_vec();
     let dotgit = dotgit.map(Path::to_path_buf);
-    tokio::task::spawn_blocking(move || -> Result<BulkResult, RpcError> {
+    tokio::task::spawn_blocking(move || -> Result<BulkResult, WorkspaceError> {
         let mut s = std_stream;
         s.write_all(&header.to_line()).map_err(io("sending the header"))?;
         {
@@ -177,10 +169,13 @@ pub async fn push(
         BufReader::new(&s)
             .read_line(&mut line)
             .map_err(io("reading the guest's answer"))?;
-        BulkResult::from_line(&line).map_err(|e| RpcError::failed(format!("guest answered {line:?}: {e}")))
+        BulkResult::from_line(&line).map_err(|detail| WorkspaceError::BadAnswer {
+            line: line.clone(),
+            detail,
+        })
     })
     .await
-    .map_err(|e| RpcError::failed(format!("transfer task: {e}")))?
+    .map_err(|source| WorkspaceError::TransferTask { source })?
 }
 
 /// The guest-side shell that finishes a workspace: index = base commit
@@ -214,7 +209,7 @@ pub fn export_script(base: Option<&str>) -> String {
 }
 
 /// Git refs and branch names accepted from users: no shell metacharacters.
-pub fn validate_ref(r: &str) -> Result<(), RpcError> {
+pub fn validate_ref(r: &str) -> Result<(), WorkspaceError> {
     let ok = !r.is_empty()
         && r.len() <= 200
         && !r.starts_with('-')
@@ -223,7 +218,7 @@ pub fn validate_ref(r: &str) -> Result<(), RpcError> {
     if ok {
         Ok(())
     } else {
-        Err(RpcError::bad_request(format!("invalid git ref {r:?}")))
+        Err(WorkspaceError::InvalidRef(r.into()))
     }
 }
 

@@ -104,7 +104,7 @@ impl VmService {
                 Ok(fd) => fd,
                 Err(e) => {
                     self.teardown(vm, None).await;
-                    return Err((e, false));
+                    return Err((e.into(), false));
                 }
             };
             // QEMU gets the open tap (it cannot open one unprivileged);
@@ -120,7 +120,7 @@ impl VmService {
                 if let Some(ip) = vm.runtime.guest_ip.as_deref().and_then(alloc::address_of) {
                     if let Err(e) = self.network.nat_add(op, &vm.id, ip).await {
                         self.teardown(vm, None).await;
-                        return Err((e, false));
+                        return Err((e.into(), false));
                     }
                 }
             }

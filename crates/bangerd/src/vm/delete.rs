@@ -58,7 +58,7 @@ impl VmService {
         self.interrupts.locked().remove(&vm.id);
         let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
         if let Err(e) = self.ssh.forget(&vm.name, ip) {
-            tracing::warn!(vm = %vm.name, error = %e.message, "could not remove known_hosts entries");
+            tracing::warn!(vm = %vm.name, error = %e, "could not remove known_hosts entries");
         }
         tracing::info!(vm = %vm.name, "vm deleted");
         Ok(())

@@ -38,7 +38,8 @@ impl VmService {
             return Err(RpcError::failed("the guest has no ed25519 host key"));
         };
         let ip = vm.runtime.guest_ip.as_deref().and_then(|g| g.split('/').next());
-        self.ssh.pin(&vm.name, ip, &format!("{kind} {key}"))
+        self.ssh.pin(&vm.name, ip, &format!("{kind} {key}"))?;
+        Ok(())
     }
 
     /// Runs a shell snippet in the guest and fails with its stderr.

@@ -60,12 +60,12 @@ impl VmService {
             let op = current_op();
             if vm.spec.nat {
                 if let Err(e) = self.network.nat_remove(&op, &vm.id).await {
-                    tracing::warn!(vm = %vm.name, error = %e.message, "could not remove NAT rules; will retry");
+                    tracing::warn!(vm = %vm.name, error = %e, "could not remove NAT rules; will retry");
                     network_clean = false;
                 }
             }
             if let Err(e) = self.network.detach(&op, tap).await {
-                tracing::warn!(vm = %vm.name, tap = %tap, error = %e.message, "could not delete the tap; will retry");
+                tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not delete the tap; will retry");
                 network_clean = false;
             }
         }
@@ -119,7 +119,7 @@ impl VmService {
         let tags = match self.network.nat_list(&op).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::debug!(error = %e.message, "NAT sweep skipped");
+                tracing::debug!(error = %e, "NAT sweep skipped");
                 return;
             }
         };
