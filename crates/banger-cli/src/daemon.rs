@@ -46,7 +46,12 @@ fn log_tail(log: &std::path::Path, n: usize) -> String {
 
 /// Waits for a process this command started to answer. If it exits
 /// first, says so at once, with its status and the last lines it wrote.
-async fn wait_until<F, Fut>(what: &str, child: &mut std::process::Child, log: &std::path::Path, mut ready: F) -> Result<()>
+async fn wait_until<F, Fut>(
+    what: &str,
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+    mut ready: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -77,7 +82,10 @@ pub async fn wait_gone(cfg: &Config) -> Result<()> {
     let deadline = Instant::now() + START_DEADLINE;
     while running(cfg).await.is_some() {
         if Instant::now() > deadline {
-            bail!("bangerd is still running {}s after it was asked to stop", START_DEADLINE.as_secs());
+            bail!(
+                "bangerd is still running {}s after it was asked to stop",
+                START_DEADLINE.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

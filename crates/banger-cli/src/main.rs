@@ -125,7 +125,11 @@ fn main() {
 /// escaped so it cannot drive the terminal.
 fn report(e: &anyhow::Error) {
     match e.downcast_ref::<ClientError>().and_then(ClientError::rpc) {
-        Some(rpc) => eprintln!("error: {}\n  code: {}", output::escape(&rpc.to_string()), rpc.code),
+        Some(rpc) => eprintln!(
+            "error: {}\n  code: {}",
+            output::escape(&rpc.to_string()),
+            rpc.code
+        ),
         None => eprintln!("error: {}", output::escape(&format!("{e:#}"))),
     }
 }

@@ -93,7 +93,10 @@ pub fn untracked_notice(skipped: &[String]) {
 mod tests {
     #[test]
     fn control_characters_are_escaped_but_lines_kept() {
-        assert_eq!(super::escape("a\u{1b}[31mred\rb\u{7}"), "a\\u{1b}[31mred\\rb\\u{7}");
+        assert_eq!(
+            super::escape("a\u{1b}[31mred\rb\u{7}"),
+            "a\\u{1b}[31mred\\rb\\u{7}"
+        );
         assert_eq!(super::escape("line 1\nline 2\tx"), "line 1\nline 2\tx");
     }
 }

@@ -314,5 +314,9 @@ fn a_daemon_that_cannot_start_is_reported_at_once_with_its_reason() {
     );
     assert!(stderr.contains("exited at start"), "{stderr}");
     assert!(stderr.contains("is empty"), "the reason is not shown: {stderr}");
-    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "the database was replaced");
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().len(),
+        0,
+        "the database was replaced"
+    );
 }
