@@ -13,9 +13,19 @@ pub enum ImageCmd {
     Build {
         #[arg(long, default_value = "default")]
         name: String,
-        /// Rebuild even if it exists.
+        /// Rebuild even if it exists (VMs made from the old one keep it).
         #[arg(long)]
         force: bool,
+        /// Debian packages to add, comma-separated (banger's own needs are
+        /// always included; the default image is a dev box).
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Debian suite: bookworm or trixie.
+        #[arg(long)]
+        suite: Option<String>,
+        /// Image size in MiB (default: fitted to its content).
+        #[arg(long)]
+        size: Option<u64>,
     },
     /// List images.
     List,
@@ -74,10 +84,21 @@ fn progress(p: d::Progress) {
 
 pub async fn run_image(c: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
     match cmd {
-        ImageCmd::Build { name, force } => {
-            let i = c
-                .call_with_events::<d::ImageBuildM>(&d::ImageBuild { name, force }, None, progress)
-                .await?;
+        ImageCmd::Build {
+            name,
+            force,
+            packages,
+            suite,
+            size,
+        } => {
+            let req = d::ImageBuild {
+                name,
+                force,
+                packages,
+                suite,
+                size_mib: size,
+            };
+            let i = c.call_with_events::<d::ImageBuildM>(&req, None, progress).await?;
             print(json, &i, show_image);
         }
         ImageCmd::List => {

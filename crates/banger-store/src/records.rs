@@ -81,6 +81,12 @@ pub struct VmRuntime {
     /// Guest directory of the prepared workspace; `vm exec` runs there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// The image file this VM was made from, pinned at create: its overlay
+    /// disk only makes sense over that base, so a rebuilt image never
+    /// changes it. Absent for VMs made before pinning (the image's current
+    /// file is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_rootfs: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

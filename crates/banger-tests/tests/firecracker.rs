@@ -149,19 +149,33 @@ fn firecracker_lifecycle_with_the_real_binary() {
     assert!(env.vm_processes().is_empty());
 }
 
-/// GET on Firecracker's API socket; the body as JSON.
+/// GET on Firecracker's API socket; the body as JSON. The connection is
+/// kept alive by Firecracker, so the body is read by its Content-Length.
 fn fc_api_get(sock: &std::path::Path, path: &str) -> Value {
-    use std::io::{Read, Write};
+    use std::io::{BufRead, Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).expect("API socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
     )
     .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {raw}"))
+    let mut r = std::io::BufReader::new(s);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("API answer");
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
 }
 
 /// The Firecracker VM gets its tap: the whole stack runs in the helper's

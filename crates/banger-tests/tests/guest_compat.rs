@@ -6,7 +6,7 @@ use banger_tests::Env;
 
 /// One line per check: `ok NAME` or `FAIL NAME`. Runs under bash (the
 /// default image's shell with process substitution).
-const CHECKS: &str = r#"
+const CHECKS: &str = r##"
 check() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "ok $name"; else echo "FAIL $name"; fi; }
 check process-substitution bash -c 'test "$(cat <(echo hi))" = hi'
 check dev-fd test -e /dev/fd/0
@@ -27,9 +27,15 @@ check unprivileged-ping sh -c 'test "$(cat /proc/sys/net/ipv4/ping_group_range |
 check userns-sandbox unshare --user --pid --mount --fork --map-root-user true
 check clock sh -c 'test "$(date +%s)" -ge "$HOST_EPOCH"'
 check entropy sh -c 'test "$(cat /proc/sys/kernel/random/entropy_avail)" -ge 128'
+check cc-build-and-run sh -c 'printf "#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n" > /tmp/t.c && cc -O2 -o /tmp/t /tmp/t.c && test "$(/tmp/t)" = hi'
+check make sh -c 'printf "all:\n\t@echo made\n" > /tmp/Makefile && test "$(make -s -C /tmp)" = made'
+check python-venv sh -c 'python3 -m venv /tmp/venv && /tmp/venv/bin/python -c "import sys; print(sys.prefix)" | grep -q /tmp/venv && /tmp/venv/bin/pip --version'
+check ping-gateway sh -c 'ping -c1 -W5 "$(ip route | awk "/default/ {print \$3}")"'
+check unprivileged-ping-as-nobody su -s /bin/sh nobody -c 'ping -c1 -W5 127.0.0.1'
+check dev-tools sh -c 'for t in curl jq git sudo less unzip xz file patch wget; do command -v $t || exit 1; done'
 sh -c 'sleep 0.2 & exit 0'; sleep 1
 check zombies-reaped sh -c '! grep -qs "^State:.*Z" /proc/[0-9]*/status'
-"#;
+"##;
 
 #[test]
 fn a_fresh_guest_has_what_a_distribution_gives() {

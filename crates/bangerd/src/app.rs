@@ -228,8 +228,17 @@ pub fn router(app: &Arc<App>) -> Router {
             } else {
                 p.name
             };
+            // The default image's recipe is banger's; any other name is
+            // built from what was asked (base packages only if nothing).
+            let custom = !p.packages.is_empty() || p.suite.is_some() || p.size_mib.is_some();
+            let recipe = if name == crate::image::DEFAULT_IMAGE && !custom {
+                crate::recipe::Recipe::default_image()
+            } else {
+                crate::recipe::Recipe::custom(p.suite.as_deref(), &p.packages, p.size_mib)
+                    .map_err(|e| RpcError::from(crate::error::ImageError::InvalidRecipe(e)))?
+            };
             app.images
-                .build(&name, p.force, &progress(&ctx))
+                .build(&name, &recipe, p.force, &progress(&ctx))
                 .await
                 .map(|r| crate::image::info(&r))
                 .map_err(RpcError::from)

@@ -163,6 +163,14 @@ pub enum ImageError {
     NotExt4 { rootfs: String },
     #[error("image {name} is used by: {}", users.join(", "))]
     InUse { name: String, users: Vec<String> },
+    /// A recipe refused before anything runs.
+    #[error("{0}")]
+    InvalidRecipe(String),
+    #[error(
+        "image {name} exists with another recipe ({existing}); rebuild it with --force \
+         (VMs made from it keep the old one)"
+    )]
+    OtherRecipe { name: String, existing: String },
 }
 
 /// Workspaces: the host repository and the transfer into the guest.
@@ -277,7 +285,9 @@ impl ImageError {
             ImageError::InvalidName(_)
             | ImageError::RelativeRootfs { .. }
             | ImageError::NotExt4 { .. }
-            | ImageError::InUse { .. } => ErrorCode::BadRequest,
+            | ImageError::InUse { .. }
+            | ImageError::InvalidRecipe(_) => ErrorCode::BadRequest,
+            ImageError::OtherRecipe { .. } => ErrorCode::AlreadyExists,
             ImageError::NotFound { .. } | ImageError::RootfsMissing { .. } => ErrorCode::NotFound,
         }
     }

@@ -5,6 +5,7 @@
 
 use crate::error::ImageError;
 use crate::kernel::{self, KernelService};
+use crate::recipe::Recipe;
 use crate::sys::{self, io};
 use banger_proto::methods::daemon::ImageInfo;
 use banger_store::{ImageRecord, Store};
@@ -117,66 +118,125 @@ impl ImageService {
         Ok(self.store.list_images()?.iter().map(info).collect())
     }
 
-    /// Returns the image, building the default one on first use.
+    /// Returns the image, building the default one on first use and again
+    /// when this build's default recipe differs from the one it was made
+    /// with (VMs made from the old one keep it: see `VmRuntime::base_rootfs`).
     pub async fn ensure(
         &self,
         name: &str,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<ImageRecord, ImageError> {
         match self.get(name) {
+            Ok(r) if name == DEFAULT_IMAGE && r.source != Recipe::default_image().source() => {
+                self.build(DEFAULT_IMAGE, &Recipe::default_image(), false, progress)
+                    .await
+            }
             Ok(r) => Ok(r),
             Err(ImageError::NotFound { .. }) if name == DEFAULT_IMAGE => {
-                self.build(DEFAULT_IMAGE, false, progress).await
+                self.build(DEFAULT_IMAGE, &Recipe::default_image(), false, progress)
+                    .await
             }
             Err(e) => Err(e),
         }
     }
 
+    /// Builds `name` from `recipe`. An image of that name made from the
+    /// same recipe is returned as is; a registered image or one made from
+    /// another recipe is replaced only with `force` (the default image is
+    /// brought up to date without it).
     pub async fn build(
         &self,
         name: &str,
+        recipe: &Recipe,
         force: bool,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<ImageRecord, ImageError> {
         validate_name(name)?;
         let _g = self.build_lock.lock().await;
         if let Some(existing) = self.store.get_image(name)? {
-            if !force {
+            let same = existing.source == recipe.source();
+            if !force && same {
                 return Ok(existing);
             }
-            // Built beside the old image, which stays until the new one
-            // is complete: a failed rebuild loses nothing.
-            self.ensure_unused(name)?;
+            if !force && name != DEFAULT_IMAGE {
+                return Err(ImageError::OtherRecipe {
+                    name: name.into(),
+                    existing: existing.source,
+                });
+            }
+            // Built beside the old image, which stays until the new one is
+            // complete (a failed rebuild loses nothing), and after that for
+            // as long as a VM made from it exists.
         }
         let kernel = self.kernels.ensure(progress).await?;
         std::fs::create_dir_all(&self.dir).map_err(io("creating the images directory"))?;
         let work = kernel::tempdir_in(&self.dir, ".build")?;
-        let result = self.build_in(name, &kernel.dir, &work, progress).await;
+        let result = self.build_in(name, recipe, &kernel.dir, &work, progress).await;
         let _ = std::fs::remove_dir_all(&work);
+        self.collect_garbage();
         result
+    }
+
+    /// Removes image directories banger built that neither an image record
+    /// nor a VM (its pinned base) refers to any more. Only ever inside
+    /// banger's own images directory; registered images are never touched.
+    pub fn collect_garbage(&self) {
+        let (Ok(images), Ok(vms)) = (self.store.list_images(), self.store.list_vms()) else {
+            return;
+        };
+        let used: Vec<PathBuf> = images
+            .iter()
+            .map(|i| PathBuf::from(&i.rootfs))
+            .chain(
+                vms.iter()
+                    .filter_map(|v| v.runtime.base_rootfs.as_ref().map(PathBuf::from)),
+            )
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            // In-progress builds are the build lock holder's business.
+            if name.starts_with('.') || !path.is_dir() || used.contains(&path) {
+                continue;
+            }
+            tracing::info!(dir = %path.display(), "removing an image no image record or VM uses");
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 
     async fn build_in(
         &self,
         name: &str,
+        recipe: &Recipe,
         kernel_dir: &str,
         work: &Path,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<ImageRecord, ImageError> {
         let root = work.join("root");
         let mirror = debian_mirror();
-        progress(&format!("debootstrap bookworm from {mirror}"));
-        sys::run(
+        progress(&format!(
+            "debootstrap {} from {mirror} ({} packages)",
+            recipe.suite,
+            recipe.packages.len()
+        ));
+        // debootstrap's own "I: Retrieving/Unpacking/Configuring ..." lines
+        // are the progress: a build takes a minute or more.
+        let include = recipe.include_arg();
+        sys::run_lines(
             "debootstrap",
             [
                 "--variant=minbase".as_ref(),
-                // git: workspaces; openssh-server: `banger vm ssh`; iproute2: networking.
-                "--include=git,openssh-server,iproute2,ca-certificates".as_ref(),
-                "bookworm".as_ref(),
+                include.as_ref(),
+                recipe.suite.as_ref(),
                 root.as_os_str(),
                 mirror.as_ref(),
             ],
-            None,
+            &|line: &str| {
+                if let Some(step) = line.strip_prefix("I: ") {
+                    progress(&format!("debootstrap: {step}"));
+                }
+            },
         )
         .await?;
         // The guest needs nothing more from the image: banger's init and
@@ -194,8 +254,12 @@ impl ImageService {
             }
         }
         let content = dir_size(&root);
-        // Read-only at run time: room for ext4's metadata, nothing more.
-        let size = (content + content / 4 + (64 << 20)).div_ceil(1 << 20) << 20;
+        // Read-only at run time: room for ext4's metadata, nothing more,
+        // unless the recipe asks for a size.
+        let size = match recipe.size_mib {
+            Some(mib) => mib << 20,
+            None => (content + content / 4 + (64 << 20)).div_ceil(1 << 20) << 20,
+        };
         progress("making rootfs.ext4");
         let image = work.join("rootfs.ext4");
         sys::run(
@@ -213,12 +277,9 @@ impl ImageService {
             None,
         )
         .await?;
-        let dest_dir = self.dir.join(name);
-        // The swap: only now does the old image (record and files) go.
-        if self.store.get_image(name)?.is_some() {
-            self.store.delete_image(name)?;
-        }
-        let _ = std::fs::remove_dir_all(&dest_dir);
+        // A directory per build: VMs made from an earlier build keep its
+        // file (their overlays sit on it) until they are deleted.
+        let dest_dir = self.dir.join(format!("{name}.{:08x}", kernel::rand_u32()));
         std::fs::create_dir_all(&dest_dir).map_err(io("creating the image directory"))?;
         let dest = dest_dir.join("rootfs.ext4");
         std::fs::rename(&image, &dest).map_err(io("installing rootfs.ext4"))?;
@@ -228,9 +289,14 @@ impl ImageService {
             kernel: kernel_dir.to_string(),
             initrd: None,
             size_bytes: size,
-            source: "debootstrap --variant=minbase bookworm".into(),
+            source: recipe.source(),
             created_at: banger_store::now(),
         };
+        // The swap: only now does the old record go (its files stay while
+        // a VM uses them).
+        if self.store.get_image(name)?.is_some() {
+            self.store.delete_image(name)?;
+        }
         self.store.insert_image(&rec)?;
         progress("image ready");
         Ok(rec)
@@ -293,7 +359,7 @@ impl ImageService {
         self.ensure_unused(name)?;
         self.store.delete_image(name)?;
         if rec.source != SOURCE_REGISTERED {
-            let _ = std::fs::remove_dir_all(self.dir.join(name));
+            self.collect_garbage();
         }
         Ok(())
     }

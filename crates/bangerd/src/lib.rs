@@ -12,6 +12,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod network;
 pub mod ops;
+pub mod recipe;
 pub mod ssh;
 pub mod sync;
 pub mod sys;

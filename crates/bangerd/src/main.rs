@@ -15,7 +15,16 @@ struct Cli {
     foreground: bool,
 }
 
-fn main() -> Result<()> {
+/// A failure at start ends with one plain line on stderr (which the CLI
+/// that started the daemon shows the user), never a backtrace.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bangerd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let cfg = banger_config::Config::load()?;
     let log_file = (!cli.foreground).then(|| cfg.log_dir().join("bangerd.log"));

@@ -41,6 +41,59 @@ where
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Like [`run`], handing each line the tool writes (stdout or stderr) to
+/// `on_line` as it comes: progress for long-running tools.
+pub async fn run_lines<I, S>(prog: &str, args: I, on_line: &(dyn Fn(&str) + Sync)) -> Result<(), SysError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| {
+        let tool = prog.to_string();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            SysError::NotInstalled { tool, source }
+        } else {
+            SysError::Spawn { tool, source }
+        }
+    })?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        let line = tokio::select! {
+            l = out.next_line(), if out_open => l.ok().flatten().or_else(|| { out_open = false; None }),
+            l = err.next_line(), if err_open => l.ok().flatten().or_else(|| { err_open = false; None }),
+        };
+        if let Some(line) = line {
+            on_line(&line);
+            tail.push_back(line);
+            if tail.len() > 5 {
+                tail.pop_front();
+            }
+        }
+    }
+    let status = child.wait().await.map_err(|source| SysError::Spawn {
+        tool: prog.to_string(),
+        source,
+    })?;
+    if !status.success() {
+        return Err(SysError::Failed {
+            tool: prog.to_string(),
+            status,
+            stderr_tail: Vec::from(tail).join(" | "),
+        });
+    }
+    Ok(())
+}
+
 /// Maps an I/O error to a failure naming what was attempted.
 pub fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SysError {
     move |source| SysError::Io {

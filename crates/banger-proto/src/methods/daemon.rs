@@ -193,6 +193,15 @@ pub struct ImageBuild {
     /// Rebuild even if it exists.
     #[serde(default)]
     pub force: bool,
+    /// Debian packages beyond what banger needs (default image: a dev box).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    /// Debian suite (bookworm, trixie).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
+    /// Fixed image size; else sized to its content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -148,7 +148,9 @@ impl VmService {
             } else {
                 (None, None)
             };
-            let runtime = alloc::creating_runtime(&dir, cid, guest_ip, tap);
+            let mut runtime = alloc::creating_runtime(&dir, cid, guest_ip, tap);
+            // Pinned: this VM's overlay sits on exactly this file.
+            runtime.base_rootfs = Some(image.rootfs.clone());
             let vm = VmRecord {
                 id,
                 name: name.to_string(),

@@ -54,6 +54,16 @@ impl VmService {
 
     pub(super) fn launch_spec(&self, vm: &VmRecord) -> Result<LaunchSpec, RpcError> {
         let image = self.images.get(&vm.spec.image)?;
+        // The base the VM was made from, never a rebuilt one: its overlay
+        // holds changes relative to exactly that file.
+        let base = PathBuf::from(vm.runtime.base_rootfs.as_deref().unwrap_or(&image.rootfs));
+        if !base.is_file() {
+            return Err(RpcError::not_found(format!(
+                "the image file VM {} was made from is gone: {}",
+                vm.name,
+                base.display()
+            )));
+        }
         let k = kernel::read_manifest(Path::new(&image.kernel))?;
         let initrd = initramfs::ensure(&initramfs::Inputs {
             kernel: &k,
@@ -82,7 +92,7 @@ impl VmService {
             drives: vec![
                 Drive {
                     id: "base".into(),
-                    path: PathBuf::from(&image.rootfs),
+                    path: base.clone(),
                     read_only: true,
                 },
                 Drive {
