@@ -393,7 +393,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
         };
         // Kill points spread over how long the verb usually takes here.
         let slow = matches!(verb[1], "create" | "start" | "restart");
-        let delay = Duration::from_millis(rng.below(if slow { 3000 } else { 900 }));
+        let delay = Duration::from_millis(rng.below(if slow { 2000 } else { 400 }));
         let t = Instant::now();
         let mut child = c
             .cmd()

@@ -8,6 +8,7 @@ mod client_ops;
 mod daemon;
 mod image;
 mod output;
+mod patch_check;
 mod run;
 mod ssh;
 mod vm;

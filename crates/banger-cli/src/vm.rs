@@ -79,6 +79,9 @@ pub enum WorkspaceCmd {
         /// Write the patch here instead of stdout.
         #[arg(long)]
         output: Option<std::path::PathBuf>,
+        /// Write it even if it creates symlinks (listed on stderr either way).
+        #[arg(long)]
+        allow_symlinks: bool,
     },
 }
 
@@ -228,6 +231,7 @@ pub async fn workspace(c: &Client, cmd: WorkspaceCmd, json: bool) -> Result<i32>
             name,
             base_commit,
             output,
+            allow_symlinks,
         } => {
             check_name(&name)?;
             let mut patch = Vec::new();
@@ -249,6 +253,24 @@ pub async fn workspace(c: &Client, cmd: WorkspaceCmd, json: bool) -> Result<i32>
                 .await?;
             if st.shell_code() != 0 {
                 bail!("export failed in the guest (exit {})", st.shell_code());
+            }
+            // The guest is untrusted: say what the patch would do that
+            // reaches beyond ordinary file edits, before anything is written.
+            let risks = crate::patch_check::scan(&patch);
+            for p in &risks.executables {
+                eprintln!("note: the patch makes {} executable", crate::output::escape(p));
+            }
+            for p in &risks.symlinks {
+                eprintln!("warning: the patch creates a symlink {}", crate::output::escape(p));
+            }
+            if !risks.bad_paths.is_empty() {
+                bail!(
+                    "the patch touches paths no workspace patch should: {}",
+                    crate::output::escape(&risks.bad_paths.join(", "))
+                );
+            }
+            if !risks.symlinks.is_empty() && !allow_symlinks {
+                bail!("not writing a patch that creates symlinks; check them and pass --allow-symlinks");
             }
             match output {
                 Some(f) => std::fs::write(&f, &patch)?,

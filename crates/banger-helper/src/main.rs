@@ -72,7 +72,7 @@ async fn serve(socket: PathBuf, owner_uid: u32, log_file: Option<PathBuf>) -> Re
         tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
     let net = LinuxNet::new()?;
-    let router = Arc::new(router(Arc::new(PrivService::new(net)), owner_uid));
+    let router = Arc::new(router(Arc::new(PrivService::new(net, owner_uid)), owner_uid));
     let shutdown = CancellationToken::new();
     banger_proto::server::cancel_on_signals(shutdown.clone());
     tracing::info!(socket = %socket.display(), owner_uid, pid = std::process::id(), "helper listening");

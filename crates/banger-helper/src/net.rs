@@ -49,6 +49,8 @@ pub trait NetOps: Send + Sync + 'static {
         prefix: u8,
     ) -> impl Future<Output = Result<(), NetError>> + Send;
     fn delete_link(&self, index: u32) -> impl Future<Output = Result<(), NetError>> + Send;
+    /// The IPv4 addresses (with prefix length) on link `index`.
+    fn addresses(&self, index: u32) -> impl Future<Output = Result<Vec<(Ipv4Addr, u8)>, NetError>> + Send;
     /// Opens an existing persistent tap; the descriptor carries its traffic.
     fn open_tap(&self, name: &str) -> impl Future<Output = Result<std::os::fd::OwnedFd, NetError>> + Send;
     fn nat_add(
@@ -157,6 +159,20 @@ impl NetOps for LinuxNet {
             .replace()
             .execute()
             .await?)
+    }
+
+    async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut found = Vec::new();
+        let mut msgs = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = msgs.try_next().await? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
+                    found.push((*ip, msg.header.prefix_len));
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn open_tap(&self, name: &str) -> Result<std::os::fd::OwnedFd, NetError> {

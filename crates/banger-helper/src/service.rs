@@ -19,11 +19,13 @@ fn failed(what: &str, e: NetError) -> RpcError {
 
 pub struct PrivService<N> {
     net: N,
+    /// The one unprivileged uid served (besides root).
+    owner_uid: u32,
 }
 
 impl<N: NetOps> PrivService<N> {
-    pub fn new(net: N) -> Self {
-        PrivService { net }
+    pub fn new(net: N, owner_uid: u32) -> Self {
+        PrivService { net, owner_uid }
     }
 
     pub fn ping(&self) -> HelperInfo {
@@ -82,7 +84,7 @@ impl<N: NetOps> PrivService<N> {
         let addr = p
             .address
             .as_deref()
-            .map(validate::ipv4_cidr)
+            .map(validate::bridge_cidr)
             .transpose()
             .map_err(invalid)?;
         let (link, mut changed) = self
@@ -91,10 +93,29 @@ impl<N: NetOps> PrivService<N> {
             })
             .await?;
         if let Some((ip, len)) = addr {
-            self.net
-                .add_address(link.index, ip, len)
+            // One address, set once: a bridge that has another one is not
+            // silently given a second, and "changed" says what happened.
+            let have = self
+                .net
+                .addresses(link.index)
                 .await
-                .map_err(|e| failed("adding the bridge address", e))?;
+                .map_err(|e| failed("reading the bridge addresses", e))?;
+            if !have.contains(&(ip, len)) {
+                if let Some((other, olen)) = have.first() {
+                    return Err(RpcError::new(
+                        banger_proto::ErrorCode::AlreadyExists,
+                        format!(
+                            "bridge {} already has address {other}/{olen}; not adding {ip}/{len}",
+                            p.name
+                        ),
+                    ));
+                }
+                self.net
+                    .add_address(link.index, ip, len)
+                    .await
+                    .map_err(|e| failed("adding the bridge address", e))?;
+                changed = true;
+            }
         }
         if !link.up {
             self.net
@@ -106,8 +127,20 @@ impl<N: NetOps> PrivService<N> {
         Ok(Changed { changed })
     }
 
-    pub async fn tap_create(&self, p: TapCreate) -> Result<Changed, RpcError> {
+    /// `caller` is the peer's uid: a tap may be owned only by the caller,
+    /// or (for root) by the owner this helper serves. Never by anyone else,
+    /// root included, through an unprivileged caller.
+    pub async fn tap_create(&self, p: TapCreate, caller: u32) -> Result<Changed, RpcError> {
         validate::tap_name(&p.name).map_err(invalid)?;
+        if let Some(uid) = p.owner_uid {
+            let allowed = uid == caller || (caller == 0 && uid == self.owner_uid);
+            if !allowed {
+                return Err(RpcError::new(
+                    banger_proto::ErrorCode::Unauthorized,
+                    format!("uid {caller} may not create a tap owned by uid {uid}"),
+                ));
+            }
+        }
         let controller = match &p.bridge {
             Some(b) => {
                 validate::bridge_name(b).map_err(invalid)?;
@@ -160,6 +193,28 @@ impl<N: NetOps> PrivService<N> {
         validate::vm_tag(&p.vm).map_err(invalid)?;
         validate::bridge_name(&p.bridge).map_err(invalid)?;
         let ip = validate::ipv4(&p.guest_ip).map_err(invalid)?;
+        // Only for a guest of an existing banger bridge: a host address of
+        // its subnet, not the network, broadcast or bridge address.
+        let bridge = match self
+            .net
+            .link(&p.bridge)
+            .await
+            .map_err(|e| failed("looking up the bridge", e))?
+        {
+            Some(l) if l.kind == LinkKind::Bridge => l,
+            _ => return Err(RpcError::not_found(format!("bridge {} does not exist", p.bridge))),
+        };
+        let subnets = self
+            .net
+            .addresses(bridge.index)
+            .await
+            .map_err(|e| failed("reading the bridge addresses", e))?;
+        if !subnets.iter().any(|s| validate::guest_in_subnet(ip, *s)) {
+            return Err(RpcError::bad_request(format!(
+                "{ip} is not a guest address on bridge {}",
+                p.bridge
+            )));
+        }
         self.net
             .nat_add(&p.vm, ip, &p.bridge)
             .await
@@ -217,7 +272,7 @@ pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
         .authorize(move |uid| uid == 0 || uid == owner_uid)
         .method::<m::Ping, _, _>(handler!(svc, |_, _| Ok(svc.ping())))
         .method::<m::BridgeEnsureM, _, _>(handler!(svc, |_, p| svc.bridge_ensure(p).await))
-        .method::<m::TapCreateM, _, _>(handler!(svc, |_, p| svc.tap_create(p).await))
+        .method::<m::TapCreateM, _, _>(handler!(svc, |ctx, p| svc.tap_create(p, ctx.peer_uid).await))
         .method::<m::TapDeleteM, _, _>(handler!(svc, |_, p| svc.tap_delete(p).await))
         .method::<m::TapOpenM, _, _>(handler!(svc, |ctx, p| {
             ctx.attach_fd(svc.tap_open(p).await?);
@@ -242,6 +297,7 @@ mod tests {
     #[derive(Default)]
     struct FakeNetForTests {
         links: Mutex<HashMap<String, Link>>,
+        addrs: Mutex<HashMap<u32, Vec<(Ipv4Addr, u8)>>>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -292,8 +348,24 @@ mod tests {
             }
             Ok(())
         }
-        async fn add_address(&self, _: u32, _: Ipv4Addr, _: u8) -> Result<(), NetError> {
+        async fn add_address(&self, index: u32, ip: Ipv4Addr, len: u8) -> Result<(), NetError> {
+            self.addrs
+                .lock()
+                .unwrap()
+                .entry(index)
+                .or_default()
+                .push((ip, len));
+            self.calls.lock().unwrap().push(format!("add_address {ip}/{len}"));
             Ok(())
+        }
+        async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+            Ok(self
+                .addrs
+                .lock()
+                .unwrap()
+                .get(&index)
+                .cloned()
+                .unwrap_or_default())
         }
         async fn open_tap(&self, _: &str) -> Result<std::os::fd::OwnedFd, NetError> {
             Ok(std::fs::File::open("/dev/null").unwrap().into())
@@ -324,7 +396,7 @@ mod tests {
 
     #[tokio::test]
     async fn ensure_is_idempotent() {
-        let s = PrivService::new(FakeNetForTests::default());
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
         assert!(s.bridge_ensure(br("banger0")).await.unwrap().changed);
         assert!(!s.bridge_ensure(br("banger0")).await.unwrap().changed);
         let tap = TapCreate {
@@ -332,8 +404,8 @@ mod tests {
             bridge: Some("banger0".into()),
             owner_uid: None,
         };
-        assert!(s.tap_create(tap.clone()).await.unwrap().changed);
-        assert!(!s.tap_create(tap).await.unwrap().changed);
+        assert!(s.tap_create(tap.clone(), 0).await.unwrap().changed);
+        assert!(!s.tap_create(tap, 0).await.unwrap().changed);
         assert!(
             s.tap_delete(LinkName { name: "bgt1".into() })
                 .await
@@ -350,7 +422,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_names_cause_no_effect() {
-        let s = PrivService::new(FakeNetForTests::default());
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
         for name in ["eth0", "docker0", "lo"] {
             assert_eq!(
                 s.bridge_ensure(br(name)).await.unwrap_err().code,
@@ -368,7 +440,7 @@ mod tests {
 
     #[tokio::test]
     async fn nat_inputs_are_validated_before_any_effect() {
-        let s = PrivService::new(FakeNetForTests::default());
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
         let rule = |vm: &str, ip: &str, br: &str| NatRule {
             vm: vm.into(),
             guest_ip: ip.into(),
@@ -386,13 +458,76 @@ mod tests {
             );
         }
         assert!(s.net.calls().is_empty());
+        // No such bridge; then a bridge, and guests outside its subnet.
+        assert_eq!(
+            s.nat_add(rule("ab12", "172.30.0.5", "banger0"))
+                .await
+                .unwrap_err()
+                .code,
+            banger_proto::ErrorCode::NotFound
+        );
+        s.bridge_ensure(br("banger0")).await.unwrap();
+        for ip in ["8.8.8.8", "172.30.0.0", "172.30.0.255", "172.30.0.1"] {
+            assert_eq!(
+                s.nat_add(rule("ab12", ip, "banger0")).await.unwrap_err().code,
+                banger_proto::ErrorCode::BadRequest,
+                "{ip}"
+            );
+        }
         s.nat_add(rule("ab12", "172.30.0.5", "banger0")).await.unwrap();
-        assert_eq!(s.net.calls(), ["nat_add ab12"]);
+        assert!(
+            s.net.calls().ends_with(&["nat_add ab12".to_string()]),
+            "{:?}",
+            s.net.calls()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bridge_gets_one_address_once_and_says_so() {
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        assert!(s.bridge_ensure(br("banger0")).await.unwrap().changed);
+        assert!(!s.bridge_ensure(br("banger0")).await.unwrap().changed);
+        let other = BridgeEnsure {
+            name: "banger0".into(),
+            address: Some("172.31.0.1/24".into()),
+        };
+        assert_eq!(
+            s.bridge_ensure(other).await.unwrap_err().code,
+            banger_proto::ErrorCode::AlreadyExists
+        );
+        let adds = s
+            .net
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("add_address"))
+            .count();
+        assert_eq!(adds, 1, "{:?}", s.net.calls());
+    }
+
+    #[tokio::test]
+    async fn taps_are_owned_only_by_the_caller_or_the_served_owner() {
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let tap = |owner| TapCreate {
+            name: "bgtown".into(),
+            bridge: None,
+            owner_uid: owner,
+        };
+        // The owner asking for a root-owned tap, or someone else's.
+        for (caller, owner) in [(1000, Some(0)), (1000, Some(1001)), (0, Some(1001))] {
+            assert_eq!(
+                s.tap_create(tap(owner), caller).await.unwrap_err().code,
+                banger_proto::ErrorCode::Unauthorized,
+                "caller {caller} owner {owner:?}"
+            );
+        }
+        assert!(s.net.calls().is_empty());
+        s.tap_create(tap(Some(1000)), 1000).await.unwrap();
+        s.tap_create(tap(Some(1000)), 0).await.unwrap();
     }
 
     #[tokio::test]
     async fn never_deletes_what_is_not_a_tap() {
-        let s = PrivService::new(FakeNetForTests::default());
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
         s.net.add("bgtveth", LinkKind::Other);
         assert!(s
             .tap_delete(LinkName {

@@ -73,6 +73,42 @@ pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
 }
 
 /// A VM tag for NAT rules: 1-16 characters of [a-z0-9].
+/// A bridge address: a host address (not the network or broadcast
+/// address) in a private range (RFC 1918), with a prefix of 16-30.
+/// Loopback, link-local and public ranges would put guests next to things
+/// they must not reach.
+pub fn bridge_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
+    let (ip, len) = ipv4_cidr(s)?;
+    let bad = || Invalid::Address(s.to_string());
+    if !ip.is_private() || !(16..=30).contains(&len) || s.contains('+') {
+        return Err(bad());
+    }
+    let (net, bcast) = network_and_broadcast(ip, len);
+    if ip == net || ip == bcast {
+        return Err(bad());
+    }
+    Ok((ip, len))
+}
+
+/// The network and broadcast addresses of `ip/len`.
+pub fn network_and_broadcast(ip: Ipv4Addr, len: u8) -> (Ipv4Addr, Ipv4Addr) {
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    let net = u32::from(ip) & mask;
+    (Ipv4Addr::from(net), Ipv4Addr::from(net | !mask))
+}
+
+/// A guest address is a host address inside the bridge's subnet, other
+/// than the bridge's own.
+pub fn guest_in_subnet(guest: Ipv4Addr, bridge: (Ipv4Addr, u8)) -> bool {
+    let (net, bcast) = network_and_broadcast(bridge.0, bridge.1);
+    let (gnet, _) = network_and_broadcast(guest, bridge.1);
+    gnet == net && guest != net && guest != bcast && guest != bridge.0
+}
+
 pub fn vm_tag(tag: &str) -> Result<(), Invalid> {
     if !tag.is_empty() && tag.len() <= 16 && tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
@@ -94,6 +130,41 @@ pub fn ipv4(s: &str) -> Result<Ipv4Addr, Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_addresses_are_private_host_addresses_with_a_sane_prefix() {
+        assert!(bridge_cidr("172.30.0.1/24").is_ok());
+        assert!(bridge_cidr("10.200.0.1/16").is_ok());
+        assert!(bridge_cidr("192.168.77.1/30").is_ok());
+        for bad in [
+            "127.0.0.2/8",
+            "169.254.1.1/16",
+            "10.0.0.1/8",
+            "172.30.0.1/+24",
+            "8.8.8.1/24",
+            "172.30.0.0/24",
+            "172.30.0.255/24",
+            "172.30.0.1/31",
+            "172.30.0.1",
+        ] {
+            assert!(bridge_cidr(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn guests_must_be_hosts_of_the_bridge_subnet() {
+        let br = (Ipv4Addr::new(172, 30, 0, 1), 24);
+        assert!(guest_in_subnet(Ipv4Addr::new(172, 30, 0, 2), br));
+        for bad in [
+            Ipv4Addr::new(8, 8, 8, 8),
+            Ipv4Addr::new(172, 30, 0, 0),
+            Ipv4Addr::new(172, 30, 0, 255),
+            Ipv4Addr::new(172, 30, 0, 1),
+            Ipv4Addr::new(172, 30, 1, 2),
+        ] {
+            assert!(!guest_in_subnet(bad, br), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn host_interfaces_are_never_accepted() {

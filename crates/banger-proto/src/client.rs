@@ -193,7 +193,19 @@ impl Client {
                 }
                 Some(Frame::Heartbeat) => {}
                 Some(Frame::Event { event }) => on_event(event),
-                Some(Frame::Result { result, .. }) => return Ok(result),
+                Some(Frame::Result { result, op_id }) => {
+                    // An answer to another call (a confused or hostile
+                    // peer) is not this call's answer.
+                    if let (Some(sent), Some(got)) = (&req.op_id, &op_id) {
+                        if sent != got {
+                            return Err(ClientError::Decode {
+                                path: self.path.clone(),
+                                detail: format!("answer for {got} to a call made as {sent}"),
+                            });
+                        }
+                    }
+                    return Ok(result);
+                }
                 Some(Frame::Error { error }) => return Err(ClientError::Rpc(error)),
             }
         }

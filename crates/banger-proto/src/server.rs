@@ -534,6 +534,27 @@ mod tests {
         assert!(out.is_ok(), "{out:?}");
     }
 
+    /// A peer that answers with another call's op id is not believed.
+    #[tokio::test]
+    async fn an_answer_for_another_op_id_is_refused() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(theirs);
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            r.get_mut()
+                .write_all(b"{\"type\":\"result\",\"result\":{},\"op_id\":\"op-someoneelse\"}\n")
+                .await
+                .unwrap();
+        });
+        let op = OpId::mint();
+        let out = Client::new("pair")
+            .call_on::<Slow, _>(ours, &Empty {}, Some(&op), |_| {})
+            .await;
+        assert!(matches!(out, Err(ClientError::Decode { .. })), "{out:?}");
+    }
+
     #[tokio::test]
     async fn a_silent_server_fails_the_call_at_the_idle_deadline() {
         let stream = serve_slow(Duration::from_secs(30), None);

@@ -241,6 +241,14 @@ fn firecracker_vm_gets_its_tap_in_the_helpers_namespace() {
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains("tun type tap") || link.contains("tap"), "{link}");
     assert!(link.contains("master banger"), "not on the bridge: {link}");
+    fc_ok(&env, &["vm", "stop", "fcnet"]);
+    let stopped = env.ip_in_helper_ns(&["link", "show", &tap]);
+    assert!(!stopped.status.success(), "the tap outlived the stop");
+    fc_ok(&env, &["vm", "start", "fcnet"]);
+    assert!(
+        env.ip_in_helper_ns(&["link", "show", &tap]).status.success(),
+        "no tap after start"
+    );
     fc_ok(&env, &["vm", "delete", "fcnet"]);
     let gone = env.ip_in_helper_ns(&["link", "show", &tap]);
     assert!(!gone.status.success(), "the tap outlived its VM");

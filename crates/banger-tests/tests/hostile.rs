@@ -112,3 +112,146 @@ fn foreign_uid_flood_cannot_stall_or_grow_the_helper() {
     drop(flood.stdin.take());
     let _ = flood.wait();
 }
+
+/// `kernel rm` removes stored kernels by name only: a path, or a manifest
+/// whose `dir` names another directory, never deletes anything else.
+#[test]
+fn kernel_rm_never_deletes_a_directory_it_was_not_given() {
+    let env = Env::without_helper();
+    let evil = env.dir.path().join("x/evilk");
+    let victim = env.dir.path().join("x/victim");
+    std::fs::create_dir_all(&evil).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "data").unwrap();
+    let manifest = serde_json::json!({
+        "version": "evil", "dir": victim.display().to_string(), "package": "x",
+        "sha256": "", "source": "x", "modules": [],
+    });
+    std::fs::write(evil.join("manifest.json"), manifest.to_string()).unwrap();
+    let out = env.banger(&["kernel", "rm", evil.to_str().unwrap()]);
+    assert!(!out.status.success(), "kernel rm of a path succeeded");
+    assert!(
+        victim.join("precious").exists(),
+        "kernel rm deleted another directory"
+    );
+    assert!(evil.exists());
+    // Shown by path, it is the path asked for, not the manifest's claim.
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.banger_ok(&["kernel", "show", evil.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(shown["dir"], evil.canonicalize().unwrap().display().to_string());
+}
+
+/// Registered images are checked for what they are: a file holding only
+/// the ext4 magic is refused, and a symlink is stored resolved.
+#[test]
+fn image_register_checks_the_file_and_resolves_links() {
+    let env = Env::without_helper();
+    let (rootfs, kernel) = banger_tests::shared_image();
+    let fake = env.dir.path().join("fake.ext4");
+    let mut bytes = vec![0u8; 1182];
+    bytes[1024 + 56] = 0x53;
+    bytes[1024 + 57] = 0xEF;
+    std::fs::write(&fake, bytes).unwrap();
+    let out = env.banger(&[
+        "image",
+        "register",
+        "fake",
+        "--rootfs",
+        fake.to_str().unwrap(),
+        "--kernel",
+        &kernel,
+    ]);
+    assert!(
+        !out.status.success(),
+        "a 1,182-byte file was accepted as an image"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an ext4 image"));
+
+    let link = env.dir.path().join("link.ext4");
+    std::os::unix::fs::symlink(&rootfs, &link).unwrap();
+    env.banger_ok(&[
+        "image",
+        "register",
+        "linked",
+        "--rootfs",
+        link.to_str().unwrap(),
+        "--kernel",
+        &kernel,
+    ]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.banger_ok(&["image", "show", "linked", "--json"])).unwrap();
+    assert_eq!(
+        shown["rootfs"],
+        std::fs::canonicalize(&rootfs).unwrap().display().to_string(),
+        "the link itself was stored"
+    );
+}
+
+/// Privileged values are checked against what they must be, not only
+/// their shape: the bridge gets one private host address, once; NAT only
+/// for a guest of an existing banger bridge.
+#[test]
+fn the_helper_validates_addresses_against_the_bridge() {
+    let env = Env::new();
+    let call = |method: &str, params: &str| {
+        let out = env
+            .cmd("banger-helper")
+            .args(["call", "--socket"])
+            .arg(env.helper_socket())
+            .args([method, params])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for bad in [
+        "127.0.0.2/8",
+        "169.254.1.1/16",
+        "10.0.0.1/8",
+        "172.30.0.1/+24",
+        "172.30.0.0/24",
+    ] {
+        let (ok, err) = call(
+            "priv.bridge.ensure",
+            &format!(r#"{{"name":"banger0","address":"{bad}"}}"#),
+        );
+        assert!(!ok && err.contains("bad_request"), "{bad}: {err}");
+    }
+    // NAT on a bridge that does not exist.
+    let (ok, err) = call(
+        "priv.nat.add",
+        r#"{"vm":"ab12","guest_ip":"172.30.0.5","bridge":"banger0"}"#,
+    );
+    assert!(!ok && err.contains("not_found"), "{err}");
+    let (ok, err) = call(
+        "priv.bridge.ensure",
+        r#"{"name":"banger0","address":"172.30.0.1/24"}"#,
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = call(
+        "priv.bridge.ensure",
+        r#"{"name":"banger0","address":"172.31.0.1/24"}"#,
+    );
+    assert!(!ok && err.contains("already_exists"), "a second address: {err}");
+    let addrs = String::from_utf8_lossy(
+        &env.ip_in_helper_ns(&["-4", "-o", "addr", "show", "banger0"])
+            .stdout,
+    )
+    .lines()
+    .count();
+    assert_eq!(addrs, 1, "addresses pile up on the bridge");
+    for guest in ["8.8.8.8", "172.30.0.0", "172.30.0.255", "172.30.0.1"] {
+        let (ok, err) = call(
+            "priv.nat.add",
+            &format!(r#"{{"vm":"ab12","guest_ip":"{guest}","bridge":"banger0"}}"#),
+        );
+        assert!(!ok && err.contains("bad_request"), "NAT for {guest}: {err}");
+    }
+    let rules = env.in_helper_ns("nft", &["list", "ruleset"]);
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("banger:ab12"),
+        "a refused NAT rule was installed"
+    );
+}

@@ -67,6 +67,10 @@ pub enum HelperError {
     /// The call reached the helper but the exchange broke (framing, decoding, idle).
     #[error("root helper: {0}")]
     Transport(#[source] ClientError),
+    /// No answer within the deadline: a wedged helper never holds a VM's
+    /// lifecycle lock for good.
+    #[error("the root helper did not answer {method} within {secs} s")]
+    Timeout { method: &'static str, secs: u64 },
 }
 
 impl From<ClientError> for HelperError {
@@ -240,7 +244,9 @@ impl HelperError {
     pub fn code(&self) -> ErrorCode {
         match self {
             HelperError::Refused(e) => e.code,
-            HelperError::Unreachable { .. } | HelperError::Transport(_) => ErrorCode::OperationFailed,
+            HelperError::Unreachable { .. } | HelperError::Transport(_) | HelperError::Timeout { .. } => {
+                ErrorCode::OperationFailed
+            }
         }
     }
 }

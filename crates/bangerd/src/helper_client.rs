@@ -5,6 +5,11 @@ use crate::error::HelperError;
 use banger_proto::methods::helper as m;
 use banger_proto::{Client, Method, OpId};
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every privileged effect is a netlink message or an nft script: well
+/// under a second. This bounds a helper that hangs.
+const CALL_DEADLINE: Duration = Duration::from_secs(20);
 
 #[derive(Clone)]
 pub struct HelperClient {
@@ -19,9 +24,9 @@ impl HelperClient {
     }
 
     pub async fn call<M: Method>(&self, op: &OpId, params: &M::Params) -> Result<M::Output, HelperError> {
-        self.client
-            .call::<M>(params, Some(op))
+        tokio::time::timeout(CALL_DEADLINE, self.client.call::<M>(params, Some(op)))
             .await
+            .map_err(|_| timeout::<M>())?
             .map_err(HelperError::from)
     }
 
@@ -31,13 +36,20 @@ impl HelperClient {
         op: &OpId,
         params: &M::Params,
     ) -> Result<(M::Output, Option<std::os::fd::OwnedFd>), HelperError> {
-        self.client
-            .call_with_fd::<M>(params, Some(op))
+        tokio::time::timeout(CALL_DEADLINE, self.client.call_with_fd::<M>(params, Some(op)))
             .await
+            .map_err(|_| timeout::<M>())?
             .map_err(HelperError::from)
     }
 
     pub async fn ping(&self, op: &OpId) -> Result<m::HelperInfo, HelperError> {
         self.call::<m::Ping>(op, &Default::default()).await
+    }
+}
+
+fn timeout<M: Method>() -> HelperError {
+    HelperError::Timeout {
+        method: M::NAME,
+        secs: CALL_DEADLINE.as_secs(),
     }
 }

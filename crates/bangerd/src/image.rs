@@ -73,14 +73,29 @@ fn debian_mirror() -> String {
 }
 
 /// True if `p` holds an ext2/3/4 superblock.
-fn is_ext4(p: &Path) -> bool {
+/// True if `p` holds an ext2/3/4 superblock that describes a filesystem
+/// the file can actually hold: the magic alone (a 1 KiB file with two
+/// right bytes) is not an image.
+pub(crate) fn is_ext4(p: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(p) {
-        Ok(f) => f,
-        Err(_) => return false,
+    let Ok(mut f) = std::fs::File::open(p) else {
+        return false;
     };
-    let mut magic = [0u8; 2];
-    f.seek(SeekFrom::Start(1024 + 56)).is_ok() && f.read_exact(&mut magic).is_ok() && magic == [0x53, 0xEF]
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    let mut sb = [0u8; 1024];
+    if f.seek(SeekFrom::Start(1024)).is_err() || f.read_exact(&mut sb).is_err() {
+        return false;
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    let magic_ok = sb[56..58] == [0x53, 0xEF];
+    let blocks = u64::from(u32_at(4)); // s_blocks_count_lo
+    let log_block = u32_at(24); // s_log_block_size: block = 1024 << n
+    let sane_block = log_block <= 6;
+    let fs_bytes = blocks.saturating_mul(1024u64 << log_block.min(6));
+    // At least 1 MiB, and the filesystem fits in the file.
+    magic_ok && sane_block && blocks > 0 && fs_bytes >= 1 << 20 && fs_bytes <= len
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -127,7 +142,13 @@ impl ImageService {
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<ImageRecord, ImageError> {
         match self.get(name) {
-            Ok(r) if name == DEFAULT_IMAGE && r.source != Recipe::default_image().source() => {
+            // Only an image banger built is brought up to date; a registered
+            // one is the user's and is used as it is.
+            Ok(r)
+                if name == DEFAULT_IMAGE
+                    && r.source != SOURCE_REGISTERED
+                    && r.source != Recipe::default_image().source() =>
+            {
                 self.build(DEFAULT_IMAGE, &Recipe::default_image(), false, progress)
                     .await
             }
@@ -158,7 +179,7 @@ impl ImageService {
             if !force && same {
                 return Ok(existing);
             }
-            if !force && name != DEFAULT_IMAGE {
+            if !force && (name != DEFAULT_IMAGE || existing.source == SOURCE_REGISTERED) {
                 return Err(ImageError::OtherRecipe {
                     name: name.into(),
                     existing: existing.source,
@@ -253,7 +274,8 @@ impl ImageService {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        let content = dir_size(&root);
+        // A walk of the whole tree: off the async workers.
+        let content = tokio::task::block_in_place(|| dir_size(&root));
         // Read-only at run time: room for ext4's metadata, nothing more,
         // unless the recipe asks for a size.
         let size = match recipe.size_mib {
@@ -312,11 +334,16 @@ impl ImageService {
                 rootfs: rootfs.into(),
             });
         }
-        let meta = std::fs::metadata(p).map_err(|source| ImageError::RootfsMissing {
+        // Stored resolved: a symlink could later be pointed elsewhere.
+        let real = p.canonicalize().map_err(|source| ImageError::RootfsMissing {
             rootfs: rootfs.into(),
             source,
         })?;
-        if !meta.is_file() || !is_ext4(p) {
+        let meta = std::fs::metadata(&real).map_err(|source| ImageError::RootfsMissing {
+            rootfs: rootfs.into(),
+            source,
+        })?;
+        if !meta.is_file() || !is_ext4(&real) {
             return Err(ImageError::NotExt4 {
                 rootfs: rootfs.into(),
             });
@@ -324,7 +351,7 @@ impl ImageService {
         let k = self.kernels.get(kernel)?;
         let rec = ImageRecord {
             name: name.to_string(),
-            rootfs: rootfs.to_string(),
+            rootfs: real.display().to_string(),
             kernel: k.dir,
             initrd: None,
             size_bytes: meta.len(),

@@ -68,23 +68,45 @@ impl KernelService {
     }
 
     /// A kernel by version, or by directory path.
+    /// A kernel by name (in banger's kernel directory) or by the absolute
+    /// path of a kernel directory. The directory is always the one asked
+    /// for, never the `dir` a manifest claims: a manifest is untrusted input.
     pub fn get(&self, name: &str) -> Result<KernelInfo, KernelError> {
         let p = Path::new(name);
         if p.is_absolute() {
-            return read_manifest(p);
+            let real = p.canonicalize().map_err(io(format!("resolving {name}")))?;
+            let mut k = read_manifest(&real)?;
+            k.dir = real.display().to_string();
+            return Ok(k);
         }
+        Self::check_name(name)?;
+        let dir = self.dir.join(name);
+        let mut k = read_manifest(&dir).map_err(|e| KernelError::NoSuchKernel {
+            name: name.into(),
+            source: Box::new(e),
+        })?;
+        k.dir = dir.display().to_string();
+        Ok(k)
+    }
+
+    fn check_name(name: &str) -> Result<(), KernelError> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(KernelError::InvalidName { name: name.into() });
         }
-        read_manifest(&self.dir.join(name)).map_err(|e| KernelError::NoSuchKernel {
-            name: name.into(),
-            source: Box::new(e),
-        })
+        Ok(())
     }
 
+    /// Removes a stored kernel, by name only, and only inside banger's
+    /// kernel directory (a path, or a manifest naming another directory,
+    /// can never make it delete anything else).
     pub fn remove(&self, name: &str) -> Result<(), KernelError> {
-        let k = self.get(name)?;
-        std::fs::remove_dir_all(&k.dir).map_err(io(format!("removing {}", k.dir)))?;
+        Self::check_name(name)?;
+        let dir = self.dir.join(name);
+        read_manifest(&dir).map_err(|e| KernelError::NoSuchKernel {
+            name: name.into(),
+            source: Box::new(e),
+        })?;
+        std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
         Ok(())
     }
 

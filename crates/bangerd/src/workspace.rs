@@ -59,10 +59,15 @@ pub async fn plan(path: &str, include_untracked: bool) -> Result<(PathBuf, Works
         return Err(WorkspaceError::Submodules { root });
     }
     // Tracked files that still exist (a deleted tracked file is not copied).
-    let mut files: Vec<String> = nul_list(&git(&root, &["ls-files", "-z", "--cached"]).await?)
-        .into_iter()
-        .filter(|f| root.join(f).symlink_metadata().is_ok())
-        .collect();
+    let tracked = nul_list(&git(&root, &["ls-files", "-z", "--cached"]).await?);
+    // A stat per file (tens of thousands in a big repository) is blocking
+    // work: off the async workers.
+    let mut files: Vec<String> = tokio::task::block_in_place(|| {
+        tracked
+            .into_iter()
+            .filter(|f| root.join(f).symlink_metadata().is_ok())
+            .collect()
+    });
     files.dedup();
     let untracked = nul_list(&git(&root, &["ls-files", "-z", "--others", "--exclude-standard"]).await?);
     let skipped_untracked = if include_untracked {
@@ -72,11 +77,13 @@ pub async fn plan(path: &str, include_untracked: bool) -> Result<(PathBuf, Works
     } else {
         untracked
     };
-    let bytes = files
-        .iter()
-        .filter_map(|f| root.join(f).symlink_metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let bytes = tokio::task::block_in_place(|| {
+        files
+            .iter()
+            .filter_map(|f| root.join(f).symlink_metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    });
     let base_commit = git(&root, &["rev-parse", "--verify", "-q", "HEAD"])
         .await
         .ok()

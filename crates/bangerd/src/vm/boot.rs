@@ -52,7 +52,9 @@ impl VmService {
             self.teardown(&vm, self.cached(&vm.id).as_ref()).await;
         }
         let op = current_op();
-        let spec = self.launch_spec(&vm)?;
+        // May build the initramfs (file reads, a cpio, busybox): blocking
+        // work, off the async workers.
+        let spec = tokio::task::block_in_place(|| self.launch_spec(&vm))?;
         // The intent, before any side effect: a daemon killed from here on
         // leaves "starting", which reconcile undoes (tap, rules, processes).
         vm.runtime.state = VmState::Starting;

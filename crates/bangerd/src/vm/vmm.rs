@@ -64,6 +64,13 @@ impl VmService {
                 base.display()
             )));
         }
+        // Checked again at every start: a registered file can change.
+        if !crate::image::is_ext4(&base) {
+            return Err(RpcError::bad_request(format!(
+                "{} is no longer an ext4 image",
+                base.display()
+            )));
+        }
         let k = kernel::read_manifest(Path::new(&image.kernel))?;
         let initrd = initramfs::ensure(&initramfs::Inputs {
             kernel: &k,
