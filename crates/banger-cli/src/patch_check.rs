@@ -16,6 +16,7 @@ pub struct Risks {
 }
 
 impl Risks {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.symlinks.is_empty() && self.executables.is_empty() && self.bad_paths.is_empty()
     }
@@ -36,7 +37,10 @@ pub fn scan(patch: &[u8]) -> Risks {
         if let Some(rest) = line.strip_prefix("diff --git ") {
             path = rest.split(" b/").last().map(str::to_owned);
             symlink = false;
-            for p in rest.split_whitespace().map(|p| p.trim_start_matches("a/").trim_start_matches("b/")) {
+            for p in rest
+                .split_whitespace()
+                .map(|p| p.trim_start_matches("a/").trim_start_matches("b/"))
+            {
                 if bad_path(p) && !r.bad_paths.contains(&p.to_string()) {
                     r.bad_paths.push(p.to_string());
                 }
@@ -80,7 +84,8 @@ diff --git a/src/lib.txt b/src/lib.txt\nindex 1..2 100644\n--- a/src/lib.txt\n++
 
     #[test]
     fn an_ordinary_patch_is_clean() {
-        let patch = "diff --git a/a.txt b/a.txt\nindex 1..2 100644\n--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-x\n+y\n";
+        let patch =
+            "diff --git a/a.txt b/a.txt\nindex 1..2 100644\n--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-x\n+y\n";
         assert!(scan(patch.as_bytes()).is_empty());
     }
 }

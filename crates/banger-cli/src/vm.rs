@@ -261,7 +261,10 @@ pub async fn workspace(c: &Client, cmd: WorkspaceCmd, json: bool) -> Result<i32>
                 eprintln!("note: the patch makes {} executable", crate::output::escape(p));
             }
             for p in &risks.symlinks {
-                eprintln!("warning: the patch creates a symlink {}", crate::output::escape(p));
+                eprintln!(
+                    "warning: the patch creates a symlink {}",
+                    crate::output::escape(p)
+                );
             }
             if !risks.bad_paths.is_empty() {
                 bail!(

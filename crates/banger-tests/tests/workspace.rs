@@ -170,13 +170,26 @@ fn guest_changes_export_as_a_patch_that_applies_on_a_clean_checkout() {
     // without --allow-symlinks.
     env.banger_ok(&["vm", "exec", "ws", "--", "ln", "-s", "/etc/passwd", "evil"]);
     let planted = env.dir.path().join("evil.patch");
-    let out = env.banger(&["vm", "workspace", "export", "ws", "--output", planted.to_str().unwrap()]);
+    let out = env.banger(&[
+        "vm",
+        "workspace",
+        "export",
+        "ws",
+        "--output",
+        planted.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a symlink patch was written: {stderr}");
     assert!(stderr.contains("symlink evil -> /etc/passwd"), "{stderr}");
     assert!(!planted.exists(), "written anyway");
     env.banger_ok(&[
-        "vm", "workspace", "export", "ws", "--output", planted.to_str().unwrap(), "--allow-symlinks",
+        "vm",
+        "workspace",
+        "export",
+        "ws",
+        "--output",
+        planted.to_str().unwrap(),
+        "--allow-symlinks",
     ]);
     assert!(planted.exists());
     env.banger_ok(&["vm", "delete", "ws"]);
