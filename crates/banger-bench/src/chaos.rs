@@ -298,6 +298,30 @@ fn private_netns() -> Result<()> {
 }
 
 pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<()> {
+    // The default image from the bench home, built (or brought up to date)
+    // while the network is still reachable, by a daemon started here (not
+    // one an earlier run left in its own namespace).
+    let _ = Command::new(bin.join("banger"))
+        .env("BANGER_HOME", home)
+        .env("BANGER_RUNTIME_DIR", home.join("run"))
+        .args(["daemon", "stop"])
+        .output();
+    let built = Command::new(bin.join("banger"))
+        .env("BANGER_HOME", home)
+        .env("BANGER_RUNTIME_DIR", home.join("run"))
+        .args(["image", "build", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .context("building the default image")?;
+    if !built.status.success() {
+        bail!("image build: {}", String::from_utf8_lossy(&built.stderr).trim());
+    }
+    let image: Value = serde_json::from_slice(&built.stdout).context("image build --json")?;
+    let _ = Command::new(bin.join("banger"))
+        .env("BANGER_HOME", home)
+        .env("BANGER_RUNTIME_DIR", home.join("run"))
+        .args(["daemon", "stop"])
+        .output();
     private_netns()?;
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -313,25 +337,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
         bin: bin.to_path_buf(),
         home,
     };
-    // The default image from the bench home, registered in place.
-    let image: Value = serde_json::from_str(
-        &Command::new(bin.join("banger"))
-            .env("BANGER_HOME", c.home.parent().unwrap())
-            .env("BANGER_RUNTIME_DIR", c.home.parent().unwrap().join("run"))
-            .args(["image", "build", "--json"])
-            .output()
-            .context("building the default image")?
-            .stdout
-            .into_iter()
-            .map(char::from)
-            .collect::<String>(),
-    )
-    .context("image build --json")?;
-    let _ = Command::new(bin.join("banger"))
-        .env("BANGER_HOME", c.home.parent().unwrap())
-        .env("BANGER_RUNTIME_DIR", c.home.parent().unwrap().join("run"))
-        .args(["daemon", "stop"])
-        .output();
+    // Registered in place: the chaos home never builds one.
     c.banger(&[
         "image",
         "register",
