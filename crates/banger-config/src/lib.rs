@@ -31,6 +31,7 @@ pub struct FileConfig {
     pub default_memory_mib: Option<u32>,
     pub default_work_disk_mib: Option<u64>,
     pub dns_listen: Option<String>,
+    pub console_log_max_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct Config {
     pub default_work_disk_mib: u64,
     /// UDP address of the `.vm` DNS server; empty disables it.
     pub dns_listen: String,
+    /// Disk a VM's console log may use (KiB); older output is dropped.
+    pub console_log_max_kib: u64,
 }
 
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
@@ -134,6 +137,12 @@ impl Config {
                 .ok()
                 .or(fc.dns_listen)
                 .unwrap_or_else(|| "127.0.0.1:10053".into()),
+            console_log_max_kib: std::env::var("BANGER_CONSOLE_LOG_MAX_KIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .or(fc.console_log_max_kib)
+                .unwrap_or(16 * 1024)
+                .max(64),
             state_dir,
         })
     }

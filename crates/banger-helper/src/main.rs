@@ -65,12 +65,15 @@ async fn serve(socket: PathBuf, owner_uid: u32, log_file: Option<PathBuf>) -> Re
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // The peer check (SO_PEERCRED) is the gate; the socket itself is
-    // connectable so that a refused caller gets a clear `unauthorized`.
+    // Two gates: only root and the owner can connect (socket 0600, owned
+    // by the owner), and the peer check (SO_PEERCRED) at accept refuses
+    // anyone else even if the socket is opened up.
     let _ = std::fs::remove_file(&socket);
     let listener =
         tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    std::os::unix::fs::chown(&socket, Some(owner_uid), None)
+        .with_context(|| format!("giving {} to uid {owner_uid}", socket.display()))?;
     let net = LinuxNet::new()?;
     let router = Arc::new(router(Arc::new(PrivService::new(net, owner_uid)), owner_uid));
     let shutdown = CancellationToken::new();

@@ -166,7 +166,20 @@ fn helper_refuses_other_uids_and_bad_names_and_keeps_serving() {
         c
     };
 
-    // An unprivileged caller (not root, not the owner uid 0) is refused.
+    // Only root and the owner (uid 0 here) can even connect.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(env.helper_socket()).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "the helper socket is open to others");
+    assert_eq!(meta.uid(), 0, "the helper socket is not owned by the owner");
+    let out = call("priv.ping", "{}").uid(65534).gid(65534).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "uid 65534 reached the helper through its socket"
+    );
+
+    // Opened up by hand, the peer check still refuses an unprivileged
+    // caller (not root, not the owner) with a clear answer.
+    std::fs::set_permissions(env.helper_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = call("priv.tap.create", r#"{"name":"bgtnobody"}"#)
         .uid(65534)
         .gid(65534)

@@ -65,6 +65,13 @@ fn foreign_uid_flood_cannot_stall_or_grow_the_helper() {
     let rss_before = rss_kib(helper);
     let log_before = std::fs::metadata(env.helper_log()).map(|m| m.len()).unwrap_or(0);
 
+    // Defense in depth: the socket is 0600 for the owner; opened up, the
+    // peer check at accept must still hold.
+    std::fs::set_permissions(
+        env.helper_socket(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
     let ready = env.dir.path().join("flood-ready");
     // The flood (another uid) writes its count into the test's directory.
     std::fs::set_permissions(
@@ -254,4 +261,37 @@ fn the_helper_validates_addresses_against_the_bridge() {
         !String::from_utf8_lossy(&rules.stdout).contains("banger:ab12"),
         "a refused NAT rule was installed"
     );
+}
+
+/// A guest writing to its console without end does not fill the host's
+/// disk: the log stays within its budget and keeps the newest output.
+#[test]
+fn a_guest_cannot_grow_its_console_log_without_bound() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.home()).unwrap();
+    std::fs::write(env.home().join("config.toml"), "console_log_max_kib = 256\n").unwrap();
+    let (rootfs, kernel) = banger_tests::shared_image();
+    env.banger_ok(&[
+        "image", "register", "default", "--rootfs", &rootfs, "--kernel", &kernel,
+    ]);
+    env.create_small("noisy", &[]);
+    let dir = std::path::PathBuf::from(env.vm("noisy")["vm_dir"].as_str().unwrap());
+    // ~2 MB of console output, then a marker.
+    env.banger_ok(&[
+        "vm", "exec", "noisy", "--", "sh", "-c",
+        "yes 'console flood console flood console flood' | head -c 2000000 > /dev/console; echo FLOOD-DONE > /dev/console",
+    ]);
+    let log = dir.join("serial.log");
+    banger_tests::wait_for(
+        "the console log to be cut to its budget",
+        Duration::from_secs(30),
+        || {
+            use std::os::unix::fs::MetadataExt;
+            let used = std::fs::metadata(&log).ok()?.blocks() * 512;
+            (used <= 256 * 1024 + 64 * 1024).then_some(())
+        },
+    );
+    let logs = env.banger_ok(&["vm", "logs", "noisy"]);
+    assert!(logs.contains("FLOOD-DONE"), "the newest output is gone");
+    env.banger_ok(&["vm", "delete", "noisy"]);
 }

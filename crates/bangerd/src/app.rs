@@ -67,6 +67,7 @@ impl App {
             default_vcpus: cfg.default_vcpus,
             default_memory_mib: cfg.default_memory_mib,
             default_work_disk_mib: cfg.default_work_disk_mib,
+            console_log_max_bytes: cfg.console_log_max_kib << 10,
             agent_binary: sibling("banger-agent"),
             busybox: std::env::var_os("BANGER_BUSYBOX")
                 .map(PathBuf::from)

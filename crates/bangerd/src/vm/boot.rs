@@ -196,12 +196,7 @@ impl VmService {
     }
 }
 
-/// The last `max` bytes of a text file.
-pub(super) fn tail(path: &Path, max: usize) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
-}
+pub(super) use super::console::tail;
 
 /// Waits until the guest agent connects to the host's ready port (or the
 /// VMM exits, or `limit` passes). Guest-initiated connections to port P

@@ -26,6 +26,7 @@ pub mod spec;
 pub mod state;
 
 mod boot;
+mod console;
 mod create;
 mod delete;
 mod guest;
@@ -58,6 +59,8 @@ pub struct Settings {
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
     pub default_work_disk_mib: u64,
+    /// Disk a VM's console log may use; older output is dropped.
+    pub console_log_max_bytes: u64,
     pub agent_binary: PathBuf,
     pub busybox: PathBuf,
 }

@@ -20,6 +20,7 @@ impl VmService {
     /// them up, each under an op id of its own. VMs busy in another
     /// lifecycle operation are left to it.
     pub async fn reap_dead(&self) {
+        self.cap_console_logs();
         self.retry_unclean().await;
         let ids: Vec<String> = self.handles.locked().keys().cloned().collect();
         for id in ids {
