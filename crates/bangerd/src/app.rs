@@ -120,6 +120,21 @@ fn progress(ctx: &banger_proto::Ctx) -> impl Fn(&str) + Sync + '_ {
     }
 }
 
+/// A mutating verb on one VM, run as an operation (see `ops`): a client
+/// hang-up only detaches it. The body gets the VM service, the call's op
+/// id and the params.
+macro_rules! vm_operation {
+    ($app:ident, $kind:literal, |$vms:ident, $op:ident, $p:ident| $body:expr) => {
+        handler!($app, |ctx, $p| {
+            let ($vms, $op) = ($app.vms.clone(), ctx.op_id.clone());
+            let subject = $p.name.clone();
+            $app.ops
+                .run(&ctx.op_id, $kind, &subject, async move { $body })
+                .await
+        })
+    };
+}
+
 pub fn router(app: &Arc<App>) -> Router {
     Router::new("daemon")
         .method::<d::Ping, _, _>(handler!(app, |_, _| Ok(app.info())))
@@ -143,46 +158,22 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmCreateBegin, _, _>(handler!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
         .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
-        .method::<d::VmStart, _, _>(handler!(app, |ctx, p| {
-            let vms = app.vms.clone();
-            app.ops
-                .run(&ctx.op_id, "vm.start", &p.name.clone(), async move {
-                    vms.start(&p.name).await
-                })
-                .await
-        }))
-        .method::<d::VmStop, _, _>(handler!(app, |ctx, p| {
-            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
-            app.ops
-                .run(&ctx.op_id, "vm.stop", &p.name.clone(), async move {
-                    vms.stop(&op, &p.name).await
-                })
-                .await
-        }))
-        .method::<d::VmRestart, _, _>(handler!(app, |ctx, p| {
-            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
-            app.ops
-                .run(&ctx.op_id, "vm.restart", &p.name.clone(), async move {
-                    vms.restart(&op, &p.name).await
-                })
-                .await
-        }))
-        .method::<d::VmKill, _, _>(handler!(app, |ctx, p| {
-            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
-            app.ops
-                .run(&ctx.op_id, "vm.kill", &p.name.clone(), async move {
-                    vms.kill(&op, &p.name).await
-                })
-                .await
-        }))
-        .method::<d::VmDelete, _, _>(handler!(app, |ctx, p| {
-            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
-            app.ops
-                .run(&ctx.op_id, "vm.delete", &p.name.clone(), async move {
-                    vms.delete(&op, &p.name).await.map(|_| Empty {})
-                })
-                .await
-        }))
+        .method::<d::VmStart, _, _>(vm_operation!(app, "vm.start", |vms, _op, p| vms
+            .start(&p.name)
+            .await))
+        .method::<d::VmStop, _, _>(vm_operation!(app, "vm.stop", |vms, op, p| vms
+            .stop(&op, &p.name)
+            .await))
+        .method::<d::VmRestart, _, _>(vm_operation!(app, "vm.restart", |vms, op, p| vms
+            .restart(&op, &p.name)
+            .await))
+        .method::<d::VmKill, _, _>(vm_operation!(app, "vm.kill", |vms, op, p| vms
+            .kill(&op, &p.name)
+            .await))
+        .method::<d::VmDelete, _, _>(vm_operation!(app, "vm.delete", |vms, op, p| vms
+            .delete(&op, &p.name)
+            .await
+            .map(|_| Empty {})))
         .method::<d::VmPrune, _, _>(handler!(app, |ctx, _| {
             let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
             app.ops
@@ -213,14 +204,9 @@ pub fn router(app: &Arc<App>) -> Router {
                 .map(|(_, plan)| plan)
                 .map_err(RpcError::from)
         })
-        .method::<d::VmWorkspacePrepare, _, _>(handler!(app, |ctx, p| {
-            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
-            app.ops
-                .run(&ctx.op_id, "vm.workspace.prepare", &p.name.clone(), async move {
-                    vms.workspace_prepare(&op, p).await
-                })
-                .await
-        }))
+        .method::<d::VmWorkspacePrepare, _, _>(vm_operation!(app, "vm.workspace.prepare", |vms, op, p| vms
+            .workspace_prepare(&op, p)
+            .await))
         .method::<d::VmWorkspaceExport, _, _>(handler!(app, |ctx, p| app.vms.workspace_export(&ctx, p).await))
         // images and kernels
         .method::<d::ImageBuildM, _, _>(handler!(app, |ctx, p| {

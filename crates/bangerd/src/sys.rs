@@ -7,6 +7,16 @@ use std::ffi::OsStr;
 use std::path::Path;
 use tokio::process::Command;
 
+/// A tool that could not be started: missing, or another reason.
+fn spawn_error(prog: &str, source: std::io::Error) -> SysError {
+    let tool = prog.to_string();
+    if source.kind() == std::io::ErrorKind::NotFound {
+        SysError::NotInstalled { tool, source }
+    } else {
+        SysError::Spawn { tool, source }
+    }
+}
+
 /// Runs `prog args...` to completion; fails with its stderr tail.
 pub async fn run<I, S>(prog: &str, args: I, cwd: Option<&Path>) -> Result<String, SysError>
 where
@@ -20,14 +30,7 @@ where
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
-    let out = cmd.output().await.map_err(|source| {
-        let tool = prog.to_string();
-        if source.kind() == std::io::ErrorKind::NotFound {
-            SysError::NotInstalled { tool, source }
-        } else {
-            SysError::Spawn { tool, source }
-        }
-    })?;
+    let out = cmd.output().await.map_err(|e| spawn_error(prog, e))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(5).collect();
@@ -55,14 +58,7 @@ where
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| {
-        let tool = prog.to_string();
-        if source.kind() == std::io::ErrorKind::NotFound {
-            SysError::NotInstalled { tool, source }
-        } else {
-            SysError::Spawn { tool, source }
-        }
-    })?;
+    let mut child = cmd.spawn().map_err(|e| spawn_error(prog, e))?;
     let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
     let mut tail: std::collections::VecDeque<String> = Default::default();
