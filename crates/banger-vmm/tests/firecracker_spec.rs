@@ -10,8 +10,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn spec() -> Value {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/firecracker-v1.16.1.yaml");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/firecracker-v1.16.1.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "Firecracker's API description is required at {}: {e}",
