@@ -119,6 +119,7 @@ pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, stdin: bool, cwd: Op
 /// A daemon that goes away mid-operation finishes or undoes it when it
 /// comes back; say that too instead of a bare I/O error.
 pub async fn follow<T>(
+    c: &Client,
     what: &str,
     name: &str,
     call: impl std::future::Future<Output = Result<T, banger_proto::ClientError>>,
@@ -126,21 +127,44 @@ pub async fn follow<T>(
     let op = banger_proto::opid::current()
         .map(|o| o.to_string())
         .unwrap_or_default();
-    tokio::select! {
-        r = call => match r {
-            Err(banger_proto::ClientError::NoAnswer { .. }) | Err(banger_proto::ClientError::Frame { .. }) => bail!(
-                "the daemon went away during {what} {name} ({op}); when it restarts it finishes or undoes \
-                 the operation: see `banger vm show {name}`"
-            ),
-            r => Ok(r?),
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!(
-                "interrupted: {what} {name} keeps going in the daemon as {op}; \
-                 follow it with `banger daemon operations`"
-            );
-            std::process::exit(130);
+    // On a terminal, the operation's stages as it goes (polled from the
+    // daemon's operation registry; scripts get only the result).
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        .then(|| Progress::new(&format!("{what} {name} ({op})")));
+    tokio::pin!(call);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            _ = tokio::signal::ctrl_c() => {
+                if let Some(p) = &progress {
+                    p.finish();
+                }
+                eprintln!(
+                    "interrupted: {what} {name} keeps going in the daemon as {op}; \
+                     follow it with `banger daemon operations`"
+                );
+                std::process::exit(130);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)), if progress.is_some() => {
+                if let (Some(p), Ok(ops)) = (&progress, c.call::<d::OperationsList>(&Empty {}, None).await) {
+                    if let Some(o) = ops.iter().rev().find(|o| o.op_id == op && !o.done) {
+                        p.stage(&o.stage, o.elapsed_ms);
+                    }
+                }
+            }
         }
+    };
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    match outcome {
+        Err(banger_proto::ClientError::NoAnswer { .. }) | Err(banger_proto::ClientError::Frame { .. }) => {
+            bail!(
+                "the daemon went away during {what} {name} ({op}); when it restarts it finishes or undoes \
+             the operation: see `banger vm show {name}`"
+            )
+        }
+        r => Ok(r?),
     }
 }
 

@@ -120,29 +120,41 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
             print(json, &v, show_vm);
         }
         MachineCmd::Start { name } => {
-            let v = follow("vm start", &name, c.call::<d::VmStart>(&vm_ref(&name)?, None)).await?;
+            let v = follow(c, "vm start", &name, c.call::<d::VmStart>(&vm_ref(&name)?, None)).await?;
             print(json, &v, show_vm)
         }
         MachineCmd::Stop { name } => {
-            let v = follow("vm stop", &name, c.call::<d::VmStop>(&vm_ref(&name)?, None)).await?;
+            let v = follow(c, "vm stop", &name, c.call::<d::VmStop>(&vm_ref(&name)?, None)).await?;
             print(json, &v, show_vm)
         }
         MachineCmd::Restart { name } => {
-            let v = follow("vm restart", &name, c.call::<d::VmRestart>(&vm_ref(&name)?, None)).await?;
+            let v = follow(
+                c,
+                "vm restart",
+                &name,
+                c.call::<d::VmRestart>(&vm_ref(&name)?, None),
+            )
+            .await?;
             print(json, &v, show_vm)
         }
         MachineCmd::Kill { name } => {
-            let v = follow("vm kill", &name, c.call::<d::VmKill>(&vm_ref(&name)?, None)).await?;
+            let v = follow(c, "vm kill", &name, c.call::<d::VmKill>(&vm_ref(&name)?, None)).await?;
             print(json, &v, show_vm)
         }
         MachineCmd::Delete { name } => {
-            follow("vm delete", &name, c.call::<d::VmDelete>(&vm_ref(&name)?, None)).await?;
+            follow(
+                c,
+                "vm delete",
+                &name,
+                c.call::<d::VmDelete>(&vm_ref(&name)?, None),
+            )
+            .await?;
             if !json {
                 println!("deleted {name}");
             }
         }
         MachineCmd::Prune => {
-            let p = follow("vm prune", "", c.call::<d::VmPrune>(&Empty {}, None)).await?;
+            let p = follow(c, "vm prune", "", c.call::<d::VmPrune>(&Empty {}, None)).await?;
             print(json, &p, |p| {
                 for n in &p.deleted {
                     println!("deleted {n}");
@@ -212,6 +224,7 @@ pub async fn workspace(c: &Client, cmd: WorkspaceCmd, json: bool) -> Result<i32>
                 from,
             };
             let w = follow(
+                c,
                 "vm workspace prepare",
                 &name,
                 c.call::<d::VmWorkspacePrepare>(&req, None),
