@@ -270,6 +270,8 @@ impl<N: NetOps> PrivService<N> {
 pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
     Router::new("helper")
         .authorize(move |uid| uid == 0 || uid == owner_uid)
+        // Far above what a daemon starting many VMs at once needs.
+        .max_connections_per_uid(64)
         .method::<m::Ping, _, _>(handler!(svc, |_, _| Ok(svc.ping())))
         .method::<m::BridgeEnsureM, _, _>(handler!(svc, |_, p| svc.bridge_ensure(p).await))
         .method::<m::TapCreateM, _, _>(handler!(svc, |ctx, p| svc.tap_create(p, ctx.peer_uid).await))

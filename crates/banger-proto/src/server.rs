@@ -110,6 +110,27 @@ pub struct Router {
     handlers: HashMap<&'static str, Handler>,
     authorize: Option<Authorizer>,
     heartbeat: Option<Duration>,
+    /// At most this many open connections per peer uid.
+    per_uid: Option<usize>,
+    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+}
+
+/// One open connection counted against its uid; uncounted when dropped.
+struct Slot {
+    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Router {
@@ -120,7 +141,16 @@ impl Router {
             handlers: HashMap::new(),
             authorize: None,
             heartbeat: None,
+            per_uid: None,
+            open: Default::default(),
         }
+    }
+
+    /// Refuses a connection when its uid already has `n` open: no single
+    /// caller can take every descriptor the server has.
+    pub fn max_connections_per_uid(mut self, n: usize) -> Self {
+        self.per_uid = Some(n);
+        self
     }
 
     /// Sends a [`Frame::Heartbeat`] whenever a call has written nothing for
@@ -193,22 +223,50 @@ impl Router {
         // half-sent frame nor a connection for the read timeout.
         if let Some(auth) = &self.authorize {
             if !auth(peer_uid) {
-                self.refuse(stream, peer_uid).await;
+                let e = RpcError::new(
+                    ErrorCode::Unauthorized,
+                    format!("uid {peer_uid} may not use this socket"),
+                );
+                self.refuse(stream, peer_uid, e).await;
                 return;
             }
         }
+        let _slot = match self.take_slot(peer_uid) {
+            Ok(s) => s,
+            Err(limit) => {
+                let e = RpcError::failed(format!(
+                    "uid {peer_uid} already has {limit} open connections to this socket; try again"
+                ));
+                self.refuse(stream, peer_uid, e).await;
+                return;
+            }
+        };
         let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
         self.serve_one(stream, peer_uid, Some(raw)).await
     }
 
-    async fn refuse(&self, mut stream: UnixStream, peer_uid: u32) {
+    /// Counts a connection against its uid, or says the limit it hit.
+    fn take_slot(&self, uid: u32) -> Result<Option<Slot>, usize> {
+        let Some(limit) = self.per_uid else {
+            return Ok(None);
+        };
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_default();
+        if *n >= limit {
+            return Err(limit);
+        }
+        *n += 1;
+        Ok(Some(Slot {
+            open: self.open.clone(),
+            uid,
+        }))
+    }
+
+    /// Answers one error frame without reading the request, and closes.
+    async fn refuse(&self, mut stream: UnixStream, peer_uid: u32, e: RpcError) {
         let op = OpId::mint();
         let label = self.label;
-        let e = RpcError::new(
-            ErrorCode::Unauthorized,
-            format!("uid {peer_uid} may not use this socket"),
-        )
-        .with_op_id(&op);
+        let e = e.with_op_id(&op);
         let span = tracing::info_span!("rpc", op_id = %op, method = "", peer_uid);
         let _e = span.enter();
         tracing::warn!(duration_ms = 0u64, code = %e.code, error = %e.message, "{label} rpc failed");
@@ -553,6 +611,43 @@ mod tests {
             .call_on::<Slow, _>(ours, &Empty {}, Some(&op), |_| {})
             .await;
         assert!(matches!(out, Err(ClientError::Decode { .. })), "{out:?}");
+    }
+
+    /// A uid with its quota of open connections gets a clear refusal at
+    /// once for the next one; a slot frees when a connection ends.
+    #[tokio::test]
+    async fn connections_per_uid_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let router = Arc::new(Router::new("test").max_connections_per_uid(2));
+        let stop = CancellationToken::new();
+        tokio::spawn(router.serve(listener, stop.clone()));
+        // Two idle connections hold the quota (their requests never come).
+        let a = UnixStream::connect(&sock).await.unwrap();
+        let _b = UnixStream::connect(&sock).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let third = UnixStream::connect(&sock).await.unwrap();
+        let mut rd = BufReader::new(third);
+        let frame = tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::frame::read_json::<_, Frame>(&mut rd),
+        )
+        .await
+        .expect("refused at once")
+        .unwrap()
+        .unwrap();
+        match frame {
+            Frame::Error { error } => assert!(error.message.contains("open connections"), "{error:?}"),
+            other => panic!("{other:?}"),
+        }
+        // One ends: a new one is served (it gets a real answer, not the cap).
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let out = Client::new(&sock).call::<Slow>(&Empty {}, None).await;
+        let err = out.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::UnknownMethod), "{err}");
+        stop.cancel();
     }
 
     #[tokio::test]
