@@ -241,28 +241,13 @@ impl Chaos {
     }
 }
 
-/// Processes whose command line names `dir` (a VM directory).
+/// Processes whose command line names `dir` (a VM directory); none for a
+/// VM without one.
 fn processes_in(dir: &str) -> Vec<u32> {
     if dir.is_empty() {
         return vec![];
     }
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next())
-                == Some("Z");
-            !zombie
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(dir))
-                    .unwrap_or(false)
-        })
-        .collect()
+    banger_tests::processes_mentioning(dir)
 }
 
 /// The helper serving `sock` (found by its command line).

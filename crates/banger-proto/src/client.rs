@@ -194,16 +194,7 @@ impl Client {
                 Some(Frame::Heartbeat) => {}
                 Some(Frame::Event { event }) => on_event(event),
                 Some(Frame::Result { result, op_id }) => {
-                    // An answer to another call (a confused or hostile
-                    // peer) is not this call's answer.
-                    if let (Some(sent), Some(got)) = (&req.op_id, &op_id) {
-                        if sent != got {
-                            return Err(ClientError::Decode {
-                                path: self.path.clone(),
-                                detail: format!("answer for {got} to a call made as {sent}"),
-                            });
-                        }
-                    }
+                    self.check_answer(req.op_id.as_deref(), op_id.as_deref())?;
                     return Ok(result);
                 }
                 Some(Frame::Error { error }) => return Err(ClientError::Rpc(error)),
@@ -244,7 +235,8 @@ impl Client {
                 buf.drain(..=pos);
                 match frame {
                     Frame::Event { .. } | Frame::Heartbeat => {}
-                    Frame::Result { result, .. } => {
+                    Frame::Result { result, op_id } => {
+                        self.check_answer(req.op_id.as_deref(), op_id.as_deref())?;
                         let out = serde_json::from_value(result).map_err(|e| self.decode(e))?;
                         return Ok((out, fds.pop()));
                     }
@@ -267,6 +259,18 @@ impl Client {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(self.frame(e.into())),
             }
+        }
+    }
+
+    /// An answer to another call (a confused or hostile peer) is not this
+    /// call's answer.
+    fn check_answer(&self, sent: Option<&str>, got: Option<&str>) -> Result<(), ClientError> {
+        match (sent, got) {
+            (Some(sent), Some(got)) if sent != got => Err(ClientError::Decode {
+                path: self.path.clone(),
+                detail: format!("answer for {got} to a call made as {sent}"),
+            }),
+            _ => Ok(()),
         }
     }
 

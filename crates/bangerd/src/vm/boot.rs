@@ -6,6 +6,7 @@
 //! whether reached from `start`, `restart` or `create --start`.
 
 use super::alloc::{self, mac_for};
+use super::console::tail;
 use super::handles::{self, VmHandles};
 use super::state::Lifecycle;
 use super::{current_op, VmService};
@@ -178,7 +179,7 @@ impl VmService {
         if let Err(e) = ready {
             let serial = tail(&launched.serial_log, 1500);
             let vmm_died = !process::alive(pid, &marker);
-            let vmm_log = self::tail(&Path::new(&vm.runtime.vm_dir).join("vmm.log"), 600);
+            let vmm_log = tail(&Path::new(&vm.runtime.vm_dir).join("vmm.log"), 600);
             let e = RpcError::failed(format!(
                 "the guest did not come up: {e}\n--- serial console (tail) ---\n{serial}\n--- VMM log (tail) ---\n{vmm_log}"
             ));
@@ -195,8 +196,6 @@ impl VmService {
         e
     }
 }
-
-pub(super) use super::console::tail;
 
 /// Waits until the guest agent connects to the host's ready port (or the
 /// VMM exits, or `limit` passes). Guest-initiated connections to port P

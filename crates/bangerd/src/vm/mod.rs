@@ -12,7 +12,8 @@
 //! - `stop`, `delete`, `teardown`: the way down, and the cleanup they share;
 //! - `reconcile`: start-up adoption and the dead-VMM watcher;
 //! - `guest`, `workspace_ops`: calls into a running guest;
-//! - `query`: read-only views (info, list, logs, DNS).
+//! - `query`: read-only views (info, list, logs, DNS);
+//! - `console`: the console log's budget and its tail.
 //!
 //! Locking: a per-VM async mutex is held for a whole lifecycle operation, so
 //! operations on one VM are serialised while different VMs proceed in

@@ -2,7 +2,7 @@
 //! behind `<name>.vm` for the DNS server. Nothing here takes a lock or
 //! changes a record.
 
-use super::boot::tail;
+use super::console::tail;
 use super::state::Lifecycle;
 use super::{alloc, VmService};
 use crate::image::store_err;

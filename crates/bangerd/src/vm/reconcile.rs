@@ -110,8 +110,9 @@ impl VmService {
                 Recovery::EnsureNothingRuns => {
                     // Nothing may run for a stopped VM, and its tap (taps are
                     // named by VM, so this never touches another daemon's)
-                    // must not outlive a crash.
-                    if !process::find_by_marker(&vm.runtime.vm_dir).is_empty() || vm.runtime.tap.is_some() {
+                    // must not outlive a crash. A VM with a tap is torn down
+                    // anyway, so the /proc scan is only for those without.
+                    if vm.runtime.tap.is_some() || !process::find_by_marker(&vm.runtime.vm_dir).is_empty() {
                         self.teardown(&vm, None).await;
                     }
                     if vm.runtime.state == VmState::Failed {
