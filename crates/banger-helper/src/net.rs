@@ -112,6 +112,22 @@ fn describe(msg: &LinkMessage) -> Link {
     }
 }
 
+impl LinuxNet {
+    async fn dump_addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, rtnetlink::Error> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut found = Vec::new();
+        let mut msgs = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = msgs.try_next().await? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
+                    found.push((*ip, msg.header.prefix_len));
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
 impl NetOps for LinuxNet {
     async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
@@ -162,17 +178,18 @@ impl NetOps for LinuxNet {
     }
 
     async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
-        use rtnetlink::packet_route::address::AddressAttribute;
-        let mut found = Vec::new();
-        let mut msgs = self.handle.address().get().set_link_index_filter(index).execute();
-        while let Some(msg) = msgs.try_next().await? {
-            for attr in &msg.attributes {
-                if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
-                    found.push((*ip, msg.header.prefix_len));
+        // A dump that races a concurrent change (two VMs starting at once)
+        // is refused with EBUSY: read it again.
+        let mut tries = 0;
+        loop {
+            match self.dump_addresses(index).await {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EBUSY && tries < 10 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
+                other => return Ok(other?),
             }
         }
-        Ok(found)
     }
 
     async fn open_tap(&self, name: &str) -> Result<std::os::fd::OwnedFd, NetError> {
