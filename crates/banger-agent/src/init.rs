@@ -60,6 +60,23 @@ impl Backoff {
     }
 }
 
+/// The initramfs ships the libc the agent was built with beside it, and
+/// starts the agent through that loader (`ld.so --library-path ...`), so
+/// the agent runs on an image with another libc or none. Re-executing
+/// itself must go the same way.
+fn self_command() -> std::io::Result<Command> {
+    const LIB_DIR: &str = "/run/banger/lib";
+    const AGENT: &str = "/run/banger/banger-agent";
+    let exe = std::env::current_exe()?;
+    if exe.file_name() == Some("ld.so".as_ref()) {
+        let mut c = Command::new(&exe);
+        c.args(["--library-path", LIB_DIR, AGENT]);
+        Ok(c)
+    } else {
+        Ok(Command::new(exe))
+    }
+}
+
 pub fn run() -> Result<()> {
     let hostname = cmdline_value("banger.hostname");
     if let Some(name) = &hostname {
@@ -83,8 +100,7 @@ pub fn run() -> Result<()> {
         }
     };
     let mut sshd_backoff = Backoff::new();
-    let exe = std::env::current_exe()?;
-    let mut agent = Command::new(&exe).arg("serve").spawn()?;
+    let mut agent = self_command()?.arg("serve").spawn()?;
     let mut agent_pid = agent.id() as i32;
     let mut agent_backoff = Backoff::new();
     loop {
@@ -99,7 +115,7 @@ pub fn run() -> Result<()> {
             // The agent must always be there for the host: restart it.
             eprintln!("banger-agent exited ({status}); restarting");
             agent_backoff.pause();
-            agent = Command::new(&exe).arg("serve").spawn()?;
+            agent = self_command()?.arg("serve").spawn()?;
             agent_pid = agent.id() as i32;
         } else if Some(pid) == sshd_pid {
             eprintln!("banger-agent: sshd exited ({status}); restarting");

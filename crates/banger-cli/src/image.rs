@@ -27,6 +27,19 @@ pub enum ImageCmd {
         #[arg(long)]
         size: Option<u64>,
     },
+    /// Import an OCI or Docker image: an OCI image layout directory, an
+    /// OCI or `docker save` archive (plain or gzip), or a registry
+    /// reference such as docker.io/library/python:3.12.
+    Import {
+        name: String,
+        from: String,
+        /// Replace an image of that name (VMs made from it keep the old one).
+        #[arg(long)]
+        force: bool,
+        /// Kernel version or kernel directory (default: the Debian kernel).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
     /// List images.
     List,
     /// Show one image.
@@ -58,12 +71,14 @@ pub enum KernelCmd {
 
 fn show_image(i: &d::ImageInfo) {
     println!(
-        "name:    {}\nrootfs:  {}\nkernel:  {}\nsize:    {} MiB\nsource:  {}",
+        "name:    {}\nrootfs:  {}\nkernel:  {}\nsize:    {} MiB\nsource:  {}\ndigest:  {}\ncreated: {}",
         i.name,
         i.rootfs,
         i.kernel,
         i.size_bytes >> 20,
-        i.source
+        i.source,
+        i.digest.as_deref().unwrap_or("-"),
+        i.created_at
     );
 }
 
@@ -99,6 +114,30 @@ pub async fn run_image(c: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
                 size_mib: size,
             };
             let i = c.call_with_events::<d::ImageBuildM>(&req, None, progress).await?;
+            print(json, &i, show_image);
+        }
+        ImageCmd::Import {
+            name,
+            from,
+            force,
+            kernel,
+        } => {
+            // A path that exists here is sent absolute; anything else is a
+            // registry reference.
+            let from = if std::path::Path::new(&from).exists() {
+                std::path::absolute(&from)?.display().to_string()
+            } else {
+                from
+            };
+            let req = d::ImageImport {
+                name,
+                from,
+                force,
+                kernel,
+            };
+            let i = c
+                .call_with_events::<d::ImageImportM>(&req, None, progress)
+                .await?;
             print(json, &i, show_image);
         }
         ImageCmd::List => {

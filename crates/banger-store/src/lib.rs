@@ -144,8 +144,8 @@ impl Store {
     pub fn insert_image(&self, img: &ImageRecord) -> Result<()> {
         let conn = self.conn();
         let res = conn.execute(
-            "INSERT INTO images (name, rootfs, kernel, initrd, size_bytes, source, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO images (name, rootfs, kernel, initrd, size_bytes, source, created_at, digest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 img.name,
                 img.rootfs,
@@ -153,7 +153,8 @@ impl Store {
                 img.initrd,
                 img.size_bytes as i64,
                 img.source,
-                img.created_at
+                img.created_at,
+                img.digest
             ],
         );
         match res {
@@ -169,7 +170,7 @@ impl Store {
     pub fn get_image(&self, name: &str) -> Result<Option<ImageRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, rootfs, kernel, initrd, size_bytes, source, created_at FROM images WHERE name = ?1",
+            "SELECT name, rootfs, kernel, initrd, size_bytes, source, created_at, digest FROM images WHERE name = ?1",
         )?;
         Ok(stmt.query_row([name], image_row).optional()?)
     }
@@ -177,7 +178,7 @@ impl Store {
     pub fn list_images(&self) -> Result<Vec<ImageRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, rootfs, kernel, initrd, size_bytes, source, created_at FROM images ORDER BY name",
+            "SELECT name, rootfs, kernel, initrd, size_bytes, source, created_at, digest FROM images ORDER BY name",
         )?;
         let rows = stmt
             .query_map([], image_row)?
@@ -223,6 +224,7 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
         size_bytes: r.get::<_, i64>(4)? as u64,
         source: r.get(5)?,
         created_at: r.get(6)?,
+        digest: r.get(7)?,
     })
 }
 

@@ -4,9 +4,10 @@
 use crate::{Result, StoreError};
 use rusqlite::Connection;
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE images (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE images (
         name        TEXT PRIMARY KEY,
         rootfs      TEXT NOT NULL,
         kernel      TEXT NOT NULL,
@@ -25,7 +26,11 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         created_at  TEXT NOT NULL,
         updated_at  TEXT NOT NULL
     );",
-)];
+    ),
+    // Where an image came from is `source`; this is what identifies its
+    // content: an imported image's manifest digest, a built one's file hash.
+    (2, "ALTER TABLE images ADD COLUMN digest TEXT;"),
+];
 
 pub fn current_version(conn: &Connection) -> Result<i64> {
     let exists: bool = conn.query_row(

@@ -107,4 +107,7 @@ pub struct ImageRecord {
     pub size_bytes: u64,
     pub source: String,
     pub created_at: String,
+    /// `sha256:...`: the manifest digest of an imported image, the rootfs
+    /// file's hash for one banger built; none for a registered image.
+    pub digest: Option<String>,
 }

@@ -9,6 +9,7 @@ fn image(name: &str) -> ImageRecord {
         size_bytes: 1 << 30,
         source: "test".into(),
         created_at: banger_store::now(),
+        digest: Some(format!("sha256:{}", "ab".repeat(32))),
     }
 }
 
@@ -56,7 +57,9 @@ fn records_survive_reopen_and_names_are_unique() {
     assert_eq!(got.runtime.tap.as_deref(), Some("bgtap0"));
     assert_eq!(s.get_vm("id-alpha").unwrap().unwrap().name, "alpha");
     assert_eq!(s.list_vms().unwrap().len(), 1);
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), 2);
+    let img = s.get_image("default").unwrap().expect("image persisted");
+    assert_eq!(img.digest, image("default").digest, "the image digest was lost");
 }
 
 #[test]

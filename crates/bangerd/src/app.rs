@@ -230,6 +230,12 @@ pub fn router(app: &Arc<App>) -> Router {
                 .map(|r| crate::image::info(&r))
                 .map_err(RpcError::from)
         }))
+        .method::<d::ImageImportM, _, _>(handler!(app, |ctx, p| app
+            .images
+            .import(&p.name, &p.from, p.force, p.kernel.as_deref(), &progress(&ctx))
+            .await
+            .map(|r| crate::image::info(&r))
+            .map_err(RpcError::from)))
         .method::<d::ImageList, _, _>(handler!(app, |_, _| app.images.list().map_err(RpcError::from)))
         .method::<d::ImageShow, _, _>(handler!(app, |_, p| app
             .images

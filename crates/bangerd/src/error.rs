@@ -175,6 +175,17 @@ pub enum ImageError {
          (VMs made from it keep the old one)"
     )]
     OtherRecipe { name: String, existing: String },
+    #[error("image {name} exists; replace it with --force (VMs made from it keep the old one)")]
+    Exists { name: String },
+    /// Reading, checking or flattening an OCI or Docker image.
+    #[error("importing {from}: {source}")]
+    Oci {
+        from: String,
+        #[source]
+        source: banger_oci::Error,
+    },
+    #[error("importing an image keeps its files' owners, which needs bangerd to run as root")]
+    NeedsRoot,
 }
 
 /// Workspaces: the host repository and the transfer into the guest.
@@ -293,7 +304,15 @@ impl ImageError {
             | ImageError::NotExt4 { .. }
             | ImageError::InUse { .. }
             | ImageError::InvalidRecipe(_) => ErrorCode::BadRequest,
-            ImageError::OtherRecipe { .. } => ErrorCode::AlreadyExists,
+            ImageError::OtherRecipe { .. } | ImageError::Exists { .. } => ErrorCode::AlreadyExists,
+            ImageError::Oci { source, .. } => match source {
+                banger_oci::Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    ErrorCode::NotFound
+                }
+                banger_oci::Error::Io { .. } | banger_oci::Error::Registry(_) => ErrorCode::OperationFailed,
+                _ => ErrorCode::BadRequest,
+            },
+            ImageError::NeedsRoot => ErrorCode::OperationFailed,
             ImageError::NotFound { .. } | ImageError::RootfsMissing { .. } => ErrorCode::NotFound,
         }
     }

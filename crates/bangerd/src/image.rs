@@ -34,6 +34,7 @@ pub fn info(r: &ImageRecord) -> ImageInfo {
         size_bytes: r.size_bytes,
         source: r.source.clone(),
         created_at: r.created_at.clone(),
+        digest: r.digest.clone(),
     }
 }
 
@@ -72,7 +73,6 @@ fn debian_mirror() -> String {
     "http://deb.debian.org/debian".into()
 }
 
-/// True if `p` holds an ext2/3/4 superblock.
 /// True if `p` holds an ext2/3/4 superblock that describes a filesystem
 /// the file can actually hold: the magic alone (a 1 KiB file with two
 /// right bytes) is not an image.
@@ -96,6 +96,32 @@ pub(crate) fn is_ext4(p: &Path) -> bool {
     let fs_bytes = blocks.saturating_mul(1024u64 << log_block.min(6));
     // At least 1 MiB, and the filesystem fits in the file.
     magic_ok && sane_block && blocks > 0 && fs_bytes >= 1 << 20 && fs_bytes <= len
+}
+
+/// Makes `image` (`size` bytes) from the tree at `root`, without mounting.
+async fn mkfs(
+    root: &Path,
+    image: &Path,
+    size: u64,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(), ImageError> {
+    progress("making rootfs.ext4");
+    sys::run(
+        "mkfs.ext4",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-L".as_ref(),
+            "banger-base".as_ref(),
+            "-d".as_ref(),
+            root.as_os_str(),
+            image.as_os_str(),
+            format!("{}M", size >> 20).as_ref(),
+        ],
+        None,
+    )
+    .await?;
+    Ok(())
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -282,37 +308,49 @@ impl ImageService {
             Some(mib) => mib << 20,
             None => (content + content / 4 + (64 << 20)).div_ceil(1 << 20) << 20,
         };
-        progress("making rootfs.ext4");
         let image = work.join("rootfs.ext4");
-        sys::run(
-            "mkfs.ext4",
-            [
-                "-q".as_ref(),
-                "-F".as_ref(),
-                "-L".as_ref(),
-                "banger-base".as_ref(),
-                "-d".as_ref(),
-                root.as_os_str(),
-                image.as_os_str(),
-                format!("{}M", size >> 20).as_ref(),
-            ],
-            None,
+        mkfs(&root, &image, size, progress).await?;
+        let digest = tokio::task::block_in_place(|| sys::sha256_file(&image))?;
+        self.install(
+            name,
+            &image,
+            size,
+            recipe.source(),
+            Some(digest),
+            kernel_dir,
+            progress,
         )
-        .await?;
+    }
+
+    /// Moves a finished `rootfs.ext4` into a directory of its own and
+    /// records it, replacing the record of the same name (whose files stay
+    /// while a VM uses them).
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        name: &str,
+        image: &Path,
+        size: u64,
+        source: String,
+        digest: Option<String>,
+        kernel_dir: &str,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ImageRecord, ImageError> {
         // A directory per build: VMs made from an earlier build keep its
         // file (their overlays sit on it) until they are deleted.
         let dest_dir = self.dir.join(format!("{name}.{:08x}", kernel::rand_u32()));
         std::fs::create_dir_all(&dest_dir).map_err(io("creating the image directory"))?;
         let dest = dest_dir.join("rootfs.ext4");
-        std::fs::rename(&image, &dest).map_err(io("installing rootfs.ext4"))?;
+        std::fs::rename(image, &dest).map_err(io("installing rootfs.ext4"))?;
         let rec = ImageRecord {
             name: name.to_string(),
             rootfs: dest.display().to_string(),
             kernel: kernel_dir.to_string(),
             initrd: None,
             size_bytes: size,
-            source: recipe.source(),
+            source,
             created_at: banger_store::now(),
+            digest,
         };
         // The swap: only now does the old record go (its files stay while
         // a VM uses them).
@@ -322,6 +360,99 @@ impl ImageService {
         self.store.insert_image(&rec)?;
         progress("image ready");
         Ok(rec)
+    }
+
+    /// Imports an OCI or Docker image: `from` is an absolute path (an OCI
+    /// image layout, an OCI or `docker save` archive) or a registry
+    /// reference. Its layers are flattened (whiteouts honoured; owners,
+    /// modes, xattrs and hard links kept) and made into an ext4 image
+    /// without mounting anything. The agent needs nothing from the image:
+    /// it comes with the initramfs, with its own libc.
+    pub async fn import(
+        &self,
+        name: &str,
+        from: &str,
+        force: bool,
+        kernel: Option<&str>,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ImageRecord, ImageError> {
+        validate_name(name)?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ImageError::NeedsRoot);
+        }
+        let _g = self.build_lock.lock().await;
+        if self.store.get_image(name)?.is_some() && !force {
+            return Err(ImageError::Exists { name: name.into() });
+        }
+        let kernel = match kernel {
+            Some(k) => self.kernels.get(k)?,
+            None => self.kernels.ensure(progress).await?,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io("creating the images directory"))?;
+        let work = kernel::tempdir_in(&self.dir, ".import")?;
+        let result = self.import_in(name, from, &kernel.dir, &work, progress).await;
+        let _ = std::fs::remove_dir_all(&work);
+        self.collect_garbage();
+        result
+    }
+
+    async fn import_in(
+        &self,
+        name: &str,
+        from: &str,
+        kernel_dir: &str,
+        work: &Path,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ImageRecord, ImageError> {
+        let oci = |source| ImageError::Oci {
+            from: from.to_string(),
+            source,
+        };
+        let (path, source) = if from.starts_with('/') {
+            (PathBuf::from(from), format!("oci:{from}"))
+        } else {
+            let reference = banger_oci::registry::parse(from).map_err(oci)?;
+            let layout = work.join("pulled");
+            banger_oci::registry::pull(&reference, &layout, progress)
+                .await
+                .map_err(oci)?;
+            (layout, format!("registry:{}", reference.whole()))
+        };
+        progress(&format!("reading {from}"));
+        // Unpacking and writing are long stretches of blocking file work.
+        let (image, written) = tokio::task::block_in_place(|| {
+            let image = banger_oci::open(&path, work).map_err(oci)?;
+            let tree = banger_oci::flatten(&image, work, progress).map_err(oci)?;
+            let totals = tree.totals();
+            progress(&format!(
+                "writing {} entries ({} MiB)",
+                totals.entries,
+                totals.bytes >> 20
+            ));
+            let written = banger_oci::write::write(&tree, &work.join("root")).map_err(oci)?;
+            // The unpacked layers are not needed any more: free the space
+            // before the ext4 image takes as much again.
+            for i in 0..image.layers.len() {
+                let _ = std::fs::remove_file(work.join(format!("layer-{i}.tar")));
+            }
+            Ok::<_, ImageError>((image, written))
+        })?;
+        let entries = written.files + written.dirs + written.symlinks + written.devices;
+        // Room for ext4's metadata and a block per small file; read-only
+        // at run time, so nothing more.
+        let size = (written.bytes + written.bytes / 4 + entries * 4096 + (64 << 20)).div_ceil(1 << 20) << 20;
+        let rootfs = work.join("rootfs.ext4");
+        mkfs(&work.join("root"), &rootfs, size, progress).await?;
+        self.install(
+            name,
+            &rootfs,
+            size,
+            source,
+            Some(image.digest),
+            kernel_dir,
+            progress,
+        )
     }
 
     /// Registers an existing rootfs (used in place, never copied or
@@ -357,6 +488,7 @@ impl ImageService {
             size_bytes: meta.len(),
             source: SOURCE_REGISTERED.into(),
             created_at: banger_store::now(),
+            digest: None,
         };
         self.store.insert_image(&rec)?;
         Ok(rec)

@@ -49,15 +49,22 @@ if [ -n "$IP" ]; then
     ip link set eth0 up && ip addr add "$IP" dev eth0 || msg "cannot configure eth0"
     [ -n "$GW" ] && ip route add default via "$GW"
 fi
+mkdir -p /newroot/run /newroot/dev /newroot/proc /newroot/sys
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run
 mkdir -p /newroot/run/banger /newroot/tmp /newroot/var/log
 cp /banger/banger-agent /newroot/run/banger/banger-agent
+[ -d /banger/lib ] && cp -a /banger/lib /newroot/run/banger/lib
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/tmp
 mount --move /dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /newroot/dev/pts
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
+# The agent runs on the libc it was built with, shipped beside it, so an
+# image with another libc (or none) still has its agent.
+if [ -e /newroot/run/banger/lib/ld.so ]; then
+    exec switch_root /newroot /run/banger/lib/ld.so --library-path /run/banger/lib /run/banger/banger-agent init
+fi
 exec switch_root /newroot /run/banger/banger-agent init
 "#;
 
@@ -169,12 +176,54 @@ pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     Ok(path)
 }
 
+/// The shared libraries a dynamically linked program loads, as `ldd`
+/// reports them: (name in the initramfs, path on the host). The program
+/// interpreter is named `ld.so`. Empty for a static program.
+fn shared_libraries(program: &Path) -> Result<Vec<(String, PathBuf)>, SysError> {
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(io(format!("running ldd {}", program.display())))?;
+    if !out.status.success() {
+        // "not a dynamic executable": nothing to ship.
+        return Ok(Vec::new());
+    }
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line = line.trim();
+        let path = match line.split_once(" => ") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')).map(PathBuf::from) else {
+            continue; // the vDSO
+        };
+        let name = if line.contains(" => ") {
+            path.file_name().map(|n| n.to_string_lossy().into_owned())
+        } else {
+            Some("ld.so".to_string())
+        };
+        if let Some(name) = name {
+            libs.push((name, path));
+        }
+    }
+    Ok(libs)
+}
+
 fn build(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     let agent = read(inputs.agent)?;
     let busybox = read(inputs.busybox)?;
+    let libs = shared_libraries(inputs.agent)?
+        .into_iter()
+        .map(|(name, path)| Ok((name, read(&path)?)))
+        .collect::<Result<Vec<_>, SysError>>()?;
     let mut h = sha2::Sha256::new();
     h.update(&agent);
     h.update(&busybox);
+    for (name, bytes) in &libs {
+        h.update(name.as_bytes());
+        h.update(bytes);
+    }
     h.update(INIT_SCRIPT.as_bytes());
     let key = format!("{:x}", h.finalize());
     let kdir = Path::new(&inputs.kernel.dir);
@@ -221,6 +270,12 @@ fn build(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     }
     c.file("lib/modules/load-order", 0o644, order.as_bytes());
     c.file("banger/banger-agent", 0o755, &agent);
+    if !libs.is_empty() {
+        c.dir("banger/lib");
+        for (name, bytes) in &libs {
+            c.file(&format!("banger/lib/{name}"), 0o755, bytes);
+        }
+    }
     // Daemons sharing a kernel directory may race here: unique temp name,
     // atomic rename.
     let tmp = out.with_extension(format!(

@@ -121,3 +121,21 @@ pub async fn make_ext4(path: &Path, bytes: u64, label: &str) -> Result<(), SysEr
     .await?;
     Ok(())
 }
+
+/// `sha256:<hex>` of a file, read in 1 MiB chunks.
+pub fn sha256_file(path: &Path) -> Result<String, SysError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let what = || format!("hashing {}", path.display());
+    let mut f = std::fs::File::open(path).map_err(io(what()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(what()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{:x}", h.finalize()))
+}

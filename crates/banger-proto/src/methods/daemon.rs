@@ -184,6 +184,25 @@ pub struct ImageInfo {
     pub size_bytes: u64,
     pub source: String,
     pub created_at: String,
+    /// What identifies the content: an imported image's manifest digest,
+    /// the rootfs file's hash for a built one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// `image import NAME FROM`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageImport {
+    pub name: String,
+    /// An absolute path to an OCI image layout or an OCI / `docker save`
+    /// archive, or a registry reference (`docker.io/library/python:3.12`).
+    pub from: String,
+    /// Replace an image of that name (VMs made from it keep the old one).
+    #[serde(default)]
+    pub force: bool,
+    /// A kernel directory or version; default: the stored Debian kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -239,6 +258,7 @@ pub struct KernelInfo {
 }
 
 method!(ImageBuildM = "image.build", ImageBuild => ImageInfo, event Progress);
+method!(ImageImportM = "image.import", ImageImport => ImageInfo, event Progress);
 method!(ImageList = "image.list", Empty => Vec<ImageInfo>);
 method!(ImageShow = "image.show", NameRef => ImageInfo);
 method!(ImageDelete = "image.delete", NameRef => Empty);
