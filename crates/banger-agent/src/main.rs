@@ -7,6 +7,7 @@
 mod bulk;
 mod exec;
 mod init;
+mod seed;
 mod system;
 
 use anyhow::Result;
@@ -68,6 +69,7 @@ fn router() -> Router {
             }
         })
         .method::<a::Exec, _, _>(exec::run)
+        .method::<a::SeedGuest, _, _>(|_, req| async move { seed::apply(req) })
         .method::<a::Sync, _, _>(|_, _| async {
             tokio::task::spawn_blocking(|| {
                 // SAFETY: sync has no preconditions.

@@ -54,3 +54,52 @@ fn a_fresh_guest_has_what_a_distribution_gives() {
     assert_eq!(passed, CHECKS.matches("\ncheck ").count(), "{out}");
     env.banger_ok(&["vm", "delete", "compat"]);
 }
+
+/// The host seeds each guest as it comes up: its clock (Firecracker has no
+/// RTC; a resumed guest's clock stood still) and its entropy pool. The
+/// daemon logs what the agent did with them, under the create's op id.
+#[test]
+fn a_guest_gets_the_hosts_clock_and_entropy_at_boot() {
+    let env = Env::with_image();
+    let out = env.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "seeded",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    let created = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{created}");
+    let op = created
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+        .find(|w| w.starts_with("op-"))
+        .unwrap_or_else(|| panic!("no op id in {created:?}"))
+        .to_string();
+    let seeded: Vec<_> = env
+        .daemon_records()
+        .into_iter()
+        .filter(|r| r["message"] == "guest clock and entropy seeded")
+        .collect();
+    assert_eq!(seeded.len(), 1, "{seeded:?}");
+    assert_eq!(seeded[0]["op_id"], op.as_str(), "{seeded:?}");
+    assert_eq!(seeded[0]["entropy_bytes"], 64, "{seeded:?}");
+    // The guest's clock agrees with the host's to within a second (the
+    // time an exec takes under emulation is measured and allowed for).
+    let before = std::time::SystemTime::now();
+    let out = env.banger_ok(&["vm", "exec", "seeded", "--", "date", "+%s.%N"]);
+    let after = std::time::SystemTime::now();
+    let guest: f64 = out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"));
+    let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(
+        guest >= secs(before) - 1.0 && guest <= secs(after) + 1.0,
+        "guest clock {guest} outside host [{}, {}]",
+        secs(before),
+        secs(after)
+    );
+    env.banger_ok(&["vm", "delete", "seeded"]);
+}

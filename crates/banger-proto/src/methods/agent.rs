@@ -76,6 +76,32 @@ impl ExitStatus {
     }
 }
 
+/// What the host gives a guest as it comes up (and after a resume, when
+/// its clock stood still): the host's time and fresh entropy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Seed {
+    /// The host's `CLOCK_REALTIME`, nanoseconds since the Unix epoch.
+    pub unix_nanos: u64,
+    /// Bytes from the host's `getrandom`, base64; at most [`MAX_SEED_BYTES`].
+    pub entropy_b64: String,
+}
+
+/// The most entropy one [`Seed`] carries (the agent refuses more).
+pub const MAX_SEED_BYTES: usize = 512;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Seeded {
+    /// How far the guest's clock was moved (host minus guest), ms.
+    pub clock_step_ms: i64,
+    /// Bytes credited to the guest's entropy pool.
+    pub entropy_bytes: u32,
+}
+
+method!(
+    /// Sets the guest's clock from the host's and credits host entropy to
+    /// its pool.
+    SeedGuest = "agent.seed", Seed => Seeded
+);
 method!(
     /// Liveness of the agent.
     Health = "agent.health", Empty => AgentHealth

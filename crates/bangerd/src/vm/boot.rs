@@ -77,6 +77,7 @@ impl VmService {
             }
             Err((e, false)) => return Err(self.fail_start(vm, e).await),
         };
+        self.seed(&vm, &launched.vsock_uds, &op).await;
         vm.runtime.state = VmState::Running;
         self.save(&vm)?;
         tracing::info!(vm = %vm.name, "vm running");

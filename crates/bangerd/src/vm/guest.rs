@@ -12,6 +12,35 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 impl VmService {
+    /// Gives a guest that just came up the host's time and 64 bytes of the
+    /// host's entropy. A guest that cannot take them still runs (its clock
+    /// is the VMM's RTC), so a failure is logged, not returned.
+    pub(super) async fn seed(&self, vm: &VmRecord, uds: &Path, op: &OpId) {
+        use base64::Engine;
+        let mut entropy = [0u8; 64];
+        // SAFETY: getrandom into a buffer we own, of that length.
+        let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+        let unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        let req = a::Seed {
+            unix_nanos,
+            entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
+        };
+        match agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await {
+            Ok(s) => tracing::info!(
+                vm = %vm.name,
+                clock_step_ms = s.clock_step_ms,
+                entropy_bytes = s.entropy_bytes,
+                "guest clock and entropy seeded"
+            ),
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %e.message, "could not seed the guest's clock and entropy")
+            }
+        }
+    }
+
     /// Authorises banger's key in the guest and pins the guest's host key.
     pub(super) async fn ssh_setup(&self, vm: &VmRecord, uds: &Path, op: &OpId) -> Result<(), RpcError> {
         use base64::Engine;

@@ -1,0 +1,79 @@
+//! The host's time and entropy, given to the guest as it comes up: a
+//! guest's clock starts from whatever the VMM's RTC says (Firecracker has
+//! none) and stands still while a VM is paused or snapshotted, and a fresh
+//! guest's entropy pool is what its kernel could scrape together at boot.
+
+use banger_proto::methods::agent as a;
+use banger_proto::RpcError;
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+fn realtime_nanos() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+fn set_clock(unix_nanos: u64) -> std::io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (unix_nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: a valid timespec; the agent runs as root in the guest.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mixes `bytes` into the kernel's pool and credits them as entropy.
+fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: the buffer holds the header and buf_size bytes after it.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
+    use base64::Engine;
+    let entropy = base64::engine::general_purpose::STANDARD
+        .decode(&req.entropy_b64)
+        .map_err(|e| RpcError::bad_request(format!("entropy is not base64: {e}")))?;
+    if entropy.len() > a::MAX_SEED_BYTES {
+        return Err(RpcError::bad_request(format!(
+            "{} bytes of entropy; at most {}",
+            entropy.len(),
+            a::MAX_SEED_BYTES
+        )));
+    }
+    // Before 2001 or after 2100 is not a host's clock.
+    if !(978_307_200_000_000_000..4_102_444_800_000_000_000).contains(&req.unix_nanos) {
+        return Err(RpcError::bad_request(format!("{} is not a time", req.unix_nanos)));
+    }
+    let step = i128::from(req.unix_nanos) - realtime_nanos();
+    set_clock(req.unix_nanos).map_err(|e| RpcError::failed(format!("setting the clock: {e}")))?;
+    add_entropy(&entropy).map_err(|e| RpcError::failed(format!("adding entropy: {e}")))?;
+    let clock_step_ms = (step / 1_000_000).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    tracing::info!(
+        clock_step_ms,
+        entropy_bytes = entropy.len(),
+        "clock and entropy seeded by the host"
+    );
+    Ok(a::Seeded {
+        clock_step_ms,
+        entropy_bytes: entropy.len() as u32,
+    })
+}
