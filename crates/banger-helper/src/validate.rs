@@ -66,6 +66,11 @@ pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
     let (ip, len) = s.split_once('/').ok_or_else(bad)?;
     let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
     let len: u8 = len.parse().map_err(|_| bad())?;
+    // Canonical digits only: "+24" and "024" parse as 24 but are not how
+    // anyone writes a prefix, so they are not taken as one.
+    if s.rsplit_once('/').map(|(_, l)| l) != Some(len.to_string().as_str()) {
+        return Err(bad());
+    }
     if !(8..=30).contains(&len) || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
         return Err(bad());
     }
@@ -80,7 +85,7 @@ pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
 pub fn bridge_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
     let (ip, len) = ipv4_cidr(s)?;
     let bad = || Invalid::Address(s.to_string());
-    if !ip.is_private() || !(16..=30).contains(&len) || s.contains('+') {
+    if !ip.is_private() || !(16..=30).contains(&len) {
         return Err(bad());
     }
     let (net, bcast) = network_and_broadcast(ip, len);
@@ -141,6 +146,8 @@ mod tests {
             "169.254.1.1/16",
             "10.0.0.1/8",
             "172.30.0.1/+24",
+            "172.30.0.1/024",
+            "172.30.0.1/24 ",
             "8.8.8.1/24",
             "172.30.0.0/24",
             "172.30.0.255/24",

@@ -25,6 +25,10 @@ pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest method name that reaches a log line: a peer cannot flood the
 /// log through the one field it controls.
 const MAX_LOGGED_METHOD: usize = 64;
+/// How long a refused connection's unread request is drained (see `refuse`).
+const REFUSED_DRAIN_TIME: Duration = Duration::from_millis(200);
+/// How many refused connections are drained at once.
+const REFUSED_DRAINING: usize = 16;
 
 /// A method name as it may appear in a log line: printable, short.
 fn loggable_method(m: &str) -> String {
@@ -113,6 +117,8 @@ pub struct Router {
     /// At most this many open connections per peer uid.
     per_uid: Option<usize>,
     open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    /// Refused connections being drained right now (see `refuse`).
+    draining: Arc<tokio::sync::Semaphore>,
 }
 
 /// One open connection counted against its uid; uncounted when dropped.
@@ -143,6 +149,7 @@ impl Router {
             heartbeat: None,
             per_uid: None,
             open: Default::default(),
+            draining: Arc::new(tokio::sync::Semaphore::new(REFUSED_DRAINING)),
         }
     }
 
@@ -274,6 +281,28 @@ impl Router {
             Duration::from_secs(1),
             write_json(&mut stream, &Frame::Error { error: e }),
         )
+        .await;
+        // The peer's request is still unread in the socket, and closing on
+        // unread data makes the kernel reset the connection: the peer would
+        // lose the answer. So it is read, at most one frame's worth and for
+        // a short while, and thrown away (never parsed, never logged). Only
+        // a few connections at a time: under a flood, descriptors go back
+        // at once and the flood gets resets.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(_drain) = self.draining.clone().try_acquire_owned() else {
+            return;
+        };
+        let _ = stream.shutdown().await;
+        let _ = tokio::time::timeout(REFUSED_DRAIN_TIME, async {
+            let mut buf = [0u8; 4096];
+            let mut left = crate::frame::MAX_FRAME_BYTES + buf.len();
+            while left > 0 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
         .await;
     }
 
@@ -447,11 +476,24 @@ pub fn cancel_on_signals(token: CancellationToken) {
 }
 
 fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError> {
-    // A method without params accepts a missing or null `params`.
-    let v = if v.is_null() {
-        Value::Object(Default::default())
-    } else {
-        v
+    // A method without params accepts a missing or null `params`. Every
+    // method's params are an object: serde would also fill a struct from
+    // an array (`[]` for one whose fields all have defaults), which no
+    // client means.
+    let v = match v {
+        Value::Null => Value::Object(Default::default()),
+        Value::Object(_) => v,
+        other => {
+            return Err(RpcError::bad_request(format!(
+                "invalid params: expected an object, not {}",
+                match other {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    _ => "a boolean",
+                }
+            )))
+        }
     };
     serde_json::from_value(v).map_err(|e| RpcError::bad_request(format!("invalid params: {e}")))
 }
