@@ -4,6 +4,7 @@
 //! a hostile or broken peer from making us buffer without bound.
 
 use crate::error::RpcError;
+use crate::opid::OpId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
@@ -53,6 +54,26 @@ pub enum FrameError {
     Malformed(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// Decodes a request envelope. On failure the op id to stamp on the error
+/// is the peer's, when the frame was at least an object carrying a valid
+/// one, else a fresh one.
+pub fn decode_request(bytes: &[u8]) -> Result<(OpId, Request), (OpId, RpcError)> {
+    let req: Request = match serde_json::from_slice(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            let op = serde_json::from_slice::<Value>(bytes)
+                .ok()
+                .and_then(|v| v.get("op_id").and_then(|o| o.as_str()).map(str::to_owned));
+            return Err((
+                OpId::adopt_or_mint(op.as_deref()),
+                RpcError::bad_request(format!("malformed request: {e}")),
+            ));
+        }
+    };
+    let op = OpId::adopt_or_mint(req.op_id.as_deref());
+    Ok((op, req))
 }
 
 /// Reads one newline-terminated frame. `Ok(None)` is a clean end of stream.

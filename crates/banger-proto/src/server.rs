@@ -3,7 +3,7 @@
 //! cancellation when the client goes away.
 
 use crate::error::{ErrorCode, RpcError};
-use crate::frame::{read_frame, write_json, Frame, Request, PROTOCOL_VERSION};
+use crate::frame::{read_frame, write_json, Frame, PROTOCOL_VERSION};
 use crate::methods::Method;
 use crate::opid::{self, OpId};
 use serde::Serialize;
@@ -392,22 +392,10 @@ impl Router {
     /// Decodes the envelope and looks the handler up. Every early failure is
     /// returned with the op id it will be stamped with.
     fn prepare(&self, bytes: &[u8], peer_uid: u32) -> (OpId, String, Result<Prepared, RpcError>) {
-        let req: Request = match serde_json::from_slice(bytes) {
+        let (op, req) = match crate::frame::decode_request(bytes) {
             Ok(r) => r,
-            Err(e) => {
-                // Keep the peer's op id if the frame was at least an object with one.
-                let op = serde_json::from_slice::<Value>(bytes)
-                    .ok()
-                    .and_then(|v| v.get("op_id").and_then(|o| o.as_str()).map(str::to_owned));
-                let op = OpId::adopt_or_mint(op.as_deref());
-                return (
-                    op,
-                    String::new(),
-                    Err(RpcError::bad_request(format!("malformed request: {e}"))),
-                );
-            }
+            Err((op, e)) => return (op, String::new(), Err(e)),
         };
-        let op = OpId::adopt_or_mint(req.op_id.as_deref());
         let method = req.method.clone();
         if let Some(auth) = &self.authorize {
             if !auth(peer_uid) {
@@ -475,7 +463,9 @@ pub fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
-fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError> {
+/// Decodes a request's params as a method's typed params: what every
+/// handler receives, so nothing else in a service ever sees raw JSON.
+pub fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcError> {
     // A method without params accepts a missing or null `params`. Every
     // method's params are an object: serde would also fill a struct from
     // an array (`[]` for one whose fields all have defaults), which no
