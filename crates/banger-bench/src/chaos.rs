@@ -124,13 +124,8 @@ impl Chaos {
                 .stdout,
         )
         .into_owned();
-        let nft = String::from_utf8_lossy(
-            &Command::new("nft")
-                .args(["list", "table", "inet", "banger"])
-                .output()?
-                .stdout,
-        )
-        .into_owned();
+        let nft = String::from_utf8_lossy(&Command::new("nft").args(["list", "ruleset"]).output()?.stdout)
+            .into_owned();
         let vms_dir = self.home.join("vms");
         let mut known_dirs = Vec::new();
         for vm in &vms {
@@ -159,7 +154,7 @@ impl Chaos {
                         v.push(format!("{name}: stopped but its tap {tap} exists"));
                     }
                     if nft.contains(&format!("banger:{id}")) {
-                        v.push(format!("{name}: stopped but NAT rules remain"));
+                        v.push(format!("{name}: stopped but its nftables rules remain"));
                     }
                     let socks: Vec<String> = std::fs::read_dir(&dir)
                         .into_iter()

@@ -26,6 +26,10 @@ pub struct CreateArgs {
     /// Give the VM outbound network access (NAT).
     #[arg(long)]
     pub nat: bool,
+    /// Let the VM exchange traffic with other VMs created with --peers
+    /// (VMs cannot reach each other otherwise).
+    #[arg(long)]
+    pub peers: bool,
 }
 
 #[derive(Args)]

@@ -29,6 +29,7 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
                 work_disk_mib: a.disk_size,
                 start,
                 nat: a.nat,
+                peers: a.peers,
                 no_network: a.no_network,
             },
             None,

@@ -64,12 +64,13 @@ pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
 
     let v = create(c, &r.create, true).await?;
     eprintln!(
-        "spec: {} vCPU, {} MiB memory, {} MiB work disk, vmm {}{}",
+        "spec: {} vCPU, {} MiB memory, {} MiB work disk, vmm {}{}{}",
         v.vcpus,
         v.memory_mib,
         v.work_disk_bytes >> 20,
         v.vmm,
-        if r.create.nat { ", nat" } else { "" }
+        if r.create.nat { ", nat" } else { "" },
+        if r.create.peers { ", peers" } else { "" }
     );
     let outcome = session(c, &r, &v, plan.as_ref()).await;
     if r.rm {

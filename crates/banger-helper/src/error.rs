@@ -1,7 +1,6 @@
 //! The error of every privileged network effect. It sits below `net` (the
-//! `NetOps` trait and its Linux implementation) and `nat` (the nftables
-//! rules `net` calls into), so that both use it and neither imports the
-//! other's types.
+//! `NetOps` trait and its Linux implementation) and `firewall` (the
+//! nftables rules `net` calls into), so that both use it.
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

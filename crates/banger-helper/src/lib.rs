@@ -3,7 +3,7 @@
 //! path is checked here, whatever the daemon already checked.
 
 pub mod error;
-pub mod nat;
+pub mod firewall;
 pub mod net;
 pub mod service;
 pub mod validate;

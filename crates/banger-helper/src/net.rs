@@ -4,7 +4,7 @@
 //! for persistent taps.
 
 use crate::error::NetError;
-use crate::nat;
+use crate::firewall::{self, Claim, Guest};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
@@ -53,14 +53,13 @@ pub trait NetOps: Send + Sync + 'static {
     fn addresses(&self, index: u32) -> impl Future<Output = Result<Vec<(Ipv4Addr, u8)>, NetError>> + Send;
     /// Opens an existing persistent tap; the descriptor carries its traffic.
     fn open_tap(&self, name: &str) -> impl Future<Output = Result<std::os::fd::OwnedFd, NetError>> + Send;
-    fn nat_add(
-        &self,
-        vm: &str,
-        ip: Ipv4Addr,
-        bridge: &str,
-    ) -> impl Future<Output = Result<(), NetError>> + Send;
-    fn nat_remove(&self, vm: &str) -> impl Future<Output = Result<bool, NetError>> + Send;
-    fn nat_list(&self) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
+    /// Installs one guest's rules (replacing its old ones); false when
+    /// they were there already.
+    fn guest_allow(&self, g: &Guest) -> impl Future<Output = Result<bool, NetError>> + Send;
+    /// Removes every rule of `vm`; false when it had none.
+    fn guest_revoke(&self, vm: &str) -> impl Future<Output = Result<bool, NetError>> + Send;
+    /// What each VM with rules holds.
+    fn guest_claims(&self) -> impl Future<Output = Result<Vec<Claim>, NetError>> + Send;
 }
 
 /// The real thing.
@@ -202,16 +201,16 @@ impl NetOps for LinuxNet {
             })?
     }
 
-    async fn nat_add(&self, vm: &str, ip: Ipv4Addr, bridge: &str) -> Result<(), NetError> {
-        nat::add(vm, ip, bridge).await
+    async fn guest_allow(&self, g: &Guest) -> Result<bool, NetError> {
+        firewall::allow(g).await
     }
 
-    async fn nat_remove(&self, vm: &str) -> Result<bool, NetError> {
-        nat::remove(vm).await
+    async fn guest_revoke(&self, vm: &str) -> Result<bool, NetError> {
+        firewall::revoke(vm).await
     }
 
-    async fn nat_list(&self) -> Result<Vec<String>, NetError> {
-        nat::list().await
+    async fn guest_claims(&self) -> Result<Vec<Claim>, NetError> {
+        firewall::claims().await
     }
 
     async fn delete_link(&self, index: u32) -> Result<(), NetError> {

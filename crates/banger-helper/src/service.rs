@@ -1,10 +1,11 @@
 //! The `priv.*` methods: validate, then sequence idempotent effects.
 
 use crate::error::NetError;
+use crate::firewall::{mac_string, Guest};
 use crate::net::{Link, LinkKind, NetOps};
 use crate::validate::{self, Invalid};
 use banger_proto::methods::helper::{
-    self as m, BridgeEnsure, Changed, HelperInfo, LinkName, NatRef, NatRule, NatRules, TapCreate,
+    self as m, BridgeEnsure, Changed, GuestNet, GuestRef, GuestRules, HelperInfo, LinkName, TapCreate,
 };
 use banger_proto::{handler, Router, RpcError, PROTOCOL_VERSION};
 use std::sync::Arc;
@@ -21,11 +22,18 @@ pub struct PrivService<N> {
     net: N,
     /// The one unprivileged uid served (besides root).
     owner_uid: u32,
+    /// Serialises changes to the guests' rules, so that two calls cannot
+    /// both find an address free and both claim it.
+    rules: tokio::sync::Mutex<()>,
 }
 
 impl<N: NetOps> PrivService<N> {
     pub fn new(net: N, owner_uid: u32) -> Self {
-        PrivService { net, owner_uid }
+        PrivService {
+            net,
+            owner_uid,
+            rules: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn ping(&self) -> HelperInfo {
@@ -189,21 +197,31 @@ impl<N: NetOps> PrivService<N> {
         }
     }
 
-    pub async fn nat_add(&self, p: NatRule) -> Result<Changed, RpcError> {
-        validate::vm_tag(&p.vm).map_err(invalid)?;
-        validate::bridge_name(&p.bridge).map_err(invalid)?;
-        let ip = validate::ipv4(&p.guest_ip).map_err(invalid)?;
-        // Only for a guest of an existing banger bridge: a host address of
-        // its subnet, not the network, broadcast or bridge address.
-        let bridge = match self
+    /// Looks up bridge `name`; not found unless it exists and is a bridge.
+    async fn bridge(&self, name: &str) -> Result<Link, RpcError> {
+        match self
             .net
-            .link(&p.bridge)
+            .link(name)
             .await
             .map_err(|e| failed("looking up the bridge", e))?
         {
-            Some(l) if l.kind == LinkKind::Bridge => l,
-            _ => return Err(RpcError::not_found(format!("bridge {} does not exist", p.bridge))),
-        };
+            Some(l) if l.kind == LinkKind::Bridge => Ok(l),
+            _ => Err(RpcError::not_found(format!("bridge {name} does not exist"))),
+        }
+    }
+
+    /// Confines a guest to its tap: only its MAC and address get in, NAT
+    /// and peer traffic only when asked. Everything is checked against the
+    /// host as it is: the bridge exists, the tap is a tap on that bridge,
+    /// the address is a guest address of the bridge's subnet, and no other
+    /// VM's rules hold the tap, the MAC or the address.
+    pub async fn guest_allow(&self, p: GuestNet) -> Result<Changed, RpcError> {
+        validate::vm_tag(&p.vm).map_err(invalid)?;
+        validate::tap_name(&p.tap).map_err(invalid)?;
+        validate::bridge_name(&p.bridge).map_err(invalid)?;
+        let mac = validate::mac(&p.mac).map_err(invalid)?;
+        let ip = validate::ipv4(&p.ip).map_err(invalid)?;
+        let bridge = self.bridge(&p.bridge).await?;
         let subnets = self
             .net
             .addresses(bridge.index)
@@ -215,30 +233,82 @@ impl<N: NetOps> PrivService<N> {
                 p.bridge
             )));
         }
-        self.net
-            .nat_add(&p.vm, ip, &p.bridge)
+        match self
+            .net
+            .link(&p.tap)
             .await
-            .map_err(|e| failed("adding NAT rules", e))?;
-        Ok(Changed { changed: true })
-    }
-
-    pub async fn nat_remove(&self, p: NatRef) -> Result<Changed, RpcError> {
-        validate::vm_tag(&p.vm).map_err(invalid)?;
+            .map_err(|e| failed("looking up the tap", e))?
+        {
+            Some(l) if l.kind == LinkKind::Tap && l.controller == Some(bridge.index) => {}
+            Some(l) if l.kind == LinkKind::Tap => {
+                return Err(RpcError::bad_request(format!(
+                    "tap {} is not attached to bridge {}",
+                    p.tap, p.bridge
+                )))
+            }
+            Some(_) => return Err(RpcError::bad_request(format!("{} is not a tap", p.tap))),
+            None => return Err(RpcError::not_found(format!("tap {} does not exist", p.tap))),
+        }
+        let guest = Guest {
+            vm: p.vm,
+            tap: p.tap,
+            bridge: p.bridge,
+            mac,
+            ip,
+            nat: p.nat,
+            peers: p.peers,
+        };
+        let _g = self.rules.lock().await;
+        let claims = self
+            .net
+            .guest_claims()
+            .await
+            .map_err(|e| failed("reading the guests' rules", e))?;
+        let (mac_s, ip_s) = (mac_string(&mac), ip.to_string());
+        for c in claims.iter().filter(|c| c.vm != guest.vm) {
+            let what = if c.tap.as_deref() == Some(guest.tap.as_str()) {
+                Some(format!("tap {}", guest.tap))
+            } else if c.mac.as_deref() == Some(mac_s.as_str()) {
+                Some(format!("MAC {mac_s}"))
+            } else if c.ip.as_deref() == Some(ip_s.as_str()) {
+                Some(format!("address {ip_s}"))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(RpcError::already_exists(format!(
+                    "{what} belongs to VM {}; not giving it to VM {}",
+                    c.vm, guest.vm
+                )));
+            }
+        }
         let changed = self
             .net
-            .nat_remove(&p.vm)
+            .guest_allow(&guest)
             .await
-            .map_err(|e| failed("removing NAT rules", e))?;
+            .map_err(|e| failed("installing the guest's rules", e))?;
         Ok(Changed { changed })
     }
 
-    pub async fn nat_list(&self) -> Result<NatRules, RpcError> {
-        Ok(NatRules {
-            vms: self
-                .net
-                .nat_list()
-                .await
-                .map_err(|e| failed("listing NAT rules", e))?,
+    pub async fn guest_revoke(&self, p: GuestRef) -> Result<Changed, RpcError> {
+        validate::vm_tag(&p.vm).map_err(invalid)?;
+        let _g = self.rules.lock().await;
+        let changed = self
+            .net
+            .guest_revoke(&p.vm)
+            .await
+            .map_err(|e| failed("removing the guest's rules", e))?;
+        Ok(Changed { changed })
+    }
+
+    pub async fn guest_list(&self) -> Result<GuestRules, RpcError> {
+        let claims = self
+            .net
+            .guest_claims()
+            .await
+            .map_err(|e| failed("listing the guests' rules", e))?;
+        Ok(GuestRules {
+            vms: claims.into_iter().map(|c| c.vm).collect(),
         })
     }
 
@@ -280,14 +350,15 @@ pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
             ctx.attach_fd(svc.tap_open(p).await?);
             Ok(Changed { changed: false })
         }))
-        .method::<m::NatAddM, _, _>(handler!(svc, |_, p| svc.nat_add(p).await))
-        .method::<m::NatRemoveM, _, _>(handler!(svc, |_, p| svc.nat_remove(p).await))
-        .method::<m::NatListM, _, _>(handler!(svc, |_, _| svc.nat_list().await))
+        .method::<m::GuestAllowM, _, _>(handler!(svc, |_, p| svc.guest_allow(p).await))
+        .method::<m::GuestRevokeM, _, _>(handler!(svc, |_, p| svc.guest_revoke(p).await))
+        .method::<m::GuestListM, _, _>(handler!(svc, |_, _| svc.guest_list().await))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::Claim;
     use crate::net::Link;
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
@@ -300,6 +371,7 @@ mod tests {
     struct FakeNetForTests {
         links: Mutex<HashMap<String, Link>>,
         addrs: Mutex<HashMap<u32, Vec<(Ipv4Addr, u8)>>>,
+        guests: Mutex<HashMap<String, Guest>>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -372,15 +444,25 @@ mod tests {
         async fn open_tap(&self, _: &str) -> Result<std::os::fd::OwnedFd, NetError> {
             Ok(std::fs::File::open("/dev/null").unwrap().into())
         }
-        async fn nat_add(&self, vm: &str, _: Ipv4Addr, _: &str) -> Result<(), NetError> {
-            self.calls.lock().unwrap().push(format!("nat_add {vm}"));
-            Ok(())
+        async fn guest_allow(&self, g: &Guest) -> Result<bool, NetError> {
+            self.calls.lock().unwrap().push(format!("guest_allow {}", g.vm));
+            let old = self.guests.lock().unwrap().insert(g.vm.clone(), g.clone());
+            Ok(old.as_ref() != Some(g))
         }
-        async fn nat_remove(&self, _: &str) -> Result<bool, NetError> {
-            Ok(false)
+        async fn guest_revoke(&self, vm: &str) -> Result<bool, NetError> {
+            self.calls.lock().unwrap().push(format!("guest_revoke {vm}"));
+            Ok(self.guests.lock().unwrap().remove(vm).is_some())
         }
-        async fn nat_list(&self) -> Result<Vec<String>, NetError> {
-            Ok(vec![])
+        async fn guest_claims(&self) -> Result<Vec<Claim>, NetError> {
+            let mut v: Vec<Claim> = self
+                .guests
+                .lock()
+                .unwrap()
+                .values()
+                .filter_map(|g| crate::firewall::claim_of(&g.comment()))
+                .collect();
+            v.sort_by(|a, b| a.vm.cmp(&b.vm));
+            Ok(v)
         }
         async fn delete_link(&self, index: u32) -> Result<(), NetError> {
             self.calls.lock().unwrap().push(format!("delete {index}"));
@@ -440,47 +522,181 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn nat_inputs_are_validated_before_any_effect() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
-        let rule = |vm: &str, ip: &str, br: &str| NatRule {
+    fn guest(vm: &str, tap: &str, mac: &str, ip: &str) -> GuestNet {
+        GuestNet {
             vm: vm.into(),
-            guest_ip: ip.into(),
-            bridge: br.into(),
-        };
+            tap: tap.into(),
+            bridge: "banger0".into(),
+            mac: mac.into(),
+            ip: ip.into(),
+            nat: true,
+            peers: false,
+        }
+    }
+
+    fn code(r: Result<Changed, RpcError>) -> banger_proto::ErrorCode {
+        r.unwrap_err().code
+    }
+
+    /// A bridge with 172.30.0.1/24 and the taps `bgta` and `bgtb` on it.
+    async fn with_taps() -> PrivService<FakeNetForTests> {
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        s.bridge_ensure(br("banger0")).await.unwrap();
+        for t in ["bgta", "bgtb"] {
+            let tap = TapCreate {
+                name: t.into(),
+                bridge: Some("banger0".into()),
+                owner_uid: None,
+            };
+            s.tap_create(tap, 0).await.unwrap();
+        }
+        s
+    }
+
+    fn guest_calls(s: &PrivService<FakeNetForTests>) -> Vec<String> {
+        s.net
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("guest_"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn guest_inputs_are_validated_before_any_effect() {
+        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let good = || guest("ab12", "bgta", "52:54:00:ab:12:00", "172.30.0.5");
         for bad in [
-            rule("ab12", "172.30.0.5; flush ruleset", "banger0"),
-            rule("ab12", "172.30.0.5", "eth0"),
-            rule("AB\"; drop", "172.30.0.5", "banger0"),
-            rule("ab12", "127.0.0.1", "banger0"),
+            GuestNet {
+                ip: "172.30.0.5; flush ruleset".into(),
+                ..good()
+            },
+            GuestNet {
+                bridge: "eth0".into(),
+                ..good()
+            },
+            GuestNet {
+                tap: "eth0".into(),
+                ..good()
+            },
+            GuestNet {
+                vm: "AB\"; drop".into(),
+                ..good()
+            },
+            GuestNet {
+                ip: "127.0.0.1".into(),
+                ..good()
+            },
+            GuestNet {
+                mac: "ff:ff:ff:ff:ff:ff".into(),
+                ..good()
+            },
+            GuestNet {
+                mac: "52:54:00:ab:12:00\" accept".into(),
+                ..good()
+            },
         ] {
             assert_eq!(
-                s.nat_add(bad).await.unwrap_err().code,
+                code(s.guest_allow(bad).await),
                 banger_proto::ErrorCode::BadRequest
             );
         }
         assert!(s.net.calls().is_empty());
         // No such bridge; then a bridge, and guests outside its subnet.
         assert_eq!(
-            s.nat_add(rule("ab12", "172.30.0.5", "banger0"))
-                .await
-                .unwrap_err()
-                .code,
+            code(s.guest_allow(good()).await),
             banger_proto::ErrorCode::NotFound
         );
-        s.bridge_ensure(br("banger0")).await.unwrap();
-        for ip in ["8.8.8.8", "172.30.0.0", "172.30.0.255", "172.30.0.1"] {
+        let s = with_taps().await;
+        for ip in [
+            "8.8.8.8",
+            "172.30.0.0",
+            "172.30.0.255",
+            "172.30.0.1",
+            "172.30.1.5",
+        ] {
+            let g = GuestNet {
+                ip: ip.into(),
+                ..good()
+            };
             assert_eq!(
-                s.nat_add(rule("ab12", ip, "banger0")).await.unwrap_err().code,
+                code(s.guest_allow(g).await),
                 banger_proto::ErrorCode::BadRequest,
                 "{ip}"
             );
         }
-        s.nat_add(rule("ab12", "172.30.0.5", "banger0")).await.unwrap();
+        // A tap that does not exist, or is not on this bridge.
+        let g = GuestNet {
+            tap: "bgtnone".into(),
+            ..good()
+        };
+        assert_eq!(code(s.guest_allow(g).await), banger_proto::ErrorCode::NotFound);
+        s.net.add("bgtloose", LinkKind::Tap);
+        let g = GuestNet {
+            tap: "bgtloose".into(),
+            ..good()
+        };
+        assert_eq!(code(s.guest_allow(g).await), banger_proto::ErrorCode::BadRequest);
+        s.net.add("bgtveth", LinkKind::Other);
+        let g = GuestNet {
+            tap: "bgtveth".into(),
+            ..good()
+        };
+        assert_eq!(code(s.guest_allow(g).await), banger_proto::ErrorCode::BadRequest);
+        assert!(guest_calls(&s).is_empty(), "{:?}", s.net.calls());
+        assert!(s.guest_allow(good()).await.unwrap().changed);
+        assert_eq!(guest_calls(&s), ["guest_allow ab12"]);
+    }
+
+    #[tokio::test]
+    async fn no_two_vms_hold_the_same_tap_mac_or_address() {
+        let s = with_taps().await;
+        let a = guest("aaaa", "bgta", "52:54:00:aa:aa:00", "172.30.0.2");
+        assert!(s.guest_allow(a.clone()).await.unwrap().changed);
         assert!(
-            s.net.calls().ends_with(&["nat_add ab12".to_string()]),
-            "{:?}",
-            s.net.calls()
+            !s.guest_allow(a.clone()).await.unwrap().changed,
+            "same rules twice"
+        );
+        for (what, b) in [
+            (
+                "address",
+                guest("bbbb", "bgtb", "52:54:00:bb:bb:00", "172.30.0.2"),
+            ),
+            ("MAC", guest("bbbb", "bgtb", "52:54:00:aa:aa:00", "172.30.0.3")),
+            ("tap", guest("bbbb", "bgta", "52:54:00:bb:bb:00", "172.30.0.3")),
+        ] {
+            let e = s.guest_allow(b).await.unwrap_err();
+            assert_eq!(e.code, banger_proto::ErrorCode::AlreadyExists, "{what}");
+            assert!(
+                e.message.contains(what) && e.message.contains("aaaa"),
+                "{}",
+                e.message
+            );
+        }
+        // The same VM may change its own rules (NAT off), and once its
+        // rules are gone its address is free for another.
+        let a_no_nat = GuestNet { nat: false, ..a };
+        assert!(s.guest_allow(a_no_nat).await.unwrap().changed);
+        assert!(
+            s.guest_revoke(GuestRef { vm: "aaaa".into() })
+                .await
+                .unwrap()
+                .changed
+        );
+        assert!(
+            !s.guest_revoke(GuestRef { vm: "aaaa".into() })
+                .await
+                .unwrap()
+                .changed
+        );
+        let b = guest("bbbb", "bgtb", "52:54:00:bb:bb:00", "172.30.0.2");
+        assert!(s.guest_allow(b).await.unwrap().changed);
+        assert_eq!(s.guest_list().await.unwrap().vms, ["bbbb"]);
+        assert_eq!(
+            s.guest_revoke(GuestRef { vm: "x;y".into() })
+                .await
+                .unwrap_err()
+                .code,
+            banger_proto::ErrorCode::BadRequest
         );
     }
 

@@ -23,6 +23,8 @@ pub enum Invalid {
         "address {0:?} must be an IPv4 address with a prefix length between 8 and 30, e.g. 172.30.0.1/24"
     )]
     Address(String),
+    #[error("MAC {0:?} must be six hex octets like 52:54:00:12:34:56, unicast and not all zero")]
+    Mac(String),
 }
 
 fn ifname(name: &str) -> Result<(), Invalid> {
@@ -77,7 +79,6 @@ pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
     Ok((ip, len))
 }
 
-/// A VM tag for NAT rules: 1-16 characters of [a-z0-9].
 /// A bridge address: a host address (not the network or broadcast
 /// address) in a private range (RFC 1918), with a prefix of 16-30.
 /// Loopback, link-local and public ranges would put guests next to things
@@ -114,6 +115,7 @@ pub fn guest_in_subnet(guest: Ipv4Addr, bridge: (Ipv4Addr, u8)) -> bool {
     gnet == net && guest != net && guest != bcast && guest != bridge.0
 }
 
+/// A VM's tag on its rules: 1-16 characters of [a-z0-9].
 pub fn vm_tag(tag: &str) -> Result<(), Invalid> {
     if !tag.is_empty() && tag.len() <= 16 && tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
@@ -130,6 +132,26 @@ pub fn ipv4(s: &str) -> Result<Ipv4Addr, Invalid> {
         return Err(Invalid::Address(s.to_string()));
     }
     Ok(ip)
+}
+
+/// A guest's MAC: `aa:bb:cc:dd:ee:ff` (lowercase or uppercase hex), a
+/// unicast address other than all zeros. A multicast or broadcast source
+/// would let one tap's rules match frames meant for everyone.
+pub fn mac(s: &str) -> Result<[u8; 6], Invalid> {
+    let bad = || Invalid::Mac(s.to_string());
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for o in out.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || out[0] & 1 == 1 || out == [0; 6] {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -194,6 +216,33 @@ mod tests {
         assert!(bridge_name("banger0").is_ok());
         assert!(tap_name("bgt0a1b2c3d").is_ok());
         assert!(tap_name("banger0").is_err(), "a bridge name is not a tap name");
+    }
+
+    #[test]
+    fn macs_are_unicast_and_well_formed() {
+        assert_eq!(
+            mac("52:54:00:a1:b2:c3").unwrap(),
+            [0x52, 0x54, 0, 0xa1, 0xb2, 0xc3]
+        );
+        assert_eq!(
+            mac("52:54:00:A1:B2:C3").unwrap(),
+            [0x52, 0x54, 0, 0xa1, 0xb2, 0xc3]
+        );
+        for bad in [
+            "",
+            "52:54:00:a1:b2",
+            "52:54:00:a1:b2:c3:d4",
+            "52:54:00:a1:b2:c",
+            "52:54:00:a1:b2:c3 ",
+            "52-54-00-a1-b2-c3",
+            "52:54:00:a1:b2:+3",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "52:54:00:a1:b2:c3\"; flush ruleset",
+        ] {
+            assert!(mac(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

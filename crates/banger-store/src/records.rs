@@ -41,6 +41,10 @@ pub struct VmSpec {
     pub vmm: String,
     #[serde(default)]
     pub nat: bool,
+    /// May exchange traffic with other VMs that have `peers` too; guests
+    /// are isolated from each other otherwise.
+    #[serde(default)]
+    pub peers: bool,
     /// A tap on banger's bridge, a static address, and `<name>.vm` in DNS.
     #[serde(default = "yes")]
     pub network: bool,

@@ -24,6 +24,7 @@ fn vm(name: &str) -> VmRecord {
             work_disk_bytes: 1 << 30,
             vmm: "qemu".into(),
             nat: false,
+            peers: false,
             network: false,
         },
         runtime: VmRuntime::default(),

@@ -155,6 +155,14 @@ fn envelope_cases(method: &str) -> Vec<Case> {
     v
 }
 
+/// A MAC the helper accepts, for cases that aim at another field.
+const GOOD_MAC: &str = "52:54:00:c0:7b:05";
+
+/// `priv.guest.allow` params.
+fn guest(vm: &str, tap: &str, mac: &str, ip: &str, bridge: &str) -> Value {
+    json!({"vm": vm, "tap": tap, "bridge": bridge, "mac": mac, "ip": ip, "nat": true})
+}
+
 fn helper_cases() -> Vec<Case> {
     let mut v = envelope_cases("priv.ping");
     for name in bad_names() {
@@ -183,14 +191,20 @@ fn helper_cases() -> Vec<Case> {
             BAD,
         ));
         v.push(case(
-            format!("nat vm {name:?}"),
-            "priv.nat.add",
-            json!({"vm": name, "guest_ip": "172.30.0.9", "bridge": "banger0"}),
+            format!("guest vm {name:?}"),
+            "priv.guest.allow",
+            guest(&name, "bgtcorpus", GOOD_MAC, "172.30.0.9", "banger0"),
             BAD,
         ));
         v.push(case(
-            format!("nat remove {name:?}"),
-            "priv.nat.remove",
+            format!("guest tap {name:?}"),
+            "priv.guest.allow",
+            guest("corpusvm", &name, GOOD_MAC, "172.30.0.9", "banger0"),
+            BAD,
+        ));
+        v.push(case(
+            format!("guest revoke {name:?}"),
+            "priv.guest.revoke",
             json!({"vm": name}),
             BAD,
         ));
@@ -274,17 +288,37 @@ fn helper_cases() -> Vec<Case> {
         "1e3",
     ] {
         v.push(case(
-            format!("nat guest {ip:?}"),
-            "priv.nat.add",
-            json!({"vm": "corpusvm", "guest_ip": ip, "bridge": "banger0"}),
+            format!("guest ip {ip:?}"),
+            "priv.guest.allow",
+            guest("corpusvm", "bgtcorpus", GOOD_MAC, ip, "banger0"),
+            BAD,
+        ));
+    }
+    for mac in [
+        "ff:ff:ff:ff:ff:ff",
+        "01:00:5e:00:00:01",
+        "00:00:00:00:00:00",
+        "52:54:00:12:34",
+        "52:54:00:12:34:56:78",
+        "52-54-00-12-34-56",
+        "52:54:00:12:34:5g",
+        "52:54:00:12:34:+6",
+        "52:54:00:12:34:56 ",
+        "52:54:00:12:34:56\" accept",
+        "",
+    ] {
+        v.push(case(
+            format!("guest mac {mac:?}"),
+            "priv.guest.allow",
+            guest("corpusvm", "bgtcorpus", mac, "172.30.0.9", "banger0"),
             BAD,
         ));
     }
     for bridge in ["bangernope", "banger9"] {
         v.push(case(
-            format!("nat on missing bridge {bridge}"),
-            "priv.nat.add",
-            json!({"vm": "corpusvm", "guest_ip": "172.30.0.9", "bridge": bridge}),
+            format!("guest on missing bridge {bridge}"),
+            "priv.guest.allow",
+            guest("corpusvm", "bgtcorpus", GOOD_MAC, "172.30.0.9", bridge),
             MISSING,
         ));
         v.push(case(
@@ -321,7 +355,7 @@ fn helper_cases() -> Vec<Case> {
         ("priv.tap.create", "name"),
         ("priv.tap.delete", "name"),
         ("priv.tap.open", "name"),
-        ("priv.nat.remove", "vm"),
+        ("priv.guest.revoke", "vm"),
     ] {
         for p in wrong_shapes(field) {
             v.push(case(format!("{method} params {p}"), method, p, BAD));
@@ -331,9 +365,16 @@ fn helper_cases() -> Vec<Case> {
         json!([]),
         json!("x"),
         json!({"vm": "a"}),
-        json!({"vm": "a", "guest_ip": 1, "bridge": "banger0"}),
+        json!({"vm": "a", "tap": "bgtcorpus", "bridge": "banger0", "mac": GOOD_MAC, "ip": 1}),
+        json!({"vm": "a", "tap": "bgtcorpus", "bridge": "banger0", "mac": GOOD_MAC, "ip": "172.30.0.9", "nat": "yes"}),
+        json!({"vm": "a", "tap": "bgtcorpus", "bridge": "banger0", "mac": [82, 84, 0, 1, 2, 3], "ip": "172.30.0.9"}),
     ] {
-        v.push(case(format!("nat.add params {p}"), "priv.nat.add", p, BAD));
+        v.push(case(
+            format!("guest.allow params {p}"),
+            "priv.guest.allow",
+            p,
+            BAD,
+        ));
     }
     v
 }
@@ -710,7 +751,7 @@ fn the_helper_refuses_the_whole_corpus_as_root_owner_and_stranger_and_changes_no
     let env = Env::new();
     let sock = env.helper_socket();
     let helper = env.helper_pid();
-    // The one legitimate bridge the NAT cases aim at.
+    // The one legitimate bridge the guest-rule cases aim at.
     let made = helper_call(
         &sock,
         "priv.bridge.ensure",
@@ -752,7 +793,7 @@ fn the_helper_refuses_the_whole_corpus_as_root_owner_and_stranger_and_changes_no
     for (c, a) in as_owner.iter().zip(&answers) {
         // That helper has no banger0: a well-formed guest address is
         // refused for the missing bridge before its subnet is checked.
-        let c = if c.label.starts_with("nat guest") {
+        let c = if c.label.starts_with("guest ip") {
             &Case {
                 label: c.label.clone(),
                 frame: Vec::new(),

@@ -226,11 +226,13 @@ fn the_helper_validates_addresses_against_the_bridge() {
         );
         assert!(!ok && err.contains("bad_request"), "{bad}: {err}");
     }
-    // NAT on a bridge that does not exist.
-    let (ok, err) = call(
-        "priv.nat.add",
-        r#"{"vm":"ab12","guest_ip":"172.30.0.5","bridge":"banger0"}"#,
-    );
+    // Guest rules (NAT) on a bridge that does not exist.
+    let guest = |ip: &str| {
+        format!(
+            r#"{{"vm":"ab12","tap":"bgtab12","bridge":"banger0","mac":"52:54:00:ab:12:00","ip":"{ip}","nat":true}}"#
+        )
+    };
+    let (ok, err) = call("priv.guest.allow", &guest("172.30.0.5"));
     assert!(!ok && err.contains("not_found"), "{err}");
     let (ok, err) = call(
         "priv.bridge.ensure",
@@ -249,12 +251,9 @@ fn the_helper_validates_addresses_against_the_bridge() {
     .lines()
     .count();
     assert_eq!(addrs, 1, "addresses pile up on the bridge");
-    for guest in ["8.8.8.8", "172.30.0.0", "172.30.0.255", "172.30.0.1"] {
-        let (ok, err) = call(
-            "priv.nat.add",
-            &format!(r#"{{"vm":"ab12","guest_ip":"{guest}","bridge":"banger0"}}"#),
-        );
-        assert!(!ok && err.contains("bad_request"), "NAT for {guest}: {err}");
+    for guest_ip in ["8.8.8.8", "172.30.0.0", "172.30.0.255", "172.30.0.1"] {
+        let (ok, err) = call("priv.guest.allow", &guest(guest_ip));
+        assert!(!ok && err.contains("bad_request"), "NAT for {guest_ip}: {err}");
     }
     let rules = env.in_helper_ns("nft", &["list", "ruleset"]);
     assert!(

@@ -142,28 +142,48 @@ impl NetworkService {
         Ok(())
     }
 
-    pub async fn nat_add(&self, op: &OpId, vm: &str, ip: std::net::Ipv4Addr) -> Result<(), NetworkError> {
-        let rule = m::NatRule {
-            vm: vm.to_string(),
-            guest_ip: ip.to_string(),
+    /// Confines the guest on `tap` to its MAC and address, with NAT and
+    /// traffic to other `peers` guests only when asked. Installed before
+    /// the VMM starts: until then the tap drops everything.
+    pub async fn guest_allow(&self, op: &OpId, guest: &GuestNet) -> Result<(), NetworkError> {
+        let params = m::GuestNet {
+            vm: guest.vm.clone(),
+            tap: guest.tap.clone(),
             bridge: self.bridge.clone(),
+            mac: guest.mac.clone(),
+            ip: guest.ip.to_string(),
+            nat: guest.nat,
+            peers: guest.peers,
         };
-        self.helper.call::<m::NatAddM>(op, &rule).await?;
+        self.helper.call::<m::GuestAllowM>(op, &params).await?;
         Ok(())
     }
 
-    pub async fn nat_remove(&self, op: &OpId, vm: &str) -> Result<(), NetworkError> {
+    /// Removes every rule of VM `vm` (anti-spoofing, NAT, peers).
+    pub async fn guest_revoke(&self, op: &OpId, vm: &str) -> Result<(), NetworkError> {
         self.helper
-            .call::<m::NatRemoveM>(op, &m::NatRef { vm: vm.to_string() })
+            .call::<m::GuestRevokeM>(op, &m::GuestRef { vm: vm.to_string() })
             .await?;
         Ok(())
     }
 
-    pub async fn nat_list(&self, op: &OpId) -> Result<Vec<String>, NetworkError> {
+    /// The VMs that have rules.
+    pub async fn guest_list(&self, op: &OpId) -> Result<Vec<String>, NetworkError> {
         Ok(self
             .helper
-            .call::<m::NatListM>(op, &Default::default())
+            .call::<m::GuestListM>(op, &Default::default())
             .await?
             .vms)
     }
+}
+
+/// What the helper's rules let one guest do, bridge aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    pub vm: String,
+    pub tap: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub nat: bool,
+    pub peers: bool,
 }

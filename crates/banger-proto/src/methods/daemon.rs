@@ -73,6 +73,10 @@ pub struct VmCreate {
     /// Outbound network access through NAT.
     #[serde(default)]
     pub nat: bool,
+    /// Traffic with other VMs created with `peers` (off: guests cannot
+    /// reach each other).
+    #[serde(default)]
+    pub peers: bool,
     /// No tap, no address: the guest is reachable over vsock only.
     #[serde(default)]
     pub no_network: bool,

@@ -57,21 +57,33 @@ method!(
     TapDeleteM = "priv.tap.delete", LinkName => Changed
 );
 
+/// One guest's place on the bridge, as the helper's rules enforce it: the
+/// tap it is plugged into, the only MAC and IPv4 address that tap accepts,
+/// and what the guest may reach beyond the host's DNS.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NatRule {
-    /// The VM's tag (its short id): rules are found and removed by it.
+pub struct GuestNet {
+    /// The VM's tag (its id): its rules are found and removed by it.
     pub vm: String,
-    pub guest_ip: String,
+    pub tap: String,
     pub bridge: String,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub ip: String,
+    /// Outbound access through NAT.
+    #[serde(default)]
+    pub nat: bool,
+    /// Traffic with other guests that have `peers` too.
+    #[serde(default)]
+    pub peers: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NatRef {
+pub struct GuestRef {
     pub vm: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NatRules {
+pub struct GuestRules {
     /// Tags of the VMs that have rules.
     pub vms: Vec<String>,
 }
@@ -81,14 +93,15 @@ method!(
     TapOpenM = "priv.tap.open", LinkName => Changed
 );
 method!(
-    /// Adds outbound NAT for one guest address (nftables, banger's own table).
-    NatAddM = "priv.nat.add", NatRule => Changed
+    /// Installs one guest's rules (anti-spoofing on its tap, NAT and peer
+    /// traffic when asked), replacing any it had.
+    GuestAllowM = "priv.guest.allow", GuestNet => Changed
 );
 method!(
-    /// Removes every NAT rule of one VM.
-    NatRemoveM = "priv.nat.remove", NatRef => Changed
+    /// Removes every rule of one VM.
+    GuestRevokeM = "priv.guest.revoke", GuestRef => Changed
 );
 method!(
-    /// Lists the VMs that have NAT rules.
-    NatListM = "priv.nat.list", Empty => NatRules
+    /// Lists the VMs that have rules.
+    GuestListM = "priv.guest.list", Empty => GuestRules
 );

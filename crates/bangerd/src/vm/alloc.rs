@@ -1,11 +1,13 @@
 //! Identity handed to a new VM: its id, vsock CID, tap name, MAC, the
-//! addresses already taken, and the runtime record with its paths.
+//! addresses already taken, the runtime record with its paths, and what
+//! its tap's rules must say.
 //!
 //! Pure: the caller supplies the randomness and the existing records (read
 //! under the creation lock), and the address lease itself stays with
 //! `NetworkService`. That keeps the rules (CIDs above the reserved ones,
 //! tap names the helper accepts, stable MACs) testable on their own.
 
+use crate::network::GuestNet;
 use banger_store::{VmRecord, VmRuntime, VmState};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -42,6 +44,20 @@ pub fn mac_for(id: &str) -> String {
         hex(h(2), h(3)),
         hex(h(4), h(5))
     )
+}
+
+/// What the helper's rules must enforce on `vm`'s tap: its MAC and
+/// address, NAT and peers as its spec says. `None` without a tap or an
+/// address.
+pub fn guest_net(vm: &VmRecord) -> Option<GuestNet> {
+    Some(GuestNet {
+        vm: vm.id.clone(),
+        tap: vm.runtime.tap.clone()?,
+        mac: mac_for(&vm.id),
+        ip: vm.runtime.guest_ip.as_deref().and_then(address_of)?,
+        nat: vm.spec.nat,
+        peers: vm.spec.peers,
+    })
 }
 
 /// The address of a recorded `ip/prefix`.
@@ -142,6 +158,7 @@ mod tests {
                 work_disk_bytes: 64 << 20,
                 vmm: "qemu".into(),
                 nat: false,
+                peers: false,
                 network: ip.is_some(),
             },
             runtime: VmRuntime {
@@ -152,6 +169,43 @@ mod tests {
         };
         let used = used_addresses(&[rec(Some("10.0.0.2/24")), rec(None), rec(Some("10.0.0.9/24"))]);
         assert_eq!(used, [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 9)]);
+    }
+
+    #[test]
+    fn a_guests_rules_follow_its_record() {
+        let mut vm = VmRecord {
+            id: "a1b2c3d4e5f60718".into(),
+            name: "x".into(),
+            spec: banger_store::VmSpec {
+                image: "default".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                work_disk_bytes: 64 << 20,
+                vmm: "qemu".into(),
+                nat: true,
+                peers: false,
+                network: true,
+            },
+            runtime: VmRuntime {
+                guest_ip: Some("10.0.0.7/24".into()),
+                tap: Some("bgta1b2c3d4".into()),
+                ..Default::default()
+            },
+            created_at: String::new(),
+        };
+        assert_eq!(
+            guest_net(&vm),
+            Some(GuestNet {
+                vm: "a1b2c3d4e5f60718".into(),
+                tap: "bgta1b2c3d4".into(),
+                mac: "52:54:00:a1:b2:c3".into(),
+                ip: Ipv4Addr::new(10, 0, 0, 7),
+                nat: true,
+                peers: false,
+            })
+        );
+        vm.runtime.tap = None;
+        assert_eq!(guest_net(&vm), None, "no tap, no rules");
     }
 
     #[test]

@@ -120,12 +120,12 @@ impl VmService {
                 fd,
                 mac: mac_for(&vm.id),
             });
-            if vm.spec.nat {
-                if let Some(ip) = vm.runtime.guest_ip.as_deref().and_then(alloc::address_of) {
-                    if let Err(e) = self.network.nat_add(op, &vm.id, ip).await {
-                        self.teardown(vm, None).await;
-                        return Err((e.into(), false));
-                    }
+            // The tap drops every frame until the guest's rules are in:
+            // only its MAC and address, NAT and peers as the spec says.
+            if let Some(g) = alloc::guest_net(vm) {
+                if let Err(e) = self.network.guest_allow(op, &g).await {
+                    self.teardown(vm, None).await;
+                    return Err((e.into(), false));
                 }
             }
         }

@@ -80,6 +80,14 @@ impl VmService {
                     Some(h) if process::alive(h.launched.pid, &vm.runtime.vm_dir) => {
                         tracing::info!(vm = %vm.name, pid = h.launched.pid, "reconcile: adopted running VM");
                         self.handles.locked().insert(vm.id.clone(), h);
+                        // Its rules are normally still there (nothing to
+                        // do); a guest started by an older banger, or whose
+                        // rules were flushed, is confined again.
+                        if let Some(g) = super::alloc::guest_net(&vm) {
+                            if let Err(e) = self.network.guest_allow(&super::current_op(), &g).await {
+                                tracing::warn!(vm = %vm.name, error = %e, "reconcile: could not install the guest's rules");
+                            }
+                        }
                         adopted += 1;
                     }
                     h => {
@@ -122,7 +130,7 @@ impl VmService {
                 }
             }
         }
-        self.sweep_nat().await;
+        self.sweep_guest_rules().await;
         tracing::info!(adopted, cleaned, "reconcile finished");
     }
 }

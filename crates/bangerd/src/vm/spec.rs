@@ -68,6 +68,11 @@ pub fn validate(
     if p.nat && p.no_network {
         return Err(RpcError::bad_request("--nat needs networking: drop --no-network"));
     }
+    if p.peers && p.no_network {
+        return Err(RpcError::bad_request(
+            "--peers needs networking: drop --no-network",
+        ));
+    }
     Ok(CreateRequest {
         name,
         spec: VmSpec {
@@ -77,6 +82,7 @@ pub fn validate(
             work_disk_bytes,
             vmm: vmm.as_str().to_string(),
             nat: p.nat,
+            peers: p.peers,
             network: !p.no_network,
         },
     })
@@ -134,6 +140,7 @@ mod tests {
                 work_disk_bytes: 8192 << 20,
                 vmm: "qemu".into(),
                 nat: false,
+                peers: false,
                 network: true,
             }
         );
@@ -155,13 +162,14 @@ mod tests {
             memory_mib: Some(128),
             work_disk_mib: Some(64),
             nat: true,
+            peers: true,
             ..Default::default()
         })
         .unwrap();
         assert_eq!(r.spec.image, "mine");
         assert_eq!((r.spec.vcpus, r.spec.memory_mib), (32, 128));
         assert_eq!(r.spec.work_disk_bytes, 64 << 20);
-        assert!(r.spec.nat && r.spec.network);
+        assert!(r.spec.nat && r.spec.peers && r.spec.network);
         let r = check(VmCreate {
             no_network: true,
             ..Default::default()
@@ -245,6 +253,14 @@ mod tests {
                 ..Default::default()
             },
             "--nat needs networking",
+        );
+        refused(
+            VmCreate {
+                peers: true,
+                no_network: true,
+                ..Default::default()
+            },
+            "--peers needs networking",
         );
     }
 }

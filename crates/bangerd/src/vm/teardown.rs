@@ -1,6 +1,6 @@
 //! Teardown: the one way a VM's host resources go away (every process
-//! naming its directory, its sockets, `handles.json`, its tap and NAT
-//! rules), and the sweep of NAT rules leaked by a crash.
+//! naming its directory, its sockets, `handles.json`, its tap and its
+//! rules), and the sweep of guest rules leaked by a crash.
 //!
 //! Shared by failed starts, stop, delete, reconcile and the watcher, so
 //! cleanup is written once and is safe to repeat.
@@ -51,18 +51,19 @@ impl VmService {
         }
         handles::remove(dir);
         self.handles.locked().remove(&vm.id);
-        // Host network resources: the tap, and NAT rules (looked up by tag,
-        // so a crash between adding and recording them cannot leak one).
+        // Host network resources: the tap, and the guest's rules (looked up
+        // by tag, so a crash between adding and recording them cannot leak
+        // one).
         // A failure is remembered and retried by the watcher: a helper
         // that died mid-call must not leak a tap for good.
         let mut network_clean = true;
         if let Some(tap) = &vm.runtime.tap {
             let op = current_op();
-            if vm.spec.nat {
-                if let Err(e) = self.network.nat_remove(&op, &vm.id).await {
-                    tracing::warn!(vm = %vm.name, error = %e, "could not remove NAT rules; will retry");
-                    network_clean = false;
-                }
+            // Every VM with a tap has rules (anti-spoofing at least), NAT
+            // or not.
+            if let Err(e) = self.network.guest_revoke(&op, &vm.id).await {
+                tracing::warn!(vm = %vm.name, error = %e, "could not remove the guest's rules; will retry");
+                network_clean = false;
             }
             if let Err(e) = self.network.detach(&op, tap).await {
                 tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not delete the tap; will retry");
@@ -113,13 +114,13 @@ impl VmService {
         }
     }
 
-    /// Removes NAT rules whose VM is not running (after a crash).
-    pub async fn sweep_nat(&self) {
+    /// Removes the rules of VMs that are not running (left by a crash).
+    pub async fn sweep_guest_rules(&self) {
         let op = current_op();
-        let tags = match self.network.nat_list(&op).await {
+        let tags = match self.network.guest_list(&op).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::debug!(error = %e, "NAT sweep skipped");
+                tracing::debug!(error = %e, "sweep of guest rules skipped");
                 return;
             }
         };
@@ -131,8 +132,8 @@ impl VmService {
                 .flatten()
                 .is_some_and(|v| self.is_alive(&v));
             if !running {
-                tracing::warn!(vm = %tag, "removing leaked NAT rules");
-                let _ = self.network.nat_remove(&op, &tag).await;
+                tracing::warn!(vm = %tag, "removing leaked guest rules");
+                let _ = self.network.guest_revoke(&op, &tag).await;
             }
         }
     }
