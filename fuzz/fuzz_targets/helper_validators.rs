@@ -27,6 +27,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(ip.to_string(), s);
         assert!(!ip.is_loopback() && !ip.is_multicast() && !ip.is_broadcast() && !ip.is_unspecified());
     }
+    if let Ok(m) = validate::mac(s) {
+        let again = m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        assert_eq!(again, s.to_ascii_lowercase());
+        assert!(m[0] & 1 == 0 && m != [0; 6]);
+    }
     let _ = validate::ipv4_cidr(s);
     if let Ok((ip, len)) = validate::bridge_cidr(s) {
         assert_eq!(format!("{ip}/{len}"), s);

@@ -39,8 +39,8 @@ fuzz_target!(|data: &[u8]| {
         helper::BridgeEnsure,
         helper::TapCreate,
         helper::LinkName,
-        helper::NatRule,
-        helper::NatRef,
+        helper::GuestNet,
+        helper::GuestRef,
         agent::ExecRequest,
         agent::Seed
     );

@@ -3,7 +3,7 @@
 //! they never panic, whatever a caller sends.
 
 use banger_helper::validate::{
-    bridge_cidr, bridge_name, guest_in_subnet, ipv4, ipv4_cidr, network_and_broadcast, tap_name, vm_tag,
+    bridge_cidr, bridge_name, guest_in_subnet, ipv4, ipv4_cidr, mac, network_and_broadcast, tap_name, vm_tag,
 };
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
@@ -39,6 +39,15 @@ proptest! {
             prop_assert!((16..=30).contains(&len));
             let (net, bcast) = network_and_broadcast(ip, len);
             prop_assert!(ip != net && ip != bcast);
+        }
+    }
+
+    #[test]
+    fn macs_accepted_are_unicast_and_not_zero(s in "[0-9a-fA-F:]{0,20}|([0-9a-f]{2}:){5}[0-9a-f]{2}") {
+        if let Ok(m) = mac(&s) {
+            let again = m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            prop_assert_eq!(again, s.to_ascii_lowercase());
+            prop_assert!(m[0] & 1 == 0 && m != [0; 6]);
         }
     }
 

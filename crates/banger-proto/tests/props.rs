@@ -6,7 +6,7 @@
 use banger_proto::frame::{decode_request, read_frame};
 use banger_proto::methods::agent::{ExecRequest, ExitStatus, Seed};
 use banger_proto::methods::daemon::{ImageImport, VmCreate, VmExec};
-use banger_proto::methods::helper::{BridgeEnsure, NatRule, TapCreate};
+use banger_proto::methods::helper::{BridgeEnsure, GuestNet, TapCreate};
 use banger_proto::server::decode_params;
 use banger_proto::{Frame, OpId, Request, MAX_FRAME_BYTES};
 use proptest::prelude::*;
@@ -113,7 +113,7 @@ proptest! {
                 }
             )*};
         }
-        all!(VmCreate, VmExec, ImageImport, ExecRequest, Seed, TapCreate, BridgeEnsure, NatRule);
+        all!(VmCreate, VmExec, ImageImport, ExecRequest, Seed, TapCreate, BridgeEnsure, GuestNet);
         // Anything but an object (or nothing) is refused outright.
         if !matches!(v, Value::Object(_) | Value::Null) {
             prop_assert!(decode_params::<VmCreate>(v.clone()).is_err());
