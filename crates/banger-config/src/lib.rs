@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub default_work_disk_mib: Option<u64>,
     pub dns_listen: Option<String>,
     pub console_log_max_kib: Option<u64>,
+    pub jailer: Option<PathBuf>,
+    pub jailer_uid_base: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +56,10 @@ pub struct Config {
     pub dns_listen: String,
     /// Disk a VM's console log may use (KiB); older output is dropped.
     pub console_log_max_kib: u64,
+    /// Firecracker's jailer: when set, every Firecracker VM runs under it.
+    pub jailer: Option<PathBuf>,
+    /// A jailed VM runs as uid and gid `jailer_uid_base + its vsock CID`.
+    pub jailer_uid_base: u32,
 }
 
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
@@ -143,6 +149,18 @@ impl Config {
                 .or(fc.console_log_max_kib)
                 .unwrap_or(16 * 1024)
                 .max(64),
+            jailer: env_path("BANGER_JAILER").or(fc.jailer),
+            jailer_uid_base: {
+                let base = fc.jailer_uid_base.unwrap_or(200_000);
+                // Clear of system and ordinary users, with room for every CID.
+                if !(100_000..=u32::MAX - (1 << 24)).contains(&base) {
+                    return Err(ConfigError::Invalid(format!(
+                        "jailer_uid_base must be between 100000 and {}, not {base}",
+                        u32::MAX - (1 << 24)
+                    )));
+                }
+                base
+            },
             state_dir,
         })
     }

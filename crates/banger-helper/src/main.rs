@@ -75,7 +75,7 @@ async fn serve(socket: PathBuf, owner_uid: u32, log_file: Option<PathBuf>) -> Re
     std::os::unix::fs::chown(&socket, Some(owner_uid), None)
         .with_context(|| format!("giving {} to uid {owner_uid}", socket.display()))?;
     let net = LinuxNet::new()?;
-    let router = Arc::new(router(Arc::new(PrivService::new(net, owner_uid)), owner_uid));
+    let router = Arc::new(router(Arc::new(PrivService::new(net)), owner_uid));
     let shutdown = CancellationToken::new();
     banger_proto::server::cancel_on_signals(shutdown.clone());
     tracing::info!(socket = %socket.display(), owner_uid, pid = std::process::id(), "helper listening");

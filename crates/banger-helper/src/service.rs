@@ -20,18 +20,15 @@ fn failed(what: &str, e: NetError) -> RpcError {
 
 pub struct PrivService<N> {
     net: N,
-    /// The one unprivileged uid served (besides root).
-    owner_uid: u32,
     /// Serialises changes to the guests' rules, so that two calls cannot
     /// both find an address free and both claim it.
     rules: tokio::sync::Mutex<()>,
 }
 
 impl<N: NetOps> PrivService<N> {
-    pub fn new(net: N, owner_uid: u32) -> Self {
+    pub fn new(net: N) -> Self {
         PrivService {
             net,
-            owner_uid,
             rules: tokio::sync::Mutex::new(()),
         }
     }
@@ -135,13 +132,15 @@ impl<N: NetOps> PrivService<N> {
         Ok(Changed { changed })
     }
 
-    /// `caller` is the peer's uid: a tap may be owned only by the caller,
-    /// or (for root) by the owner this helper serves. Never by anyone else,
-    /// root included, through an unprivileged caller.
+    /// `caller` is the peer's uid: an unprivileged caller may make a tap
+    /// only for itself, never for anyone else (root included). Root may
+    /// give one to any uid (a daemon running as root gives each jailed
+    /// Firecracker's tap to that VM's own uid): root needs no helper to do
+    /// that, so nothing is granted that it did not have.
     pub async fn tap_create(&self, p: TapCreate, caller: u32) -> Result<Changed, RpcError> {
         validate::tap_name(&p.name).map_err(invalid)?;
         if let Some(uid) = p.owner_uid {
-            let allowed = uid == caller || (caller == 0 && uid == self.owner_uid);
+            let allowed = uid == caller || caller == 0;
             if !allowed {
                 return Err(RpcError::new(
                     banger_proto::ErrorCode::Unauthorized,
@@ -480,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn ensure_is_idempotent() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let s = PrivService::new(FakeNetForTests::default());
         assert!(s.bridge_ensure(br("banger0")).await.unwrap().changed);
         assert!(!s.bridge_ensure(br("banger0")).await.unwrap().changed);
         let tap = TapCreate {
@@ -506,7 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_names_cause_no_effect() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let s = PrivService::new(FakeNetForTests::default());
         for name in ["eth0", "docker0", "lo"] {
             assert_eq!(
                 s.bridge_ensure(br(name)).await.unwrap_err().code,
@@ -540,7 +539,7 @@ mod tests {
 
     /// A bridge with 172.30.0.1/24 and the taps `bgta` and `bgtb` on it.
     async fn with_taps() -> PrivService<FakeNetForTests> {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let s = PrivService::new(FakeNetForTests::default());
         s.bridge_ensure(br("banger0")).await.unwrap();
         for t in ["bgta", "bgtb"] {
             let tap = TapCreate {
@@ -563,7 +562,7 @@ mod tests {
 
     #[tokio::test]
     async fn guest_inputs_are_validated_before_any_effect() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let s = PrivService::new(FakeNetForTests::default());
         let good = || guest("ab12", "bgta", "52:54:00:ab:12:00", "172.30.0.5");
         for bad in [
             GuestNet {
@@ -702,7 +701,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bridge_gets_one_address_once_and_says_so() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let s = PrivService::new(FakeNetForTests::default());
         assert!(s.bridge_ensure(br("banger0")).await.unwrap().changed);
         assert!(!s.bridge_ensure(br("banger0")).await.unwrap().changed);
         let other = BridgeEnsure {
@@ -723,15 +722,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn taps_are_owned_only_by_the_caller_or_the_served_owner() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+    async fn unprivileged_callers_make_taps_only_for_themselves() {
+        let s = PrivService::new(FakeNetForTests::default());
         let tap = |owner| TapCreate {
             name: "bgtown".into(),
             bridge: None,
             owner_uid: owner,
         };
         // The owner asking for a root-owned tap, or someone else's.
-        for (caller, owner) in [(1000, Some(0)), (1000, Some(1001)), (0, Some(1001))] {
+        for (caller, owner) in [(1000, Some(0)), (1000, Some(1001))] {
             assert_eq!(
                 s.tap_create(tap(owner), caller).await.unwrap_err().code,
                 banger_proto::ErrorCode::Unauthorized,
@@ -741,11 +740,13 @@ mod tests {
         assert!(s.net.calls().is_empty());
         s.tap_create(tap(Some(1000)), 1000).await.unwrap();
         s.tap_create(tap(Some(1000)), 0).await.unwrap();
+        // Root gives a jailed VM's tap to that VM's own uid.
+        s.tap_create(tap(Some(200_003)), 0).await.unwrap();
     }
 
     #[tokio::test]
     async fn never_deletes_what_is_not_a_tap() {
-        let s = PrivService::new(FakeNetForTests::default(), 1000);
+        let s = PrivService::new(FakeNetForTests::default());
         s.net.add("bgtveth", LinkKind::Other);
         assert!(s
             .tap_delete(LinkName {

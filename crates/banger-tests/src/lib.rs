@@ -164,9 +164,19 @@ impl Env {
         self.home().join("vms")
     }
 
-    /// Processes that belong to this environment's VMs.
+    /// Processes that belong to this environment's VMs: those that name
+    /// the VM directory, and jailed VMMs (`--id <vm id>`, their only trace:
+    /// the jailer clears their environment and they name nothing outside
+    /// the jail).
     pub fn vm_processes(&self) -> Vec<u32> {
-        processes_mentioning(&self.vms_dir().display().to_string())
+        let mut pids = processes_mentioning(&self.vms_dir().display().to_string());
+        for e in std::fs::read_dir(self.vms_dir()).into_iter().flatten().flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            pids.extend(processes_mentioning(&format!("--id\u{0}{id}\u{0}")));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     pub fn start_helper(&mut self) {
@@ -413,7 +423,10 @@ impl Drop for Env {
         // Whatever a failed test left running (VMMs, vsock backends) dies
         // with its environment.
         let marker = self.dir.path().display().to_string();
-        for pid in processes_mentioning(&marker) {
+        for pid in processes_mentioning(&marker)
+            .into_iter()
+            .chain(self.vm_processes())
+        {
             // SAFETY: only processes whose command line names this test's private directory.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }

@@ -253,3 +253,174 @@ fn firecracker_vm_gets_its_tap_in_the_helpers_namespace() {
     let gone = env.ip_in_helper_ns(&["link", "show", &tap]);
     assert!(!gone.status.success(), "the tap outlived its VM");
 }
+
+fn jailer() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("BANGER_TEST_JAILER").expect("BANGER_TEST_JAILER must name Firecracker's jailer"),
+    )
+}
+
+/// `banger` with Firecracker under its jailer.
+fn jailed(env: &Env, args: &[&str]) -> String {
+    let out = env
+        .cmd("banger")
+        .env("BANGER_VMM", "firecracker")
+        .env("BANGER_FIRECRACKER", firecracker())
+        .env("BANGER_JAILER", jailer())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "banger {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status_ids(pid: u64, field: &str) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Under the jailer Firecracker runs as the VM's own uid and gid, chrooted
+/// into a jail inside the VM directory, in a cgroup of its own, with
+/// nothing of banger's environment; it still gets its tap (owned by that
+/// uid), is adopted by a restarted daemon, and what the jailer leaves
+/// (the jail, the cgroup) is gone after stop and delete.
+#[test]
+#[ignore = "needs Firecracker and its jailer: set BANGER_TEST_FIRECRACKER and BANGER_TEST_JAILER, run with --ignored"]
+fn a_jailed_firecracker_is_confined_and_leaves_nothing() {
+    let mut env = Env::new();
+    assert!(env
+        .in_helper_ns("ip", &["link", "set", "lo", "up"])
+        .status
+        .success());
+    env.in_netns = true;
+    let kernel = tiny_kernel(&env);
+    let rootfs = tiny_rootfs(&env);
+    jailed(
+        &env,
+        &[
+            "image",
+            "register",
+            "tiny",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+    );
+    jailed(
+        &env,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "fcj",
+            "--image",
+            "tiny",
+            "--vcpus",
+            "1",
+            "--memory",
+            "128",
+            "--disk-size",
+            "64",
+        ],
+    );
+    let v: Value = serde_json::from_str(&jailed(&env, &["vm", "show", "fcj", "--json"])).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    let pid = v["pid"].as_u64().unwrap_or_else(|| panic!("no pid: {v}"));
+    let id = v["id"].as_str().unwrap().to_string();
+    let dir = PathBuf::from(v["vm_dir"].as_str().unwrap());
+    let uid = 200_000 + v["vsock_cid"].as_u64().unwrap() as u32;
+
+    // Its own uid and gid, its jail as root, a cgroup of its own, an empty environment.
+    assert_eq!(
+        status_ids(pid, "Uid"),
+        vec![uid; 4],
+        "not running as the VM's uid"
+    );
+    assert_eq!(status_ids(pid, "Gid"), vec![uid; 4]);
+    // Its `/` is the jail: what banger linked in, nothing of the host.
+    let jail = dir.join("jail/firecracker").join(&id).join("root");
+    let seen = PathBuf::from(format!("/proc/{pid}/root"));
+    for inside in [
+        "kernel",
+        "firecracker.sock",
+        "serial.log",
+        "dev/kvm",
+        "dev/net/tun",
+    ] {
+        assert!(seen.join(inside).exists(), "/{inside} missing in the jail");
+        assert!(
+            jail.join(inside).exists(),
+            "{inside} is not in {}",
+            jail.display()
+        );
+    }
+    for host in ["etc/passwd", "home", "usr/bin", "proc/1"] {
+        assert!(
+            !seen.join(host).exists(),
+            "the jailed VMM sees the host's /{host}"
+        );
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.contains(&format!("/banger/{id}")),
+        "no cgroup of its own: {cgroups}"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.is_empty(), "the jailed VMM inherited an environment");
+    // The guest booted (its console is in the jail) and the tap is the VM uid's.
+    let logs = jailed(&env, &["vm", "logs", "fcj"]);
+    assert!(logs.contains("TINY_GUEST_VSOCK_READY"), "{logs}");
+    let tap = format!("bgt{}", &id[..8]);
+    let link =
+        String::from_utf8_lossy(&env.ip_in_helper_ns(&["-d", "link", "show", &tap]).stdout).into_owned();
+    assert!(
+        link.contains(&format!("user {uid}")),
+        "tap not owned by the VM's uid: {link}"
+    );
+
+    // A daemon killed with -9 adopts it (it is recognised by its jail).
+    env.kill_daemon();
+    let v: Value = serde_json::from_str(&jailed(&env, &["vm", "show", "fcj", "--json"])).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["pid"].as_u64()),
+        (Some("running"), Some(pid)),
+        "not adopted: {v}"
+    );
+
+    assert_eq!(
+        env.vm_processes(),
+        vec![pid as u32],
+        "the jailed VMM is not found as the VM's"
+    );
+    jailed(&env, &["vm", "stop", "fcj"]);
+    assert!(env.vm_processes().is_empty(), "{:?}", env.vm_processes());
+    assert!(!dir.join("jail").exists(), "the jail outlived the stop");
+    for c in [
+        "/sys/fs/cgroup/banger",
+        "/sys/fs/cgroup/memory/banger",
+        "/sys/fs/cgroup/pids/banger",
+    ] {
+        assert!(
+            !std::path::Path::new(c).join(&id).exists(),
+            "cgroup {c}/{id} outlived the stop"
+        );
+    }
+    // Started again over what a stop leaves, then deleted: nothing remains.
+    jailed(&env, &["vm", "start", "fcj"]);
+    jailed(&env, &["vm", "delete", "fcj"]);
+    assert!(!dir.exists(), "VM directory left behind");
+    assert!(env.vm_processes().is_empty());
+    assert!(
+        !env.ip_in_helper_ns(&["link", "show", &tap]).status.success(),
+        "the tap outlived its VM"
+    );
+}

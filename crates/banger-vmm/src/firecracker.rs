@@ -291,11 +291,16 @@ pub async fn request(
 
 pub struct Firecracker {
     pub binary: PathBuf,
+    /// Started through the jailer when set.
+    pub jail: Option<crate::jailer::JailConfig>,
 }
 
 impl Firecracker {
     /// Locates the binary; `binary` overrides the PATH lookup.
-    pub fn detect(binary: Option<PathBuf>) -> Result<Self, VmmError> {
+    pub fn detect(
+        binary: Option<PathBuf>,
+        jail: Option<crate::jailer::JailConfig>,
+    ) -> Result<Self, VmmError> {
         let binary = binary
             .or_else(|| crate::which("firecracker"))
             .ok_or(VmmError::MissingBinary {
@@ -308,11 +313,28 @@ impl Firecracker {
                 path: binary,
             });
         }
-        Ok(Firecracker { binary })
+        if let Some(j) = &jail {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err(VmmError::Failed(
+                    "Firecracker's jailer must be started by root: run bangerd as root, or unset `jailer`"
+                        .into(),
+                ));
+            }
+            if !crate::is_executable(&j.binary) {
+                return Err(VmmError::MissingBinary {
+                    what: "jailer",
+                    path: j.binary.clone(),
+                });
+            }
+        }
+        Ok(Firecracker { binary, jail })
     }
 
-    async fn configure(&self, spec: &LaunchSpec, paths: &Paths) -> Result<(), VmmError> {
-        let mut api = ApiConn::connect(&paths.api).await?;
+    /// Sends the plan over the API socket at `api` (on the host); `paths`
+    /// are the files as Firecracker names them (inside its jail, if any).
+    async fn configure(&self, api: &Path, spec: &LaunchSpec, paths: &Paths) -> Result<(), VmmError> {
+        let mut api = ApiConn::connect(api).await?;
         for c in plan(spec, paths) {
             let (status, body) = api.send(c.method, &c.path, Some(&c.body)).await?;
             if !(200..300).contains(&status) {
@@ -349,10 +371,27 @@ impl Firecracker {
         }
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
-        let paths = Paths::new(dir);
+        // Firecracker's files as it names them, and where they are on the
+        // host: the same in the VM directory, or its jail's root.
+        let (host, inside, jailed, cmd) = match &self.jail {
+            None => {
+                let mut cmd = tokio::process::Command::new(&self.binary);
+                let paths = Paths::new(dir);
+                cmd.arg("--api-sock").arg(&paths.api);
+                (Paths::new(dir), paths, spec.clone(), cmd)
+            }
+            Some(jail) => {
+                let layout = crate::jailer::layout(dir, &self.binary)?;
+                let uid = jail.uid(spec.vsock_cid);
+                let jailed = crate::jailer::prepare(spec, &self.binary, &layout, uid)?;
+                let cmd = crate::jailer::command(jail, &self.binary, &layout, uid, spec.memory_mib);
+                (Paths::new(&layout.root), Paths::new(Path::new("/")), jailed, cmd)
+            }
+        };
+        let mut cmd = cmd;
         // Firecracker leaves its sockets behind when it exits, and refuses
         // to start over a stale one.
-        for f in [&paths.api, &paths.vsock] {
+        for f in [&host.api, &host.vsock] {
             let _ = std::fs::remove_file(f);
         }
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -362,20 +401,28 @@ impl Firecracker {
                 }
             }
         }
-        for f in [&paths.log, &paths.metrics, &paths.serial] {
-            std::fs::File::create(f).map_err(|e| VmmError::io(format!("creating {}", f.display()), e))?;
+        if self.jail.is_none() {
+            for f in [&host.log, &host.metrics, &host.serial] {
+                std::fs::File::create(f).map_err(|e| VmmError::io(format!("creating {}", f.display()), e))?;
+            }
         }
         let vmm_log = dir.join("vmm.log");
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.arg("--api-sock").arg(&paths.api);
         let pid = process::spawn_detached(&mut cmd, &vmm_log, &marker)?;
         let end = Instant::now() + Duration::from_secs(10);
         loop {
-            if UnixStream::connect(&paths.api).await.is_ok() {
+            if UnixStream::connect(&host.api).await.is_ok() {
                 break;
             }
-            if !process::alive(pid, &marker) || Instant::now() > end {
+            // A jailer is recognised as the VM's only once in its jail;
+            // until then, the child just started is simply watched.
+            let up = if self.jail.is_some() {
+                process::running(pid)
+            } else {
+                process::alive(pid, &marker)
+            };
+            if !up || Instant::now() > end {
                 process::kill(pid, &marker).await;
+                crate::jailer::cleanup(dir).await;
                 let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
                 return Err(VmmError::Failed(format!(
                     "firecracker did not open its API socket: {}",
@@ -384,12 +431,14 @@ impl Firecracker {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        if let Err(e) = self.configure(spec, &paths).await {
+        if let Err(e) = self.configure(&host.api, &jailed, &inside).await {
             process::kill(pid, &marker).await;
-            let _ = std::fs::remove_file(&paths.api);
-            let _ = std::fs::remove_file(&paths.vsock);
+            let _ = std::fs::remove_file(&host.api);
+            let _ = std::fs::remove_file(&host.vsock);
+            crate::jailer::cleanup(dir).await;
             return Err(e);
         }
+        let paths = host;
         Ok(Launched {
             kind: VmmKind::Firecracker,
             pid,

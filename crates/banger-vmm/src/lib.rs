@@ -11,8 +11,10 @@
 //! binaries into a back-end; callers hold it as a `dyn Vmm`.
 
 pub mod firecracker;
+pub mod jailer;
 pub mod process;
 pub mod qemu;
+pub mod shared_libs;
 pub mod vsock;
 
 use serde::{Deserialize, Serialize};
@@ -139,6 +141,8 @@ pub struct BackendPaths {
     /// `vhost-device-vsock` (QEMU's vsock); `None`: `$BANGER_VHOST_VSOCK`,
     /// then PATH.
     pub vhost_vsock: Option<PathBuf>,
+    /// Run Firecracker under this jailer.
+    pub jail: Option<jailer::JailConfig>,
 }
 
 /// The back-end for `kind`, its binaries located (a missing one is
@@ -146,7 +150,10 @@ pub struct BackendPaths {
 pub fn backend(kind: VmmKind, paths: &BackendPaths) -> Result<Box<dyn Vmm>, VmmError> {
     Ok(match kind {
         VmmKind::Qemu => Box::new(qemu::Qemu::detect(paths.qemu.clone(), paths.vhost_vsock.clone())?),
-        VmmKind::Firecracker => Box::new(firecracker::Firecracker::detect(paths.firecracker.clone())?),
+        VmmKind::Firecracker => Box::new(firecracker::Firecracker::detect(
+            paths.firecracker.clone(),
+            paths.jail.clone(),
+        )?),
     })
 }
 
@@ -224,6 +231,7 @@ mod tests {
             qemu: Some(exe(d.path(), "qemu-system-x86_64")),
             firecracker: Some(exe(d.path(), "firecracker")),
             vhost_vsock: Some(exe(d.path(), "vhost-device-vsock")),
+            jail: None,
         };
         for kind in [VmmKind::Qemu, VmmKind::Firecracker] {
             let vmm = backend(kind, &paths).unwrap();
@@ -242,6 +250,7 @@ mod tests {
                 qemu: Some(path.clone()),
                 firecracker: Some(path.clone()),
                 vhost_vsock: Some(exe(d.path(), "vhost-device-vsock")),
+                jail: None,
             };
             let err = backend(VmmKind::Firecracker, &paths).err().unwrap();
             assert_eq!(
@@ -270,6 +279,7 @@ mod tests {
             }),
             Box::new(firecracker::Firecracker {
                 binary: absent.clone(),
+                jail: None,
             }),
         ];
         let kinds: Vec<VmmKind> = vmms.iter().map(|v| v.kind()).collect();

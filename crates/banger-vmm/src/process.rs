@@ -56,29 +56,81 @@ fn belongs(pid: u32, marker: &str) -> bool {
     if marker.is_empty() {
         return false;
     }
-    match std::fs::read(format!("/proc/{pid}/environ")) {
-        Ok(env) => {
-            let want = format!("{MARKER_ENV}={marker}");
-            env.split(|&b| b == 0).any(|e| e == want.as_bytes())
+    let dir = format!("{}/", marker.trim_end_matches('/'));
+    let env = std::fs::read(format!("/proc/{pid}/environ"));
+    if let Ok(env) = &env {
+        let ours = format!("{MARKER_ENV}={marker}");
+        let prefix = format!("{MARKER_ENV}=");
+        if let Some(e) = env.split(|&b| b == 0).find(|e| e.starts_with(prefix.as_bytes())) {
+            // Marked: for this VM or for another, nothing else decides.
+            return e == ours.as_bytes();
         }
-        // Unreadable environment: an argument that is a path in the VM
-        // directory (never a mere substring of one).
-        Err(_) => match std::fs::read(format!("/proc/{pid}/cmdline")) {
-            Ok(c) => {
-                let dir = format!("{}/", marker.trim_end_matches('/'));
-                c.split(|&b| b == 0)
-                    .skip(1)
-                    .any(|a| a.starts_with(dir.as_bytes()) || a == marker.as_bytes())
-            }
-            Err(_) => false,
-        },
     }
+    // Unmarked: a jailed Firecracker (the jailer clears the environment).
+    if jailed_in(pid, Path::new(marker)) {
+        return true;
+    }
+    if env.is_ok() {
+        return false;
+    }
+    // Unreadable environment (a process that made itself non-dumpable):
+    // an argument that is a path in the VM directory, never a mere
+    // substring of one.
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(c) => c
+            .split(|&b| b == 0)
+            .skip(1)
+            .any(|a| a.starts_with(dir.as_bytes()) || a == marker.as_bytes()),
+        Err(_) => false,
+    }
+}
+
+/// Is `pid` the Firecracker jailed for the VM in `vm_dir`? It runs as the
+/// uid its jail's root belongs to (a uid of that VM's own, never root,
+/// that no user has), with the VM's id as its `--id`. Its root link is no
+/// help: the jailer pivots into a mount namespace of its own.
+fn jailed_in(pid: u32, vm_dir: &Path) -> bool {
+    let Some(id) = vm_dir.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Some(uid) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
+        })
+    else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let owns_jail = std::fs::read_dir(vm_dir.join("jail"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|exec| std::fs::metadata(exec.path().join(id).join("root")).ok())
+        .any(|m| m.uid() == uid);
+    if uid == 0 || !owns_jail {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
 }
 
 /// Is `pid` a live (non-zombie) process that banger started for the VM
 /// whose directory is `marker`? The one answer to "is this VM's process
 /// alive".
 pub fn alive(pid: u32, marker: &str) -> bool {
+    running(pid) && belongs(pid, marker)
+}
+
+/// Is `pid` a live (non-zombie) process, whoever it is? Only for a child
+/// just started, before it can be recognised as the VM's (the jailer,
+/// between clearing its environment and entering the jail).
+pub fn running(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
@@ -90,10 +142,7 @@ pub fn alive(pid: u32, marker: &str) -> bool {
     let state = stat
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().next());
-    if matches!(state, Some("Z") | Some("X") | None) {
-        return false;
-    }
-    belongs(pid, marker)
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// Waits until the process is gone or the deadline passes.

@@ -64,6 +64,10 @@ impl App {
             vmm: cfg.vmm.clone(),
             qemu: cfg.qemu.clone(),
             firecracker: cfg.firecracker.clone(),
+            jail: cfg.jailer.clone().map(|binary| banger_vmm::jailer::JailConfig {
+                binary,
+                uid_base: cfg.jailer_uid_base,
+            }),
             default_vcpus: cfg.default_vcpus,
             default_memory_mib: cfg.default_memory_mib,
             default_work_disk_mib: cfg.default_work_disk_mib,

@@ -176,46 +176,22 @@ pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     Ok(path)
 }
 
-/// The shared libraries a dynamically linked program loads, as `ldd`
-/// reports them: (name in the initramfs, path on the host). The program
-/// interpreter is named `ld.so`. Empty for a static program.
-fn shared_libraries(program: &Path) -> Result<Vec<(String, PathBuf)>, SysError> {
-    let out = std::process::Command::new("ldd")
-        .arg(program)
-        .output()
-        .map_err(io(format!("running ldd {}", program.display())))?;
-    if !out.status.success() {
-        // "not a dynamic executable": nothing to ship.
-        return Ok(Vec::new());
-    }
-    let mut libs = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let line = line.trim();
-        let path = match line.split_once(" => ") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
-        };
-        let Some(path) = path.filter(|p| p.starts_with('/')).map(PathBuf::from) else {
-            continue; // the vDSO
-        };
-        let name = if line.contains(" => ") {
-            path.file_name().map(|n| n.to_string_lossy().into_owned())
-        } else {
-            Some("ld.so".to_string())
-        };
-        if let Some(name) = name {
-            libs.push((name, path));
-        }
-    }
-    Ok(libs)
-}
-
 fn build(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     let agent = read(inputs.agent)?;
     let busybox = read(inputs.busybox)?;
-    let libs = shared_libraries(inputs.agent)?
+    // The agent's libc and loader travel with it (the loader as `ld.so`).
+    let libs = banger_vmm::shared_libs::of(inputs.agent)
+        .map_err(io(format!("running ldd {}", inputs.agent.display())))?
         .into_iter()
-        .map(|(name, path)| Ok((name, read(&path)?)))
+        .map(|lib| {
+            let name = match (lib.interpreter, lib.path.file_name()) {
+                (true, _) => "ld.so".to_string(),
+                (false, Some(n)) => n.to_string_lossy().into_owned(),
+                (false, None) => return Ok(None),
+            };
+            Ok(Some((name, read(&lib.path)?)))
+        })
+        .filter_map(Result::transpose)
         .collect::<Result<Vec<_>, SysError>>()?;
     let mut h = sha2::Sha256::new();
     h.update(&agent);

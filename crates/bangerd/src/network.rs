@@ -104,8 +104,14 @@ impl NetworkService {
             })
     }
 
-    /// Bridge, tap (attached to the bridge), and an open descriptor of it.
-    pub async fn attach(&self, op: &OpId, tap: &str) -> Result<std::os::fd::OwnedFd, NetworkError> {
+    /// Bridge, tap (attached to the bridge, owned by `owner_uid`, who may
+    /// open it unprivileged), and an open descriptor of it.
+    pub async fn attach(
+        &self,
+        op: &OpId,
+        tap: &str,
+        owner_uid: u32,
+    ) -> Result<std::os::fd::OwnedFd, NetworkError> {
         self.ensure(op).await?;
         self.helper
             .call::<m::TapCreateM>(
@@ -113,8 +119,7 @@ impl NetworkService {
                 &m::TapCreate {
                     name: tap.to_string(),
                     bridge: Some(self.bridge.clone()),
-                    // SAFETY: getuid cannot fail.
-                    owner_uid: Some(unsafe { libc::getuid() }),
+                    owner_uid: Some(owner_uid),
                 },
             )
             .await?;

@@ -104,7 +104,13 @@ impl VmService {
     ) -> Result<Launched, (RpcError, bool)> {
         if let Some(tap) = vm.runtime.tap.clone() {
             crate::ops::stage("network");
-            let fd = match self.network.attach(op, &tap).await {
+            // A jailed Firecracker opens its tap as the VM's own uid.
+            let owner = match (&self.settings.jail, VmmKind::parse(&vm.spec.vmm)) {
+                (Some(j), Some(VmmKind::Firecracker)) => j.uid(spec.vsock_cid),
+                // SAFETY: getuid cannot fail.
+                _ => unsafe { libc::getuid() },
+            };
+            let fd = match self.network.attach(op, &tap, owner).await {
                 Ok(fd) => fd,
                 Err(e) => {
                     self.teardown(vm, None).await;

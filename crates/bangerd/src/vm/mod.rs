@@ -57,6 +57,8 @@ pub struct Settings {
     pub vmm: String,
     pub qemu: Option<PathBuf>,
     pub firecracker: Option<PathBuf>,
+    /// Firecracker runs under this jailer when set.
+    pub jail: Option<banger_vmm::jailer::JailConfig>,
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
     pub default_work_disk_mib: u64,

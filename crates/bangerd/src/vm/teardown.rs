@@ -49,6 +49,8 @@ impl VmService {
                 }
             }
         }
+        // What a jailed Firecracker leaves: its jail and its cgroup.
+        banger_vmm::jailer::cleanup(dir).await;
         handles::remove(dir);
         self.handles.locked().remove(&vm.id);
         // Host network resources: the tap, and the guest's rules (looked up

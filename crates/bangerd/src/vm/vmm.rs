@@ -39,6 +39,7 @@ impl VmService {
             qemu: self.settings.qemu.clone(),
             firecracker: self.settings.firecracker.clone(),
             vhost_vsock: None,
+            jail: self.settings.jail.clone(),
         }
     }
 
