@@ -5,6 +5,7 @@
 // never on each other, and this file, which routes, on all.
 mod args;
 mod client_ops;
+mod cp;
 mod daemon;
 mod image;
 mod output;
@@ -87,6 +88,10 @@ enum VmCmd {
     /// Workspaces in a running VM.
     #[command(subcommand)]
     Workspace(vm::WorkspaceCmd),
+    /// Copy a file or directory between the host and a running VM; the VM
+    /// side is NAME:PATH (relative paths start at /root). Modes and
+    /// symlinks are kept; into a directory if the destination is one.
+    Cp { src: String, dst: String },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +217,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 VmCmd::Ssh { name, cmd } => ssh::ssh(&c, &name, &cmd).await,
                 VmCmd::SshProxy { host, port } => ssh::proxy(&c, &host, port).await,
                 VmCmd::Workspace(cmd) => vm::workspace(&c, cmd, json).await,
+                VmCmd::Cp { src, dst } => cp::cp(&c, &src, &dst, json).await,
             };
         }
         Cmd::Image(cmd) => return image::run_image(&daemon::connect(&cfg).await?, cmd, json).await,

@@ -117,7 +117,7 @@ pub const ACK_EVERY: usize = 64 * 1024;
 
 /// The byte sent back: whitespace, which a line-framed peer that ignores
 /// everything after its request (the agent) discards.
-const ACK_BYTE: u8 = b'\n';
+pub const ACK_BYTE: u8 = b'\n';
 
 /// A host-side hybrid vsock stream that sends one byte back to the guest
 /// for every [`ACK_EVERY`] bytes it reads.

@@ -211,6 +211,10 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmWorkspacePrepare, _, _>(vm_operation!(app, "vm.workspace.prepare", |vms, op, p| vms
             .workspace_prepare(&op, p)
             .await))
+        .method::<d::VmCopyM, _, _>(handler!(app, |ctx, p| app
+            .vms
+            .copy(&ctx.op_id, p, &progress(&ctx))
+            .await))
         .method::<d::VmWorkspaceExport, _, _>(handler!(app, |ctx, p| app.vms.workspace_export(&ctx, p).await))
         // images and kernels
         .method::<d::ImageBuildM, _, _>(handler!(app, |ctx, p| {

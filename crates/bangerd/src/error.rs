@@ -377,6 +377,54 @@ impl From<ImageError> for RpcError {
     }
 }
 
+/// `vm cp`: a file or directory between the host and a guest.
+#[derive(Debug, Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("{}: {source}", path.display())]
+    Host {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("guest path {0:?} must be absolute, without `..`")]
+    GuestPath(String),
+    #[error("host path {} must be absolute and name a file or directory", .0.display())]
+    HostPath(PathBuf),
+    #[error("guest agent unreachable: {source}")]
+    AgentUnreachable {
+        #[source]
+        source: banger_vmm::vsock::VsockError,
+    },
+    /// The agent's own refusal or failure, in its words.
+    #[error("in the guest: {0}")]
+    Guest(String),
+    /// What the guest sent is not what a copy may write.
+    #[error("the guest's archive was refused: {0}")]
+    BadArchive(String),
+}
+
+impl CopyError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CopyError::Sys(e) => e.code(),
+            CopyError::Host { source, .. } if source.kind() == io::ErrorKind::NotFound => ErrorCode::NotFound,
+            CopyError::Host { .. } | CopyError::BadArchive(_) => ErrorCode::OperationFailed,
+            CopyError::GuestPath(_) | CopyError::HostPath(_) => ErrorCode::BadRequest,
+            CopyError::AgentUnreachable { .. } => ErrorCode::NotRunning,
+            CopyError::Guest(m) if m.contains("No such file") => ErrorCode::NotFound,
+            CopyError::Guest(_) => ErrorCode::OperationFailed,
+        }
+    }
+}
+
+impl From<CopyError> for RpcError {
+    fn from(e: CopyError) -> Self {
+        RpcError::new(e.code(), e.to_string())
+    }
+}
+
 impl From<WorkspaceError> for RpcError {
     fn from(e: WorkspaceError) -> Self {
         RpcError::new(e.code(), e.to_string())

@@ -3,6 +3,7 @@
 //! the wire format.
 
 pub mod app;
+pub mod copy;
 pub mod daemon;
 pub mod dns;
 pub mod error;

@@ -149,6 +149,7 @@ pub async fn push(
         op_id: Some(op.to_string()),
         op: "untar".into(),
         dest: dest.to_string(),
+        name: None,
     };
     let root = root.to_path_buf();
     let files = files.to_vec();

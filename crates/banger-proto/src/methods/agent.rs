@@ -130,10 +130,18 @@ pub const BULK_PORT: u32 = 53;
 pub struct BulkHeader {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub op_id: Option<String>,
-    /// What to do with the bytes; only "untar" today.
+    /// What to do: "untar" (unpack into `dest`), "place" (unpack one
+    /// entry, `name`, aside and move it into place at `dest`), or "tar"
+    /// (the guest sends `dest` back as an archive, chunked the same way,
+    /// before its result line).
     pub op: String,
-    /// Absolute guest directory to unpack into (created if missing).
+    /// Absolute guest path: the directory to unpack into ("untar"), where
+    /// the entry goes ("place": into it if it is a directory, else as it),
+    /// or what to send ("tar").
     pub dest: String,
+    /// "place": the archive's one top-level entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -328,6 +328,25 @@ method!(
     /// Inspects a workspace without touching any VM.
     WorkspacePlanM = "workspace.plan", WorkspacePlanParams => WorkspacePlan
 );
+/// `vm cp`: one side is the host, the other the guest of VM `name`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmCopy {
+    pub name: String,
+    /// true: host `host` into the guest at `guest`; false: the other way.
+    pub to_guest: bool,
+    /// Absolute host path.
+    pub host: String,
+    /// Absolute guest path.
+    pub guest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Copied {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+method!(VmCopyM = "vm.cp", VmCopy => Copied, event Progress);
 method!(VmWorkspacePrepare = "vm.workspace.prepare", WorkspacePrepare => WorkspaceReady);
 method!(
     /// A binary patch of the guest workspace against its base commit, streamed.

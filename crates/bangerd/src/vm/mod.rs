@@ -28,6 +28,7 @@ pub mod state;
 
 mod boot;
 mod console;
+mod copy_ops;
 mod create;
 mod delete;
 mod guest;
