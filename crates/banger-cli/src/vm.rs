@@ -44,6 +44,18 @@ pub enum MachineCmd {
     Show { name: String },
     /// Print a VM's serial console log.
     Logs { name: String },
+    /// Change a stopped VM's resources (the work disk grows, never shrinks).
+    Set {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Work disk size in MiB.
+        #[arg(long)]
+        disk_size: Option<u64>,
+    },
     /// Run a command in a running VM.
     Exec {
         name: String,
@@ -178,6 +190,21 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
             });
         }
         MachineCmd::Show { name } => print(json, &c.call::<d::VmShow>(&vm_ref(&name)?, None).await?, show_vm),
+        MachineCmd::Set {
+            name,
+            vcpus,
+            memory,
+            disk_size,
+        } => {
+            check_name(&name)?;
+            let req = d::VmSet {
+                name,
+                vcpus,
+                memory_mib: memory,
+                work_disk_mib: disk_size,
+            };
+            print(json, &c.call::<d::VmSetM>(&req, None).await?, show_vm);
+        }
         MachineCmd::Logs { name } => {
             check_name(&name)?;
             let l = c

@@ -108,6 +108,15 @@ impl Store {
         }
     }
 
+    /// Replaces what a VM *is* (`vm set` on a stopped VM).
+    pub fn update_vm_spec(&self, id: &str, spec: &VmSpec) -> Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET spec = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, to_json(spec), now()],
+        )?;
+        Ok(())
+    }
+
     pub fn update_vm_runtime(&self, id: &str, runtime: &VmRuntime) -> Result<()> {
         self.conn().execute(
             "UPDATE vms SET state = ?2, runtime = ?3, updated_at = ?4 WHERE id = ?1",

@@ -162,6 +162,7 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmCreateBegin, _, _>(handler!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
         .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
+        .method::<d::VmSetM, _, _>(handler!(app, |_, p| app.vms.set(p).await))
         .method::<d::VmStart, _, _>(vm_operation!(app, "vm.start", |vms, _op, p| vms
             .start(&p.name)
             .await))

@@ -162,6 +162,20 @@ method!(
     /// Begins creating a VM; the op id of this call is the operation's id.
     VmCreateBegin = "vm.create.begin", VmCreate => VmCreateBegun
 );
+/// `vm set`: new resources for a stopped VM; what is left out stays.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmSet {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// The work disk grows in place; it never shrinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_disk_mib: Option<u64>,
+}
+
+method!(VmSetM = "vm.set", VmSet => VmInfo);
 method!(VmCreateStatusM = "vm.create.status", OpRef => VmCreateStatus);
 method!(VmCreateCancel = "vm.create.cancel", OpRef => Empty);
 method!(VmStart = "vm.start", VmRef => VmInfo);

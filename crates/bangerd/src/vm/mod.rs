@@ -34,6 +34,7 @@ mod delete;
 mod guest;
 mod query;
 mod reconcile;
+mod resize;
 mod stop;
 mod teardown;
 mod vmm;

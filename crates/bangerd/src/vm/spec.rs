@@ -51,18 +51,8 @@ pub fn validate(
         .clone()
         .unwrap_or_else(|| crate::image::DEFAULT_IMAGE.to_string());
     crate::image::validate_name(&image)?;
-    let vcpus = p.vcpus.unwrap_or(defaults.vcpus);
-    if !(MIN_VCPUS..=MAX_VCPUS).contains(&vcpus) {
-        return Err(RpcError::bad_request(format!(
-            "vcpus must be {MIN_VCPUS}-{MAX_VCPUS}, not {vcpus}"
-        )));
-    }
-    let memory_mib = p.memory_mib.unwrap_or(defaults.memory_mib);
-    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
-        return Err(RpcError::bad_request(format!(
-            "memory must be {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB, not {memory_mib}"
-        )));
-    }
+    let vcpus = check_vcpus(p.vcpus.unwrap_or(defaults.vcpus))?;
+    let memory_mib = check_memory(p.memory_mib.unwrap_or(defaults.memory_mib))?;
     let work_mib = p.work_disk_mib.unwrap_or(defaults.work_disk_mib);
     let work_disk_bytes = work_disk_bytes(work_mib)?;
     if p.nat && p.no_network {
@@ -86,6 +76,52 @@ pub fn validate(
             network: !p.no_network,
         },
     })
+}
+
+fn check_vcpus(vcpus: u32) -> Result<u32, RpcError> {
+    if !(MIN_VCPUS..=MAX_VCPUS).contains(&vcpus) {
+        return Err(RpcError::bad_request(format!(
+            "vcpus must be {MIN_VCPUS}-{MAX_VCPUS}, not {vcpus}"
+        )));
+    }
+    Ok(vcpus)
+}
+
+fn check_memory(memory_mib: u32) -> Result<u32, RpcError> {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(RpcError::bad_request(format!(
+            "memory must be {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB, not {memory_mib}"
+        )));
+    }
+    Ok(memory_mib)
+}
+
+/// `vm set`: the spec with the new resources, under the same bounds as a
+/// create. The work disk holds the VM's files: it may grow, never shrink.
+pub fn resized(spec: &VmSpec, p: &banger_proto::methods::daemon::VmSet) -> Result<VmSpec, RpcError> {
+    if p.vcpus.is_none() && p.memory_mib.is_none() && p.work_disk_mib.is_none() {
+        return Err(RpcError::bad_request(
+            "nothing to change: give --vcpus, --memory or --disk-size",
+        ));
+    }
+    let mut new = spec.clone();
+    if let Some(v) = p.vcpus {
+        new.vcpus = check_vcpus(v)?;
+    }
+    if let Some(m) = p.memory_mib {
+        new.memory_mib = check_memory(m)?;
+    }
+    if let Some(d) = p.work_disk_mib {
+        let bytes = work_disk_bytes(d)?;
+        if bytes < spec.work_disk_bytes {
+            return Err(RpcError::bad_request(format!(
+                "the work disk is {} MiB and holds the VM's files: it can grow, not shrink to {d} MiB",
+                spec.work_disk_bytes >> 20
+            )));
+        }
+        new.work_disk_bytes = bytes;
+    }
+    Ok(new)
 }
 
 /// The work disk size in bytes, within bounds and without wrapping.
@@ -242,6 +278,40 @@ mod tests {
         }
         assert_eq!(work_disk_bytes(MAX_WORK_DISK_MIB).unwrap(), 16 << 40);
         assert_eq!(work_disk_bytes(MIN_WORK_DISK_MIB).unwrap(), 64 << 20);
+    }
+
+    #[test]
+    fn set_keeps_the_create_bounds_and_never_shrinks_the_disk() {
+        use banger_proto::methods::daemon::VmSet;
+        let spec = check(VmCreate {
+            work_disk_mib: Some(1024),
+            ..Default::default()
+        })
+        .unwrap()
+        .spec;
+        let set = |vcpus, memory_mib, work_disk_mib| VmSet {
+            name: "x".into(),
+            vcpus,
+            memory_mib,
+            work_disk_mib,
+        };
+        let grown = resized(&spec, &set(Some(4), Some(2048), Some(2048))).unwrap();
+        assert_eq!(
+            (grown.vcpus, grown.memory_mib, grown.work_disk_bytes),
+            (4, 2048, 2048 << 20)
+        );
+        assert_eq!(resized(&spec, &set(None, None, Some(1024))).unwrap(), spec);
+        for bad in [
+            set(None, None, None),
+            set(Some(0), None, None),
+            set(Some(MAX_VCPUS + 1), None, None),
+            set(None, Some(64), None),
+            set(None, None, Some(512)),
+            set(None, None, Some(u64::MAX)),
+        ] {
+            let e = resized(&spec, &bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}");
+        }
     }
 
     #[test]
