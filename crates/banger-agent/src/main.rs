@@ -7,6 +7,8 @@
 mod bulk;
 mod exec;
 mod init;
+mod inspect;
+mod procfs;
 mod seed;
 mod system;
 
@@ -69,6 +71,8 @@ fn router() -> Router {
             }
         })
         .method::<a::Exec, _, _>(exec::run)
+        .method::<a::Ports, _, _>(|_, _| inspect::ports())
+        .method::<a::Stats, _, _>(|_, _| inspect::stats())
         .method::<a::SeedGuest, _, _>(|_, req| async move { seed::apply(req) })
         .method::<a::Sync, _, _>(|_, _| async {
             tokio::task::spawn_blocking(|| {

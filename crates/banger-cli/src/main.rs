@@ -71,7 +71,7 @@ enum Cmd {
 /// that owns it.
 #[derive(Subcommand)]
 enum VmCmd {
-    // create, start, stop, restart, kill, delete, prune, list, show, logs, exec
+    // create, start, stop, restart, kill, delete, prune, list, show, logs, exec, ports, stats
     #[command(flatten)]
     Machine(vm::MachineCmd),
     /// Create a VM, copy a git workspace in, run a command, print the result.

@@ -19,6 +19,21 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// A byte count for people: `512 B`, `3.4 KiB`, `1.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 pub fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
     if json {
         println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
@@ -98,5 +113,14 @@ mod tests {
             "a\\u{1b}[31mred\\rb\\u{7}"
         );
         assert_eq!(super::escape("line 1\nline 2\tx"), "line 1\nline 2\tx");
+    }
+
+    #[test]
+    fn byte_counts_read_as_people_write_them() {
+        assert_eq!(super::bytes(0), "0 B");
+        assert_eq!(super::bytes(1023), "1023 B");
+        assert_eq!(super::bytes(1536), "1.5 KiB");
+        assert_eq!(super::bytes(512 << 20), "512.0 MiB");
+        assert_eq!(super::bytes(u64::MAX), "16384.0 PiB");
     }
 }

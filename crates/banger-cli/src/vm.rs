@@ -4,7 +4,7 @@
 
 use crate::args::{check_name, CreateArgs};
 use crate::client_ops::{create, exec, follow};
-use crate::output::{print, untracked_notice};
+use crate::output::{bytes, escape, print, untracked_notice};
 use anyhow::{bail, Result};
 use banger_proto::methods::agent::{ExecOutput, StreamName};
 use banger_proto::methods::daemon as d;
@@ -68,6 +68,10 @@ pub enum MachineCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// List the TCP and UDP ports listening in a running VM.
+    Ports { name: String },
+    /// Show a running VM's CPU, memory, disk, network and uptime.
+    Stats { name: String },
 }
 
 #[derive(Subcommand)]
@@ -117,6 +121,79 @@ fn show_vm(v: &d::VmInfo) {
     if let Some(e) = &v.last_error {
         println!("error:    {}", e.lines().next().unwrap_or_default());
     }
+}
+
+/// Ports as a table. Process names come from the guest: escaped.
+fn show_ports(p: &d::VmPorts) {
+    println!(
+        "{:<5} {:<24} {:>5}  {:<22} {:<5} ADDRESS",
+        "PROTO", "BIND", "PORT", "PROCESS", "HTTP"
+    );
+    for port in &p.ports {
+        let process = match (&port.process, port.pid) {
+            (Some(n), Some(pid)) => format!("{} ({pid})", escape(n)),
+            (Some(n), None) => escape(n),
+            (None, Some(pid)) => format!("({pid})"),
+            (None, None) => "-".into(),
+        };
+        let http = match port.http {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
+        let address = match (&port.address, port.reachable) {
+            (Some(a), _) => escape(a),
+            (None, false) => "(inside the guest only)".into(),
+            (None, true) => "-".into(),
+        };
+        println!(
+            "{:<5} {:<24} {:>5}  {:<22} {:<5} {address}",
+            port.proto.as_str(),
+            port.bind,
+            port.port,
+            process,
+            http
+        );
+    }
+    if p.truncated {
+        println!("(more sockets listen than are listed)");
+    }
+    if !p.http_checked {
+        println!(
+            "(the VM has no network: ports are not reachable from the host and were not checked for HTTP)"
+        );
+    }
+}
+
+fn show_stats(s: &d::VmStats) {
+    println!("cpu:      {:.1}% of {} vCPU", s.cpu_percent, s.vcpus);
+    let used = s.memory_total_bytes.saturating_sub(s.memory_available_bytes);
+    println!(
+        "memory:   {} used of {} ({} available)",
+        bytes(used),
+        bytes(s.memory_total_bytes),
+        bytes(s.memory_available_bytes)
+    );
+    for d in &s.disks {
+        println!(
+            "disk:     {} used of {} on {}",
+            bytes(d.used_bytes),
+            bytes(d.total_bytes),
+            escape(&d.path)
+        );
+    }
+    match &s.net_interface {
+        Some(i) => println!(
+            "network:  {} received, {} sent on {}",
+            bytes(s.net_rx_bytes),
+            bytes(s.net_tx_bytes),
+            escape(i)
+        ),
+        None => println!("network:  none"),
+    }
+    let u = s.uptime_secs;
+    println!("uptime:   {}h {:02}m {:02}s", u / 3600, u / 60 % 60, u % 60);
+    println!("load:     {:.2} {:.2} {:.2}", s.load[0], s.load[1], s.load[2]);
 }
 
 pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
@@ -226,6 +303,14 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
         } => {
             check_name(&name)?;
             return exec(c, &name, cmd, stdin, cwd).await;
+        }
+        MachineCmd::Ports { name } => {
+            let p = c.call::<d::VmPortsM>(&vm_ref(&name)?, None).await?;
+            print(json, &p, show_ports);
+        }
+        MachineCmd::Stats { name } => {
+            let s = c.call::<d::VmStatsM>(&vm_ref(&name)?, None).await?;
+            print(json, &s, show_stats);
         }
     }
     Ok(0)

@@ -194,6 +194,8 @@ pub fn router(app: &Arc<App>) -> Router {
             .logs(&p.name, p.tail_bytes)
             .map(|(serial, path)| d::VmLogs { serial, path })))
         .method::<d::VmExecM, _, _>(handler!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
+        .method::<d::VmPortsM, _, _>(handler!(app, |ctx, p| app.vms.ports(&ctx, &p.name).await))
+        .method::<d::VmStatsM, _, _>(handler!(app, |ctx, p| app.vms.stats(&ctx, &p.name).await))
         .method::<d::SshInfoM, _, _>(handler!(app, |_, _| {
             app.ssh.public_key().await?;
             Ok::<_, RpcError>(d::SshInfo {

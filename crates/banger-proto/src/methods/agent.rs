@@ -119,6 +119,92 @@ method!(
     Poweroff = "agent.poweroff", Empty => Empty
 );
 
+/// A transport of a guest socket.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketProto {
+    Tcp,
+    Udp,
+}
+
+impl SocketProto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketProto::Tcp => "tcp",
+            SocketProto::Udp => "udp",
+        }
+    }
+}
+
+/// A socket that listens in the guest: a TCP socket in LISTEN, or a bound,
+/// unconnected UDP socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListeningSocket {
+    pub proto: SocketProto,
+    /// The local address, as text (`0.0.0.0`, `::`, `127.0.0.1`, ...).
+    pub address: String,
+    pub port: u16,
+    /// The owning process, when the agent could see one holding the socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+}
+
+/// The most sockets one [`GuestPorts`] lists (the agent stops there, the
+/// host refuses to read more).
+pub const MAX_PORTS: usize = 4096;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestPorts {
+    pub sockets: Vec<ListeningSocket>,
+    /// More sockets listened than [`MAX_PORTS`]; the rest were left out.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// One filesystem's size, from `statvfs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskFigures {
+    pub path: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// What the guest's kernel says it uses. Raw figures: the host checks and
+/// derives what it prints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuestStats {
+    /// CPUs the kernel sees.
+    pub vcpus: u32,
+    /// Jiffies spent busy (not idle, not waiting on I/O), summed over all
+    /// CPUs, during the sample.
+    pub cpu_busy_ticks: u64,
+    /// All jiffies summed over all CPUs during the sample.
+    pub cpu_total_ticks: u64,
+    pub sample_ms: u64,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub disks: Vec<DiskFigures>,
+    /// The interface counted, when the guest has one (`eth0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_interface: Option<String>,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub uptime_secs: f64,
+    pub load: [f64; 3],
+}
+
+method!(
+    /// Sockets listening in the guest, with their owners.
+    Ports = "agent.ports", Empty => GuestPorts
+);
+method!(
+    /// CPU, memory, disk, network and load figures of the guest.
+    Stats = "agent.stats", Empty => GuestStats
+);
+
 /// The vsock port for bulk transfers: a [`BulkHeader`] line, then the
 /// payload as chunks (a big-endian u32 length, then that many bytes) ended
 /// by a zero-length chunk, then one [`BulkResult`] line back. Chunked

@@ -192,6 +192,77 @@ method!(
     VmExecM = "vm.exec", VmExec => crate::methods::agent::ExitStatus, event crate::methods::agent::ExecOutput
 );
 
+/// A listening socket of a VM, as the daemon checked it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortInfo {
+    pub proto: crate::methods::agent::SocketProto,
+    /// The local address the socket is bound to in the guest.
+    pub bind: String,
+    pub port: u16,
+    /// Bound to every address or to the guest's own: reachable from the host.
+    pub reachable: bool,
+    /// `NAME.vm:PORT`, when the VM has a network and the port is reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The owner's command name as the guest reports it (guest text: escape
+    /// it before printing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    /// Whether the port answered `HEAD /` with an HTTP reply; absent when
+    /// not checked (UDP, not reachable, no network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmPorts {
+    pub name: String,
+    pub ports: Vec<PortInfo>,
+    /// Whether reachable TCP ports were checked for HTTP (not without a
+    /// network).
+    pub http_checked: bool,
+    /// The guest listed more sockets than banger reads; the rest are left out.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub path: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmStats {
+    pub name: String,
+    pub vcpus: u32,
+    /// Busy share of all vCPUs over a short sample, 0-100.
+    pub cpu_percent: f64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub disks: Vec<DiskUsage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_interface: Option<String>,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub uptime_secs: u64,
+    /// 1, 5 and 15-minute load averages.
+    pub load: [f64; 3],
+}
+
+method!(
+    /// Sockets listening in a running VM, each with its address and
+    /// whether it answers HTTP.
+    VmPortsM = "vm.ports", VmRef => VmPorts
+);
+method!(
+    /// CPU, memory, disk, network and uptime of a running VM.
+    VmStatsM = "vm.stats", VmRef => VmStats
+);
+
 // ---- images and kernels ----
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -13,6 +13,8 @@
 //! - `reconcile`: start-up adoption and the dead-VMM watcher;
 //! - `guest`, `workspace_ops`: calls into a running guest;
 //! - `query`: read-only views (info, list, logs, DNS);
+//! - `observe`: read-only views from inside a guest (ports, stats), with
+//!   the agent's reply checked as hostile input;
 //! - `console`: the console log's budget and its tail.
 //!
 //! Locking: a per-VM async mutex is held for a whole lifecycle operation, so
@@ -32,6 +34,7 @@ mod copy_ops;
 mod create;
 mod delete;
 mod guest;
+mod observe;
 mod query;
 mod reconcile;
 mod resize;
