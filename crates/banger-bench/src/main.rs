@@ -49,6 +49,11 @@ enum Cmd {
         #[arg(long, default_value = "text")]
         content: String,
     },
+    /// `vm cp` both ways against scp, and `vm exec -- true` against ssh.
+    CopyExec {
+        #[arg(long, default_value_t = 200)]
+        megabytes: usize,
+    },
     /// Guest→host throughput (`vm exec -- cat FILE`) against host→guest
     /// (`vm workspace prepare` of a repo holding that file).
     GuestOutput {
@@ -391,7 +396,36 @@ async fn workspace_copy(b: &Bench, runs: usize, files: usize, mb: usize, random:
     make_repo(&repo, files, mb, random)?;
     let _ = b.banger(&["vm", "delete", "wsbench"]);
     b.banger(&["vm", "create", "--name", "wsbench", "--disk-size", "4096"])?;
-    let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", "wsbench", "--json"])?)?;
+    let (ip, opts) = ssh_to(b, "wsbench")?;
+    let clean = |path: &str| b.banger(&["vm", "exec", "wsbench", "--cwd", "/", "--", "rm", "-rf", path]);
+    let (mut banger, mut baseline) = (vec![], vec![]);
+    for _ in 0..runs {
+        banger.push(b.timed(&["vm", "workspace", "prepare", "wsbench", repo.to_str().unwrap()])?);
+        clean("/root/repo")?;
+        let t = Instant::now();
+        let script = format!(
+            "git -C {} archive HEAD | ssh {opts} root@{ip} 'mkdir -p /root/base && tar -x -C /root/base'",
+            repo.display()
+        );
+        run(Command::new("bash").args(["-o", "pipefail", "-c", &script]))?;
+        baseline.push(t.elapsed());
+        clean("/root/base")?;
+    }
+    b.banger(&["vm", "delete", "wsbench"])?;
+    report(
+        &format!("workspace copy of {files} files / {mb} MiB ({kind} content)"),
+        "banger vm workspace prepare",
+        banger,
+        "git archive HEAD | ssh tar -x",
+        baseline,
+    );
+    Ok(())
+}
+
+/// The guest's address and the ssh options (banger's key, pinned host
+/// key) that reach VM `name` with the system ssh/scp.
+fn ssh_to(b: &Bench, name: &str) -> Result<(String, String)> {
+    let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", name, "--json"])?)?;
     let ip = vm["guest_ip"]
         .as_str()
         .context("the VM has no address")?
@@ -406,28 +440,82 @@ async fn workspace_copy(b: &Bench, runs: usize, files: usize, mb: usize, random:
         .map(str::to_owned)
         .unwrap_or_else(|| b.home.join("ssh/id_ed25519").display().to_string());
     let known = b.home.join("ssh/known_hosts").display().to_string();
-    let clean = |path: &str| b.banger(&["vm", "exec", "wsbench", "--cwd", "/", "--", "rm", "-rf", path]);
-    let (mut banger, mut baseline) = (vec![], vec![]);
+    Ok((
+        ip,
+        format!(
+            "-i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes \
+             -o HostKeyAlias={name}.vm"
+        ),
+    ))
+}
+
+/// `vm cp` of one incompressible file each way, and the `vm exec -- true`
+/// round trip, against scp and ssh to the same guest in the same run.
+fn copy_and_exec(b: &Bench, runs: usize, mb: usize) -> Result<()> {
+    b.default_image()?;
+    let repo = b.home.join(format!("bench-repo-1-{mb}-random"));
+    make_repo(&repo, 1, mb, true)?;
+    let file = repo.join("d00/f00000.bin");
+    let _ = b.banger(&["vm", "delete", "cpbench"]);
+    b.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "cpbench",
+        "--disk-size",
+        &(4 * mb + 512).to_string(),
+    ])?;
+    let (ip, opts) = ssh_to(b, "cpbench")?;
+    let back = b.home.join("cpbench-back");
+    let (mut cp_in, mut scp_in, mut cp_out, mut scp_out, mut exec, mut ssh) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        banger.push(b.timed(&["vm", "workspace", "prepare", "wsbench", repo.to_str().unwrap()])?);
-        clean("/root/repo")?;
+        cp_in.push(b.timed(&["vm", "cp", file.to_str().unwrap(), "cpbench:/root/in.bin"])?);
         let t = Instant::now();
-        let script = format!(
-            "git -C {} archive HEAD | ssh -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known} \
-             -o StrictHostKeyChecking=yes -o HostKeyAlias=wsbench.vm root@{ip} 'mkdir -p /root/base && tar -x -C /root/base'",
-            repo.display()
-        );
-        run(Command::new("bash").args(["-o", "pipefail", "-c", &script]))?;
-        baseline.push(t.elapsed());
-        clean("/root/base")?;
+        run(Command::new("bash").args([
+            "-c",
+            &format!("scp -q {opts} {} root@{ip}:/root/scp.bin", file.display()),
+        ]))?;
+        scp_in.push(t.elapsed());
+        let _ = std::fs::remove_file(&back);
+        cp_out.push(b.timed(&["vm", "cp", "cpbench:/root/in.bin", back.to_str().unwrap()])?);
+        if std::fs::metadata(&back)?.len() != (mb as u64) << 20 {
+            bail!("vm cp brought back a file of the wrong size");
+        }
+        let _ = std::fs::remove_file(&back);
+        let t = Instant::now();
+        run(Command::new("bash").args([
+            "-c",
+            &format!("scp -q {opts} root@{ip}:/root/scp.bin {}", back.display()),
+        ]))?;
+        scp_out.push(t.elapsed());
+        exec.push(b.timed(&["vm", "exec", "cpbench", "--", "true"])?);
+        let t = Instant::now();
+        run(Command::new("bash").args(["-c", &format!("ssh {opts} root@{ip} true")]))?;
+        ssh.push(t.elapsed());
     }
-    b.banger(&["vm", "delete", "wsbench"])?;
+    let _ = std::fs::remove_file(&back);
+    b.banger(&["vm", "delete", "cpbench"])?;
     report(
-        &format!("workspace copy of {files} files / {mb} MiB ({kind} content)"),
-        "banger vm workspace prepare",
-        banger,
-        "git archive HEAD | ssh tar -x",
-        baseline,
+        &format!("copy of {mb} MiB into the guest"),
+        "banger vm cp",
+        cp_in,
+        "scp",
+        scp_in,
+    );
+    report(
+        &format!("copy of {mb} MiB out of the guest"),
+        "banger vm cp",
+        cp_out,
+        "scp",
+        scp_out,
+    );
+    report(
+        "command round trip",
+        "banger vm exec -- true",
+        exec,
+        "ssh NAME true",
+        ssh,
     );
     Ok(())
 }
@@ -657,6 +745,7 @@ async fn main() -> Result<()> {
             return Ok(());
         }
         Cmd::GuestOutput { megabytes } => guest_output(&b, cli.runs, megabytes)?,
+        Cmd::CopyExec { megabytes } => copy_and_exec(&b, cli.runs, megabytes)?,
         Cmd::FcStart { firecracker } => {
             b.env = vec![
                 ("BANGER_VMM".into(), "firecracker".into()),
