@@ -180,31 +180,7 @@ impl Env {
     }
 
     pub fn start_helper(&mut self) {
-        let mut cmd = Command::new(bin("banger-helper"));
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(self.helper_socket())
-            .arg("--owner-uid")
-            .arg("0")
-            .arg("--log-file")
-            .arg(self.helper_log())
-            .stdin(Stdio::null());
-        // SAFETY: unshare is async-signal-safe; the child gets a private
-        // network namespace before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn banger-helper");
-        let sock = self.helper_socket();
-        wait_for("the helper socket", Duration::from_secs(10), || {
-            UnixStream::connect(&sock).ok()
-        });
-        self.helper = Some(child);
+        self.helper = Some(spawn_helper(&self.helper_socket(), 0, &self.helper_log()));
     }
 
     pub fn helper_pid(&self) -> u32 {
@@ -372,6 +348,36 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
                     .unwrap_or(false)
         })
         .collect()
+}
+
+/// Starts a root helper serving `owner_uid` on `socket`, in a network
+/// namespace of its own (so its bridge, taps and rules touch nothing
+/// else), and waits until it accepts connections.
+pub fn spawn_helper(socket: &Path, owner_uid: u32, log: &Path) -> std::process::Child {
+    let mut cmd = Command::new(bin("banger-helper"));
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--owner-uid")
+        .arg(owner_uid.to_string())
+        .arg("--log-file")
+        .arg(log)
+        .stdin(Stdio::null());
+    // SAFETY: unshare is async-signal-safe; the child gets a private
+    // network namespace before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn banger-helper");
+    wait_for("the helper socket", Duration::from_secs(10), || {
+        UnixStream::connect(socket).ok()
+    });
+    child
 }
 
 /// The default image, built once per machine and shared by every test

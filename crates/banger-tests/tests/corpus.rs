@@ -5,12 +5,11 @@
 //! helper's network namespace, VM rows and directories, images, kernels.
 //! Both servers must still answer afterwards.
 
-use banger_tests::{bin, raw_exchange, wait_for, Env};
+use banger_tests::{raw_exchange, Env};
 use serde_json::{json, Value};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 /// One crafted request and the codes it may be refused with.
 struct Case {
@@ -711,29 +710,7 @@ fn helper_call(sock: &Path, method: &str, params: Value) -> Value {
 /// A second helper that serves uid `owner`, in a network namespace of its own.
 fn start_owner_helper(dir: &Path, owner: u32) -> (std::process::Child, PathBuf) {
     let sock = dir.join("owner-helper.sock");
-    let mut cmd = Command::new(bin("banger-helper"));
-    cmd.arg("serve")
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--owner-uid")
-        .arg(owner.to_string())
-        .arg("--log-file")
-        .arg(dir.join("owner-helper.log"))
-        .stdin(Stdio::null());
-    // SAFETY: unshare is async-signal-safe; the child gets a private
-    // network namespace before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    wait_for("the owner's helper socket", Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(&sock).ok()
-    });
+    let child = banger_tests::spawn_helper(&sock, owner, &dir.join("owner-helper.log"));
     (child, sock)
 }
 

@@ -75,17 +75,21 @@ fn fc_ok(env: &Env, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn show(env: &Env, name: &str) -> Value {
-    serde_json::from_str(&fc_ok(env, &["vm", "show", name, "--json"])).unwrap()
-}
-
-#[test]
-#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
-fn firecracker_lifecycle_with_the_real_binary() {
-    let env = Env::new();
+/// A test environment (in the helper's network namespace when `netns`,
+/// where banger's bridge and the taps live) with the tiny guest registered
+/// as image `tiny`, through `banger` as `run` invokes it.
+fn with_tiny_image(netns: bool, run: impl Fn(&Env, &[&str]) -> String) -> Env {
+    let mut env = Env::new();
+    if netns {
+        assert!(env
+            .in_helper_ns("ip", &["link", "set", "lo", "up"])
+            .status
+            .success());
+        env.in_netns = true;
+    }
     let kernel = tiny_kernel(&env);
     let rootfs = tiny_rootfs(&env);
-    fc_ok(
+    run(
         &env,
         &[
             "image",
@@ -97,6 +101,17 @@ fn firecracker_lifecycle_with_the_real_binary() {
             kernel.to_str().unwrap(),
         ],
     );
+    env
+}
+
+fn show(env: &Env, name: &str) -> Value {
+    serde_json::from_str(&fc_ok(env, &["vm", "show", name, "--json"])).unwrap()
+}
+
+#[test]
+#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
+fn firecracker_lifecycle_with_the_real_binary() {
+    let env = with_tiny_image(false, fc_ok);
 
     fc_ok(
         &env,
@@ -184,26 +199,7 @@ fn fc_api_get(sock: &std::path::Path, path: &str) -> Value {
 #[test]
 #[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
 fn firecracker_vm_gets_its_tap_in_the_helpers_namespace() {
-    let mut env = Env::new();
-    assert!(env
-        .in_helper_ns("ip", &["link", "set", "lo", "up"])
-        .status
-        .success());
-    env.in_netns = true;
-    let kernel = tiny_kernel(&env);
-    let rootfs = tiny_rootfs(&env);
-    fc_ok(
-        &env,
-        &[
-            "image",
-            "register",
-            "tiny",
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ],
-    );
+    let env = with_tiny_image(true, fc_ok);
     fc_ok(
         &env,
         &[
@@ -295,26 +291,7 @@ fn status_ids(pid: u64, field: &str) -> Vec<u32> {
 #[test]
 #[ignore = "needs Firecracker and its jailer: set BANGER_TEST_FIRECRACKER and BANGER_TEST_JAILER, run with --ignored"]
 fn a_jailed_firecracker_is_confined_and_leaves_nothing() {
-    let mut env = Env::new();
-    assert!(env
-        .in_helper_ns("ip", &["link", "set", "lo", "up"])
-        .status
-        .success());
-    env.in_netns = true;
-    let kernel = tiny_kernel(&env);
-    let rootfs = tiny_rootfs(&env);
-    jailed(
-        &env,
-        &[
-            "image",
-            "register",
-            "tiny",
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ],
-    );
+    let env = with_tiny_image(true, jailed);
     jailed(
         &env,
         &[
