@@ -317,6 +317,11 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
         bin: bin.to_path_buf(),
         home,
     };
+    // What `vm cp` copies in (and, as a directory, receives into).
+    let cp_dir = c.home.join("chaos-cp");
+    let _ = std::fs::remove_file(&cp_dir);
+    std::fs::create_dir_all(&cp_dir)?;
+    std::fs::write(cp_dir.join("payload"), vec![7u8; 1 << 20])?;
     // Registered in place: the chaos home never builds one.
     c.banger(&[
         "image",
@@ -336,6 +341,10 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
     for round in 1..=rounds {
         let name = VMS[rng.below(VMS.len() as u64) as usize];
         let exists = c.vms()?.iter().any(|v| v["name"] == name);
+        let cp_host = c.home.join("chaos-cp");
+        let cp_host = cp_host.to_str().unwrap_or_default().to_string();
+        let cp_guest = format!("{name}:/root/chaos-cp");
+        let cp_out = format!("{name}:/etc/hostname");
         let verb: Vec<&str> = if !exists {
             let nat = if name == "chaos0" { "--nat" } else { "--no-start" };
             vec![
@@ -352,7 +361,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                 nat,
             ]
         } else {
-            match rng.below(7) {
+            match rng.below(10) {
                 0 => vec!["vm", "start", name],
                 1 => vec!["vm", "stop", name],
                 2 => vec!["vm", "restart", name],
@@ -367,6 +376,12 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                     "-c",
                     "head -c 300000 /dev/zero | wc -c",
                 ],
+                // The verbs of a running VM's files and figures, and of a
+                // stopped one's resources.
+                6 => vec!["vm", "cp", &cp_host, &cp_guest],
+                7 => vec!["vm", "cp", &cp_out, &cp_host],
+                8 => vec!["vm", "set", name, "--memory", "640"],
+                9 => vec!["vm", "stats", name],
                 _ => vec!["vm", "start", name],
             }
         };
