@@ -30,6 +30,11 @@ pub struct CreateArgs {
     /// (VMs cannot reach each other otherwise).
     #[arg(long)]
     pub peers: bool,
+    /// Stop the VM after this long idle (no exec, copy or workspace call,
+    /// no CPU use): 90s, 30m, 2h; 0 never (default: auto_stop_idle in the
+    /// configuration).
+    #[arg(long, value_parser = banger_config::parse_duration)]
+    pub auto_stop_idle: Option<u64>,
 }
 
 #[derive(Args)]

@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub console_log_max_kib: Option<u64>,
     pub jailer: Option<PathBuf>,
     pub jailer_uid_base: Option<u32>,
+    pub auto_stop_idle: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +61,36 @@ pub struct Config {
     pub jailer: Option<PathBuf>,
     /// A jailed VM runs as uid and gid `jailer_uid_base + its vsock CID`.
     pub jailer_uid_base: u32,
+    /// Stop a VM idle this long (no exec, copy or workspace call, no CPU
+    /// use); 0: never. A VM's own setting wins.
+    pub auto_stop_idle_secs: u64,
+}
+
+/// The longest idle limit accepted (30 days).
+pub const MAX_IDLE_SECS: u64 = 30 * 24 * 3600;
+
+/// A duration as people write it: `90s`, `30m`, `2h`, `1d`, or seconds;
+/// `0` (or `off`) is none.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s == "off" {
+        return Ok(0);
+    }
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)")),
+    };
+    match n.checked_mul(mult) {
+        Some(v) if v <= MAX_IDLE_SECS => Ok(v),
+        _ => Err(format!("{s:?} is longer than 30 days")),
+    }
 }
 
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
@@ -150,6 +181,10 @@ impl Config {
                 .unwrap_or(16 * 1024)
                 .max(64),
             jailer: env_path("BANGER_JAILER").or(fc.jailer),
+            auto_stop_idle_secs: match std::env::var("BANGER_AUTO_STOP_IDLE").ok().or(fc.auto_stop_idle) {
+                Some(s) => parse_duration(&s).map_err(ConfigError::Invalid)?,
+                None => 0,
+            },
             jailer_uid_base: {
                 let base = fc.jailer_uid_base.unwrap_or(200_000);
                 // Clear of system and ordinary users, with room for every CID.

@@ -48,6 +48,9 @@ pub struct VmSpec {
     /// A tap on banger's bridge, a static address, and `<name>.vm` in DNS.
     #[serde(default = "yes")]
     pub network: bool,
+    /// Stop after this long idle; `None`: the daemon's setting, `Some(0)`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_stop_idle_secs: Option<u64>,
 }
 
 fn yes() -> bool {

@@ -26,6 +26,7 @@ fn vm(name: &str) -> VmRecord {
             nat: false,
             peers: false,
             network: false,
+            auto_stop_idle_secs: None,
         },
         runtime: VmRuntime::default(),
         created_at: banger_store::now(),

@@ -73,6 +73,7 @@ impl App {
             default_work_disk_mib: cfg.default_work_disk_mib,
             console_log_max_bytes: cfg.console_log_max_kib << 10,
             agent_binary: sibling("banger-agent"),
+            auto_stop_idle_secs: cfg.auto_stop_idle_secs,
             busybox: std::env::var_os("BANGER_BUSYBOX")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/bin/busybox".into()),

@@ -83,11 +83,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     supervise("vm watcher", shutdown.clone(), move || {
         let (watcher, watch_stop) = (watcher.clone(), watch_stop.clone());
         async move {
+            let mut last_idle_pass = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = watch_stop.cancelled() => return Ok(()),
                     // A VMM that dies is noticed within a second.
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => watcher.vms.reap_dead().await,
+                }
+                if last_idle_pass.elapsed() >= crate::vm::IDLE_SAMPLE_EVERY {
+                    last_idle_pass = std::time::Instant::now();
+                    watcher.vms.stop_idle().await;
                 }
             }
         }

@@ -80,6 +80,10 @@ pub struct VmCreate {
     /// No tap, no address: the guest is reachable over vsock only.
     #[serde(default)]
     pub no_network: bool,
+    /// Stop the VM after this long idle (seconds); 0: never; none: the
+    /// daemon's `auto_stop_idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_stop_idle_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

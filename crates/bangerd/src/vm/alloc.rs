@@ -160,6 +160,7 @@ mod tests {
                 nat: false,
                 peers: false,
                 network: ip.is_some(),
+                auto_stop_idle_secs: None,
             },
             runtime: VmRuntime {
                 guest_ip: ip.map(String::from),
@@ -185,6 +186,7 @@ mod tests {
                 nat: true,
                 peers: false,
                 network: true,
+                auto_stop_idle_secs: None,
             },
             runtime: VmRuntime {
                 guest_ip: Some("10.0.0.7/24".into()),

@@ -21,6 +21,7 @@ impl VmService {
         }
         let vm = self.get(&p.name)?;
         let h = self.running_handles(&vm)?;
+        let _busy = self.busy(&vm.id);
         let uds = &h.launched.vsock_uds;
         let moved = if p.to_guest {
             copy::push(uds, op, host, &p.guest, progress).await?

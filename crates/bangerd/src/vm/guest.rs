@@ -117,6 +117,7 @@ impl VmService {
         }
         let vm = self.get(name)?;
         let h = self.running_handles(&vm)?;
+        let _busy = self.busy(&vm.id);
         let mut req = req;
         if req.cwd.is_none() {
             req.cwd = vm.runtime.workspace.clone();

@@ -34,6 +34,8 @@ mod copy_ops;
 mod create;
 mod delete;
 mod guest;
+mod idle;
+pub use idle::SAMPLE_EVERY as IDLE_SAMPLE_EVERY;
 mod observe;
 mod query;
 mod reconcile;
@@ -71,6 +73,8 @@ pub struct Settings {
     pub console_log_max_bytes: u64,
     pub agent_binary: PathBuf,
     pub busybox: PathBuf,
+    /// Stop VMs idle this long unless they say otherwise; 0: never.
+    pub auto_stop_idle_secs: u64,
 }
 
 pub struct VmService {
@@ -92,6 +96,10 @@ pub struct VmService {
     /// VM ids whose network teardown failed (helper unreachable): retried
     /// by the watcher until it succeeds.
     unclean: Mutex<std::collections::HashSet<String>>,
+    /// Calls in flight per VM id (exec, copy, workspace): not idle.
+    busy: Mutex<HashMap<String, usize>>,
+    /// Since when each running VM has been seen idle.
+    idle_since: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl VmService {
@@ -116,6 +124,8 @@ impl VmService {
             cancels: Mutex::new(HashMap::new()),
             interrupts: Mutex::new(HashMap::new()),
             unclean: Mutex::new(Default::default()),
+            busy: Mutex::new(HashMap::new()),
+            idle_since: Mutex::new(HashMap::new()),
         }
     }
 

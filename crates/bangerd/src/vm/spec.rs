@@ -63,6 +63,11 @@ pub fn validate(
             "--peers needs networking: drop --no-network",
         ));
     }
+    if p.auto_stop_idle_secs
+        .is_some_and(|s| s > banger_config::MAX_IDLE_SECS)
+    {
+        return Err(RpcError::bad_request("an idle limit longer than 30 days"));
+    }
     Ok(CreateRequest {
         name,
         spec: VmSpec {
@@ -74,6 +79,7 @@ pub fn validate(
             nat: p.nat,
             peers: p.peers,
             network: !p.no_network,
+            auto_stop_idle_secs: p.auto_stop_idle_secs,
         },
     })
 }
@@ -178,6 +184,7 @@ mod tests {
                 nat: false,
                 peers: false,
                 network: true,
+                auto_stop_idle_secs: None,
             }
         );
         let r = validate(

@@ -24,6 +24,7 @@ impl VmService {
         let (root, plan) = workspace::plan(&p.path, p.include_untracked).await?;
         let (_g, mut vm) = self.locked(&p.name).await?;
         let h = self.running_handles(&vm)?;
+        let _busy = self.busy(&vm.id);
         let work = kernel::tempdir_in(Path::new(&vm.runtime.vm_dir), ".workspace")?;
         let result = async {
             let mut from_sha = None;
@@ -93,6 +94,7 @@ impl VmService {
         }
         let vm = self.get(&p.name)?;
         let h = self.running_handles(&vm)?;
+        let _busy = self.busy(&vm.id);
         if vm.runtime.workspace.is_none() {
             return Err(RpcError::bad_request(format!("VM {} has no workspace", vm.name)));
         }
