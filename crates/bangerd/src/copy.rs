@@ -67,9 +67,10 @@ fn answer(s: &std::os::unix::net::UnixStream) -> Result<BulkResult, CopyError> {
     }
 }
 
-/// Frames writes as bulk chunks and counts them for progress.
+/// Frames writes as bulk chunks (`workspace::Chunked`) and counts them
+/// for progress.
 struct Chunks<'a, W> {
-    w: W,
+    w: crate::workspace::Chunked<W>,
     sent: u64,
     next_report: u64,
     progress: &'a (dyn Fn(&str) + Sync),
@@ -77,12 +78,7 @@ struct Chunks<'a, W> {
 
 impl<W: Write> Write for Chunks<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(BULK_CHUNK);
-        if n == 0 {
-            return Ok(0);
-        }
-        self.w.write_all(&(n as u32).to_be_bytes())?;
-        self.w.write_all(&buf[..n])?;
+        let n = self.w.write(buf)?;
         self.sent += n as u64;
         if self.sent >= self.next_report {
             (self.progress)(&format!("{} MiB sent", self.sent >> 20));
@@ -121,7 +117,7 @@ pub async fn push(
     tokio::task::block_in_place(|| {
         (&s).write_all(&header.to_line()).map_err(host_io(uds))?;
         let chunks = Chunks {
-            w: std::io::BufWriter::with_capacity(BULK_CHUNK, &s),
+            w: crate::workspace::Chunked(std::io::BufWriter::with_capacity(BULK_CHUNK, &s)),
             sent: 0,
             next_report: PROGRESS_EVERY,
             progress,
@@ -140,7 +136,7 @@ pub async fn push(
             .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
             .map_err(host_io(src))?;
         let sent = chunks.sent;
-        let mut w = chunks.w;
+        let mut w = chunks.w.0;
         w.flush().map_err(host_io(uds))?;
         drop(w);
         (&s).write_all(&0u32.to_be_bytes()).map_err(host_io(uds))?;

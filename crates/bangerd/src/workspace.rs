@@ -231,7 +231,7 @@ pub fn validate_ref(r: &str) -> Result<(), WorkspaceError> {
 }
 
 /// Frames every write as one bulk-port chunk (length prefix + bytes).
-struct Chunked<W>(W);
+pub(crate) struct Chunked<W>(pub(crate) W);
 
 impl<W: Write> Write for Chunked<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
