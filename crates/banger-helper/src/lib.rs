@@ -5,6 +5,7 @@
 pub mod error;
 pub mod firewall;
 pub mod net;
+pub mod netns;
 pub mod service;
 pub mod validate;
 

@@ -7,15 +7,18 @@ use crate::error::NetError;
 use crate::firewall::{self, Claim, Guest};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkKind {
     Bridge,
     Tap,
+    /// One end of a veth pair: a jailed VM's port on the bridge.
+    Veth,
     Other,
 }
 
@@ -60,7 +63,35 @@ pub trait NetOps: Send + Sync + 'static {
     fn guest_revoke(&self, vm: &str) -> impl Future<Output = Result<bool, NetError>> + Send;
     /// What each VM with rules holds.
     fn guest_claims(&self) -> impl Future<Output = Result<Vec<Claim>, NetError>> + Send;
+    /// Makes or completes a jailed VM's network (see [`JailLink`]); false
+    /// when all of it was there.
+    fn ensure_jail_net(&self, j: &JailLink) -> impl Future<Output = Result<bool, NetError>> + Send;
+    /// Removes a jailed VM's veth pair and namespace; false when neither
+    /// was there. Links that are not veths are left alone.
+    fn delete_jail_net(
+        &self,
+        netns: &Path,
+        tap: &str,
+        peer: &str,
+    ) -> impl Future<Output = Result<bool, NetError>> + Send;
 }
+
+/// A jailed VM's network, validated: in namespace `netns`, the tap `tap`
+/// (owned by `owner_uid`) and the veth end `peer` are ports of a bridge
+/// of the namespace's own; the other end of the veth, named `tap` too, is
+/// a port of the host bridge `bridge` (an index), where the guest's rules
+/// match it by that name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailLink {
+    pub netns: PathBuf,
+    pub tap: String,
+    pub peer: String,
+    pub bridge: u32,
+    pub owner_uid: u32,
+}
+
+/// The bridge inside a jailed VM's namespace joining its tap and its veth.
+const JAIL_BRIDGE: &str = "banger-jail";
 
 /// The real thing.
 pub struct LinuxNet {
@@ -90,6 +121,7 @@ fn describe(msg: &LinkMessage) -> Link {
                         kind = match k {
                             InfoKind::Bridge => LinkKind::Bridge,
                             InfoKind::Tun => LinkKind::Tap,
+                            InfoKind::Veth => LinkKind::Veth,
                             _ => LinkKind::Other,
                         };
                     }
@@ -217,6 +249,112 @@ impl NetOps for LinuxNet {
         let mut links = self.handle.link();
         Ok(links.del(index).execute().await?)
     }
+
+    async fn ensure_jail_net(&self, j: &JailLink) -> Result<bool, NetError> {
+        let mut changed = crate::netns::create(&j.netns).await?;
+        if self.link(&j.tap).await?.is_none() {
+            // A crash between making the pair and moving its end away
+            // leaves that end here, alone once its partner is gone.
+            if let Some(stale) = self.link(&j.peer).await? {
+                self.delete_link(stale.index).await?;
+            }
+            self.handle
+                .link()
+                .add(LinkVeth::new(&j.tap, &j.peer).build())
+                .execute()
+                .await?;
+            changed = true;
+        }
+        if self.link(&j.peer).await?.is_some() {
+            let ns = std::fs::File::open(&j.netns).map_err(|source| NetError::Os {
+                what: format!("opening {}", j.netns.display()),
+                source,
+            })?;
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_name(&j.peer)
+                        .setns_by_fd(ns.as_raw_fd())
+                        .build(),
+                )
+                .execute()
+                .await?;
+            changed = true;
+        }
+        let host = self
+            .link(&j.tap)
+            .await?
+            .ok_or_else(|| NetError::NoLink(j.tap.clone()))?;
+        if !host.up || host.controller != Some(j.bridge) {
+            self.set_up(host.index, Some(j.bridge)).await?;
+            changed = true;
+        }
+        let (tap, peer, owner) = (j.tap.clone(), j.peer.clone(), j.owner_uid);
+        Ok(crate::netns::run_in(&j.netns, move || inside_jail(&tap, &peer, owner)).await? || changed)
+    }
+
+    async fn delete_jail_net(&self, netns: &Path, tap: &str, peer: &str) -> Result<bool, NetError> {
+        let mut changed = false;
+        for name in [tap, peer] {
+            if let Some(l) = self.link(name).await? {
+                if l.kind == LinkKind::Veth {
+                    // Either end takes its partner with it.
+                    self.delete_link(l.index).await?;
+                    changed = true;
+                }
+            }
+        }
+        Ok(crate::netns::remove(netns)? || changed)
+    }
+}
+
+/// Inside a jailed VM's namespace (on the thread that entered it): the
+/// loopback up, the VM's tap, and a bridge joining the tap to the veth.
+/// Its own netlink socket, made here, speaks for this namespace.
+fn inside_jail(tap: &str, peer: &str, owner_uid: u32) -> Result<bool, NetError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| NetError::Os {
+            what: "starting a runtime in the namespace".into(),
+            source,
+        })?;
+    rt.block_on(async {
+        let net = LinuxNet::new()?;
+        let mut changed = false;
+        if let Some(lo) = net.link("lo").await? {
+            if !lo.up {
+                net.set_up(lo.index, None).await?;
+            }
+        }
+        if net.link(tap).await?.is_none() {
+            tun::create_persistent_tap(tap, Some(owner_uid))?;
+            changed = true;
+        }
+        if net.link(JAIL_BRIDGE).await?.is_none() {
+            net.create_bridge(JAIL_BRIDGE).await?;
+            changed = true;
+        }
+        let bridge = net
+            .link(JAIL_BRIDGE)
+            .await?
+            .ok_or_else(|| NetError::NoLink(JAIL_BRIDGE.into()))?;
+        if !bridge.up {
+            net.set_up(bridge.index, None).await?;
+            changed = true;
+        }
+        for name in [tap, peer] {
+            let l = net
+                .link(name)
+                .await?
+                .ok_or_else(|| NetError::NoLink(name.into()))?;
+            if !l.up || l.controller != Some(bridge.index) {
+                net.set_up(l.index, Some(bridge.index)).await?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    })
 }
 
 /// The TUN/TAP ioctls: netlink cannot create a tap.

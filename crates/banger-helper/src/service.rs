@@ -2,10 +2,11 @@
 
 use crate::error::NetError;
 use crate::firewall::{mac_string, Guest};
-use crate::net::{Link, LinkKind, NetOps};
+use crate::net::{JailLink, Link, LinkKind, NetOps};
 use crate::validate::{self, Invalid};
 use banger_proto::methods::helper::{
-    self as m, BridgeEnsure, Changed, GuestNet, GuestRef, GuestRules, HelperInfo, LinkName, TapCreate,
+    self as m, BridgeEnsure, Changed, GuestNet, GuestRef, GuestRules, HelperInfo, JailNet, JailNetReady,
+    JailNetRef, LinkName, TapCreate,
 };
 use banger_proto::{handler, Router, RpcError, PROTOCOL_VERSION};
 use std::sync::Arc;
@@ -132,21 +133,11 @@ impl<N: NetOps> PrivService<N> {
         Ok(Changed { changed })
     }
 
-    /// `caller` is the peer's uid: an unprivileged caller may make a tap
-    /// only for itself, never for anyone else (root included). Root may
-    /// give one to any uid (a daemon running as root gives each jailed
-    /// Firecracker's tap to that VM's own uid): root needs no helper to do
-    /// that, so nothing is granted that it did not have.
+    /// `caller` is the peer's uid; see [`may_own`].
     pub async fn tap_create(&self, p: TapCreate, caller: u32) -> Result<Changed, RpcError> {
         validate::tap_name(&p.name).map_err(invalid)?;
         if let Some(uid) = p.owner_uid {
-            let allowed = uid == caller || caller == 0;
-            if !allowed {
-                return Err(RpcError::new(
-                    banger_proto::ErrorCode::Unauthorized,
-                    format!("uid {caller} may not create a tap owned by uid {uid}"),
-                ));
-            }
+            may_own(caller, uid)?;
         }
         let controller = match &p.bridge {
             Some(b) => {
@@ -175,6 +166,61 @@ impl<N: NetOps> PrivService<N> {
                 .map_err(|e| failed("bringing the tap up", e))?;
             changed = true;
         }
+        Ok(Changed { changed })
+    }
+
+    /// A jailed VM's network: its namespace, its tap inside (owned as
+    /// `tap_create` allows), and the veth pair to the bridge, whose host
+    /// end takes the tap's name so the guest's rules apply to it as to a
+    /// tap. Refused if that name is held by anything but such a veth.
+    pub async fn jail_net_ensure(&self, p: JailNet, caller: u32) -> Result<JailNetReady, RpcError> {
+        validate::vm_tag(&p.vm).map_err(invalid)?;
+        let peer = validate::jail_peer(&p.tap).map_err(invalid)?;
+        validate::bridge_name(&p.bridge).map_err(invalid)?;
+        may_own(caller, p.owner_uid)?;
+        let bridge = self.bridge(&p.bridge).await?;
+        for name in [&p.tap, &peer] {
+            match self
+                .net
+                .link(name)
+                .await
+                .map_err(|e| failed("looking up the VM's port", e))?
+            {
+                None => {}
+                Some(l) if l.kind == LinkKind::Veth => {}
+                Some(_) => {
+                    return Err(RpcError::already_exists(format!(
+                        "{name} exists and is not a jailed VM's port"
+                    )))
+                }
+            }
+        }
+        let link = JailLink {
+            netns: crate::netns::path_for(&p.vm),
+            tap: p.tap,
+            peer,
+            bridge: bridge.index,
+            owner_uid: p.owner_uid,
+        };
+        let changed = self
+            .net
+            .ensure_jail_net(&link)
+            .await
+            .map_err(|e| failed("making the VM's network namespace", e))?;
+        Ok(JailNetReady {
+            changed,
+            netns: link.netns.display().to_string(),
+        })
+    }
+
+    pub async fn jail_net_delete(&self, p: JailNetRef) -> Result<Changed, RpcError> {
+        validate::vm_tag(&p.vm).map_err(invalid)?;
+        let peer = validate::jail_peer(&p.tap).map_err(invalid)?;
+        let changed = self
+            .net
+            .delete_jail_net(&crate::netns::path_for(&p.vm), &p.tap, &peer)
+            .await
+            .map_err(|e| failed("removing the VM's network namespace", e))?;
         Ok(Changed { changed })
     }
 
@@ -238,8 +284,8 @@ impl<N: NetOps> PrivService<N> {
             .await
             .map_err(|e| failed("looking up the tap", e))?
         {
-            Some(l) if l.kind == LinkKind::Tap && l.controller == Some(bridge.index) => {}
-            Some(l) if l.kind == LinkKind::Tap => {
+            Some(l) if is_port(&l) && l.controller == Some(bridge.index) => {}
+            Some(l) if is_port(&l) => {
                 return Err(RpcError::bad_request(format!(
                     "tap {} is not attached to bridge {}",
                     p.tap, p.bridge
@@ -335,6 +381,27 @@ impl<N: NetOps> PrivService<N> {
     }
 }
 
+/// A guest's port on the bridge: its tap, or the host end of its veth
+/// when its VMM runs in a namespace of its own.
+fn is_port(l: &Link) -> bool {
+    matches!(l.kind, LinkKind::Tap | LinkKind::Veth)
+}
+
+/// An unprivileged caller may give a link only to itself, never to anyone
+/// else (root included). Root may give one to any uid (a daemon running as
+/// root gives each jailed Firecracker's tap to that VM's own uid): root
+/// needs no helper to do that, so nothing is granted that it did not have.
+fn may_own(caller: u32, uid: u32) -> Result<(), RpcError> {
+    if uid == caller || caller == 0 {
+        Ok(())
+    } else {
+        Err(RpcError::new(
+            banger_proto::ErrorCode::Unauthorized,
+            format!("uid {caller} may not create a tap owned by uid {uid}"),
+        ))
+    }
+}
+
 /// The helper's router: root and `owner_uid` may call it, nobody else.
 pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
     Router::new("helper")
@@ -352,6 +419,8 @@ pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
         .method::<m::GuestAllowM, _, _>(handler!(svc, |_, p| svc.guest_allow(p).await))
         .method::<m::GuestRevokeM, _, _>(handler!(svc, |_, p| svc.guest_revoke(p).await))
         .method::<m::GuestListM, _, _>(handler!(svc, |_, _| svc.guest_list().await))
+        .method::<m::JailNetEnsureM, _, _>(handler!(svc, |ctx, p| svc.jail_net_ensure(p, ctx.peer_uid).await))
+        .method::<m::JailNetDeleteM, _, _>(handler!(svc, |_, p| svc.jail_net_delete(p).await))
 }
 
 #[cfg(test)]
@@ -467,6 +536,40 @@ mod tests {
             self.calls.lock().unwrap().push(format!("delete {index}"));
             self.links.lock().unwrap().retain(|_, l| l.index != index);
             Ok(())
+        }
+        async fn ensure_jail_net(&self, j: &JailLink) -> Result<bool, NetError> {
+            self.calls.lock().unwrap().push(format!(
+                "ensure_jail_net {} {} {} uid={}",
+                j.netns.display(),
+                j.tap,
+                j.peer,
+                j.owner_uid
+            ));
+            if self.links.lock().unwrap().contains_key(&j.tap) {
+                return Ok(false);
+            }
+            self.add(&j.tap, LinkKind::Veth);
+            if let Some(l) = self.links.lock().unwrap().get_mut(&j.tap) {
+                (l.up, l.controller) = (true, Some(j.bridge));
+            }
+            Ok(true)
+        }
+        async fn delete_jail_net(
+            &self,
+            netns: &std::path::Path,
+            tap: &str,
+            peer: &str,
+        ) -> Result<bool, NetError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("delete_jail_net {} {tap} {peer}", netns.display()));
+            let mut l = self.links.lock().unwrap();
+            let had = l.get(tap).is_some_and(|l| l.kind == LinkKind::Veth);
+            if had {
+                l.remove(tap);
+            }
+            Ok(had)
         }
     }
 
@@ -755,5 +858,74 @@ mod tests {
             .await
             .is_err());
         assert!(s.net.calls().is_empty());
+    }
+
+    fn jail(vm: &str, tap: &str, uid: u32) -> JailNet {
+        JailNet {
+            vm: vm.into(),
+            tap: tap.into(),
+            bridge: "banger0".into(),
+            owner_uid: uid,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_jailed_vms_network_is_validated_before_any_effect() {
+        let s = with_taps().await;
+        let before = s.net.calls().len();
+        let refused = [
+            (jail("../x", "bgt1", 0), 0, "vm tag"),
+            (jail("a1", "eth0", 0), 0, "not a banger tap"),
+            (jail("a1", "bgt", 0), 0, "bare prefix"),
+            (jail("a1", "bgt1", 0), 1000, "someone else's uid"),
+            (
+                JailNet {
+                    bridge: "banger9".into(),
+                    ..jail("a1", "bgt1", 0)
+                },
+                0,
+                "no such bridge",
+            ),
+            // bgta is a real tap: never taken over as a port.
+            (jail("a1", "bgta", 0), 0, "name held by a tap"),
+        ];
+        for (p, caller, why) in refused {
+            assert!(s.jail_net_ensure(p, caller).await.is_err(), "{why}");
+        }
+        assert!(
+            s.jail_net_delete(JailNetRef {
+                vm: "a/b".into(),
+                tap: "bgt1".into()
+            })
+            .await
+            .is_err(),
+            "delete with a bad tag"
+        );
+        assert_eq!(s.net.calls().len(), before, "{:?}", s.net.calls());
+
+        let made = s.jail_net_ensure(jail("a1", "bgt1", 1000), 1000).await.unwrap();
+        assert!(made.changed);
+        assert_eq!(made.netns, "/run/netns/banger-a1");
+        assert!(s
+            .net
+            .calls()
+            .contains(&"ensure_jail_net /run/netns/banger-a1 bgt1 bgn1 uid=1000".to_string()));
+        assert!(
+            !s.jail_net_ensure(jail("a1", "bgt1", 1000), 1000)
+                .await
+                .unwrap()
+                .changed
+        );
+        // The veth is a port the guest's rules may name.
+        assert!(s
+            .guest_allow(guest("a1", "bgt1", "52:54:00:00:00:09", "172.30.0.9"))
+            .await
+            .is_ok());
+        let r = JailNetRef {
+            vm: "a1".into(),
+            tap: "bgt1".into(),
+        };
+        assert!(s.jail_net_delete(r.clone()).await.unwrap().changed);
+        assert!(!s.jail_net_delete(r).await.unwrap().changed);
     }
 }

@@ -62,6 +62,13 @@ pub fn tap_name(name: &str) -> Result<(), Invalid> {
     prefixed("tap", name, TAP_PREFIX)
 }
 
+/// The namespace end of a jailed VM's veth pair, named after its tap (the
+/// host end is named like the tap itself): `bgtX` gives `bgnX`.
+pub fn jail_peer(tap: &str) -> Result<String, Invalid> {
+    tap_name(tap)?;
+    Ok(format!("bgn{}", &tap[TAP_PREFIX.len()..]))
+}
+
 /// Parses `a.b.c.d/len`.
 pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), Invalid> {
     let bad = || Invalid::Address(s.to_string());

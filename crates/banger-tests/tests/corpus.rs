@@ -22,6 +22,9 @@ const BAD: &[&str] = &["bad_request"];
 const MISSING: &[&str] = &["not_found"];
 const BAD_OR_MISSING: &[&str] = &["bad_request", "not_found"];
 const DENIED: &[&str] = &["unauthorized"];
+/// A call that gives uid 0 a link: root's reaches the missing bridge, the
+/// owner's is refused first for naming another uid.
+const MISSING_OR_DENIED: &[&str] = &["not_found", "unauthorized"];
 
 fn case(label: impl Into<String>, method: &str, params: Value, expect: &'static [&'static str]) -> Case {
     let frame = json!({"version": 1, "method": method, "params": params});
@@ -207,6 +210,24 @@ fn helper_cases() -> Vec<Case> {
             json!({"vm": name}),
             BAD,
         ));
+        v.push(case(
+            format!("netns vm {name:?}"),
+            "priv.netns.ensure",
+            json!({"vm": name, "tap": "bgtcorpus", "bridge": "banger0", "owner_uid": 0}),
+            BAD,
+        ));
+        v.push(case(
+            format!("netns tap {name:?}"),
+            "priv.netns.ensure",
+            json!({"vm": "corpusvm", "tap": name, "bridge": "banger0", "owner_uid": 0}),
+            BAD,
+        ));
+        v.push(case(
+            format!("netns delete {name:?}"),
+            "priv.netns.delete",
+            json!({"vm": name, "tap": "bgtcorpus"}),
+            BAD,
+        ));
     }
     for other in ["eth0", "lo", "docker0", "virbr0", "br0", "veth0"] {
         v.push(case(
@@ -231,6 +252,24 @@ fn helper_cases() -> Vec<Case> {
             format!("open foreign link {other}"),
             "priv.tap.open",
             json!({"name": other}),
+            BAD,
+        ));
+        v.push(case(
+            format!("netns port named {other}"),
+            "priv.netns.ensure",
+            json!({"vm": "corpusvm", "tap": other, "bridge": "banger0", "owner_uid": 0}),
+            BAD,
+        ));
+        v.push(case(
+            format!("netns on foreign bridge {other}"),
+            "priv.netns.ensure",
+            json!({"vm": "corpusvm", "tap": "bgtcorpus", "bridge": other, "owner_uid": 0}),
+            BAD,
+        ));
+        v.push(case(
+            format!("netns delete of foreign link {other}"),
+            "priv.netns.delete",
+            json!({"vm": "corpusvm", "tap": other}),
             BAD,
         ));
     }
@@ -326,6 +365,12 @@ fn helper_cases() -> Vec<Case> {
             json!({"name": "bgtcorpus", "bridge": bridge}),
             MISSING,
         ));
+        v.push(case(
+            format!("netns on missing bridge {bridge}"),
+            "priv.netns.ensure",
+            json!({"vm": "corpusvm", "tap": "bgtcorpus", "bridge": bridge, "owner_uid": 0}),
+            MISSING_OR_DENIED,
+        ));
     }
     v.push(case(
         "open missing tap",
@@ -340,6 +385,12 @@ fn helper_cases() -> Vec<Case> {
             json!({"name": "bgtcorpus", "owner_uid": uid}),
             BAD,
         ));
+        v.push(case(
+            format!("netns owner {uid}"),
+            "priv.netns.ensure",
+            json!({"vm": "corpusvm", "tap": "bgtcorpus", "bridge": "banger0", "owner_uid": uid}),
+            BAD,
+        ));
     }
     for (method, field) in [
         ("priv.bridge.ensure", "name"),
@@ -347,6 +398,8 @@ fn helper_cases() -> Vec<Case> {
         ("priv.tap.delete", "name"),
         ("priv.tap.open", "name"),
         ("priv.guest.revoke", "vm"),
+        ("priv.netns.ensure", "vm"),
+        ("priv.netns.delete", "vm"),
     ] {
         for p in wrong_shapes(field) {
             v.push(case(format!("{method} params {p}"), method, p, BAD));

@@ -357,12 +357,43 @@ fn a_jailed_firecracker_is_confined_and_leaves_nothing() {
     let logs = jailed(&env, &["vm", "logs", "fcj"]);
     assert!(logs.contains("TINY_GUEST_VSOCK_READY"), "{logs}");
     let tap = format!("bgt{}", &id[..8]);
-    let link =
-        String::from_utf8_lossy(&env.ip_in_helper_ns(&["-d", "link", "show", &tap]).stdout).into_owned();
+    // It runs in a network namespace of its own: the tap is there (owned by
+    // the VM's uid) and no link of the host is.
+    let netns = PathBuf::from(format!("/run/netns/banger-{id}"));
+    let ns_of = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+    assert_eq!(
+        ns_of(&PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        ns_of(&netns),
+        "the jailed VMM is not in its VM's namespace"
+    );
+    let ns_name = format!("banger-{id}");
+    let inside = std::process::Command::new("ip")
+        .args(["-n", &ns_name, "-d", "link", "show", &tap])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&inside.stdout).into_owned();
+    assert!(
+        link.contains("tun type tap"),
+        "no tap in the VM's namespace: {link}"
+    );
     assert!(
         link.contains(&format!("user {uid}")),
         "tap not owned by the VM's uid: {link}"
     );
+    let all = std::process::Command::new("ip")
+        .args(["-n", &ns_name, "-o", "link"])
+        .output()
+        .unwrap();
+    let all = String::from_utf8_lossy(&all.stdout).into_owned();
+    assert!(!all.contains("banger0"), "the host's bridge is visible: {all}");
+    // Its port on banger's bridge is the veth named like the tap.
+    let port =
+        String::from_utf8_lossy(&env.ip_in_helper_ns(&["-d", "link", "show", &tap]).stdout).into_owned();
+    assert!(port.contains("veth") && port.contains("master banger"), "{port}");
 
     // A daemon killed with -9 adopts it (it is recognised by its jail).
     env.kill_daemon();
@@ -380,6 +411,11 @@ fn a_jailed_firecracker_is_confined_and_leaves_nothing() {
     );
     jailed(&env, &["vm", "stop", "fcj"]);
     assert!(env.vm_processes().is_empty(), "{:?}", env.vm_processes());
+    assert!(!netns.exists(), "the VM's namespace outlived the stop");
+    assert!(
+        !env.ip_in_helper_ns(&["link", "show", &tap]).status.success(),
+        "the VM's port outlived the stop"
+    );
     assert!(!dir.join("jail").exists(), "the jail outlived the stop");
     for c in [
         "/sys/fs/cgroup/banger",

@@ -1023,3 +1023,110 @@ fn rules_of_the_older_layout_are_replaced() {
     assert!(lab.revoke(&lab.a));
     assert!(!lab.ruleset().contains("banger:"), "{}", lab.ruleset());
 }
+
+/// Removes a named namespace the test made, however the test ends.
+struct NamedNsGuard(String);
+
+impl Drop for NamedNsGuard {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.clone()).unwrap();
+        // SAFETY: a NUL-terminated path; failure (nothing mounted) is fine.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs `f` on a thread inside the named namespace at `path`.
+fn in_named_ns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: a valid namespace descriptor; only this thread moves.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// A guest whose VMM runs in a network namespace of its own (Firecracker
+/// under its jailer) is confined exactly like one on a tap: the helper
+/// makes the namespace, the tap inside it owned by the VM's uid, and a veth
+/// pair to the bridge whose host end carries the tap's name and the
+/// guest's rules. A spoofed address is dropped at that port, the guest's
+/// own gets through, and removing it leaves no namespace and no link.
+#[test]
+fn a_guest_in_a_namespace_of_its_own_is_confined_the_same() {
+    let lab = Lab::new();
+    let env = &lab.env;
+    // Named namespaces are the host's: a tag of this run's own.
+    let tag: &'static str = Box::leak(format!("c{}", std::process::id()).into_boxed_str());
+    let _cleanup = NamedNsGuard(format!("/run/netns/banger-{tag}"));
+    let (tap, uid) = ("bgtc", 4242);
+    let params = format!(r#"{{"vm":"{tag}","tap":"{tap}","bridge":"{BRIDGE}","owner_uid":{uid}}}"#);
+    let out = call(env, "priv.netns.ensure", &params).unwrap_or_else(|e| panic!("priv.netns.ensure: {e}"));
+    let ready: Value = serde_json::from_str(out.trim()).unwrap();
+    let ns = ready["netns"].as_str().expect("netns").to_string();
+    assert_eq!(ns, format!("/run/netns/banger-{tag}"));
+    assert_eq!(ready["changed"], true);
+    let again = call(env, "priv.netns.ensure", &params).unwrap();
+    assert!(!changed(&again), "a second ensure changed something: {again}");
+
+    // Inside: the tap, owned by the VM's uid, on the namespace's bridge.
+    let inside = std::process::Command::new("ip")
+        .args(["-n", &format!("banger-{tag}"), "-d", "link", "show", tap])
+        .output()
+        .unwrap();
+    let inside = String::from_utf8_lossy(&inside.stdout);
+    assert!(
+        inside.contains("tun type tap"),
+        "no tap in the namespace: {inside}"
+    );
+    assert!(inside.contains(&format!("user {uid}")), "{inside}");
+    // On the host side, the name is the veth's, on banger's bridge.
+    let host = env.ip_in_helper_ns(&["-d", "link", "show", tap]);
+    let host = String::from_utf8_lossy(&host.stdout);
+    assert!(host.contains("veth"), "{host}");
+    assert!(host.contains(&format!("master {BRIDGE}")), "{host}");
+
+    let c = Guest {
+        tag,
+        tap_name: tap,
+        mac: [0x52, 0x54, 0, 4, 4, 4],
+        ip: Ipv4Addr::new(172, 30, 0, 4),
+        tap: in_named_ns(&ns, move || open_tap(tap)),
+    };
+    assert!(lab.allow(&c, false, false));
+    let dns = bind_udp(lab.pid, "172.30.0.1:53");
+    let mut c = c;
+    for (src, data) in [(lab.a.ip, "as-a"), (Ipv4Addr::new(172, 30, 0, 99), "as-99")] {
+        let f = lab.to_host(&c, &udp(src, GATEWAY, 5000, 53, data.as_bytes()));
+        c.send(&f);
+    }
+    let f = lab.to_host(&c, &udp(c.ip, GATEWAY, 5000, 53, b"legit"));
+    c.send(&f);
+    let seen = recv_until(&dns, b"legit");
+    assert_eq!(
+        data_of(&seen),
+        [format!("{}:5000 legit", c.ip)],
+        "a spoofed source address got through the namespace's port"
+    );
+
+    // The VMM is gone (its tap closed), then its network is removed.
+    drop(c);
+    assert!(lab.revoke(&Guest {
+        tag,
+        tap_name: tap,
+        mac: [0; 6],
+        ip: GATEWAY,
+        tap: File::open("/dev/null").unwrap(),
+    }));
+    let del = format!(r#"{{"vm":"{tag}","tap":"{tap}"}}"#);
+    assert!(changed(&call(env, "priv.netns.delete", &del).unwrap()));
+    assert!(!std::path::Path::new(&ns).exists(), "{ns} outlived the delete");
+    wait_for("the veth gone", DEADLINE, || {
+        (!env.ip_in_helper_ns(&["link", "show", tap]).status.success()).then_some(())
+    });
+    assert!(!changed(&call(env, "priv.netns.delete", &del).unwrap()));
+}

@@ -384,7 +384,8 @@ impl Firecracker {
                 let layout = crate::jailer::layout(dir, &self.binary)?;
                 let uid = jail.uid(spec.vsock_cid);
                 let jailed = crate::jailer::prepare(spec, &self.binary, &layout, uid)?;
-                let cmd = crate::jailer::command(jail, &self.binary, &layout, uid, spec.memory_mib);
+                let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
+                let cmd = crate::jailer::command(jail, &self.binary, &layout, uid, spec.memory_mib, netns);
                 (Paths::new(&layout.root), Paths::new(Path::new("/")), jailed, cmd)
             }
         };

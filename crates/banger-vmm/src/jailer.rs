@@ -216,13 +216,16 @@ pub fn prepare(
 
 /// The jailer's command line (Firecracker's own arguments after `--`): the
 /// VM's cgroup caps its memory (the guest's plus Firecracker's overhead)
-/// and its processes.
+/// and its processes; with `netns`, Firecracker runs in that network
+/// namespace (where the root helper put the VM's tap) and sees no other
+/// link of the host.
 pub fn command(
     cfg: &JailConfig,
     firecracker: &Path,
     layout: &Layout,
     uid: u32,
     memory_mib: u32,
+    netns: Option<&Path>,
 ) -> tokio::process::Command {
     let memory = (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20;
     let (version, memory_limit) = if cgroup_v2() {
@@ -248,10 +251,11 @@ pub fn command(
         .arg("--cgroup")
         .arg(memory_limit)
         .arg("--cgroup")
-        .arg(format!("pids.max={PIDS_MAX}"))
-        .arg("--")
-        .arg("--api-sock")
-        .arg("/firecracker.sock");
+        .arg(format!("pids.max={PIDS_MAX}"));
+    if let Some(ns) = netns {
+        cmd.arg("--netns").arg(ns);
+    }
+    cmd.arg("--").arg("--api-sock").arg("/firecracker.sock");
     cmd
 }
 

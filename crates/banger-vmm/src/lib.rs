@@ -78,6 +78,9 @@ pub struct NetSpec {
     /// that can take one use it instead of opening the tap by name.
     pub fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     pub mac: String,
+    /// The network namespace the tap lives in, when it is not the
+    /// caller's (a jailed Firecracker is started inside it).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// What a launch produced: enough to supervise, reach and tear down the VM.

@@ -100,6 +100,7 @@ fn launch_spec() -> LaunchSpec {
         ],
         vsock_cid: 3,
         net: Some(banger_vmm::NetSpec {
+            netns: None,
             tap: "bgt0a1b2c3d".into(),
             fd: None,
             mac: "52:54:00:0a:1b:2c".into(),

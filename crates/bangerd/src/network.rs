@@ -135,6 +135,48 @@ impl NetworkService {
         fd.ok_or_else(|| NetworkError::NoTapDescriptor { tap: tap.to_string() })
     }
 
+    /// Bridge, then a network namespace of the VM's own holding its tap
+    /// (owned by `owner_uid`), joined to the bridge by a veth pair whose
+    /// host end is named like the tap. Returns the namespace's path, in
+    /// which the VMM is to be started.
+    pub async fn attach_jailed(
+        &self,
+        op: &OpId,
+        vm: &str,
+        tap: &str,
+        owner_uid: u32,
+    ) -> Result<std::path::PathBuf, NetworkError> {
+        self.ensure(op).await?;
+        let ready = self
+            .helper
+            .call::<m::JailNetEnsureM>(
+                op,
+                &m::JailNet {
+                    vm: vm.to_string(),
+                    tap: tap.to_string(),
+                    bridge: self.bridge.clone(),
+                    owner_uid,
+                },
+            )
+            .await?;
+        Ok(ready.netns.into())
+    }
+
+    /// Removes what `attach_jailed` made, if anything; a no-op for a VM
+    /// whose tap is on the host.
+    pub async fn detach_jailed(&self, op: &OpId, vm: &str, tap: &str) -> Result<(), NetworkError> {
+        self.helper
+            .call::<m::JailNetDeleteM>(
+                op,
+                &m::JailNetRef {
+                    vm: vm.to_string(),
+                    tap: tap.to_string(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn detach(&self, op: &OpId, tap: &str) -> Result<(), NetworkError> {
         self.helper
             .call::<m::TapDeleteM>(

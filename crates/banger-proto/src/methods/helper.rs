@@ -105,3 +105,41 @@ method!(
     /// Lists the VMs that have rules.
     GuestListM = "priv.guest.list", Empty => GuestRules
 );
+
+/// The network of a VM whose VMM runs in a network namespace of its own
+/// (Firecracker under its jailer): the namespace, the VM's tap inside it
+/// (owned by `owner_uid`), and a veth pair carrying its frames to `bridge`.
+/// The host end of the pair is named like the tap, so the guest's rules
+/// (`priv.guest.allow` with `tap`) confine it exactly as they confine a tap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JailNet {
+    /// The VM's tag (its id): it names the namespace.
+    pub vm: String,
+    pub tap: String,
+    pub bridge: String,
+    pub owner_uid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JailNetRef {
+    pub vm: String,
+    pub tap: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JailNetReady {
+    pub changed: bool,
+    /// The namespace's path, for the jailer's `--netns`.
+    pub netns: String,
+}
+
+method!(
+    /// Makes (or completes) a VM's namespace, its tap and the veth pair to
+    /// the bridge; idempotent.
+    JailNetEnsureM = "priv.netns.ensure", JailNet => JailNetReady
+);
+method!(
+    /// Removes a VM's namespace and its veth pair (the tap goes with the
+    /// namespace); removing what is absent succeeds with `changed: false`.
+    JailNetDeleteM = "priv.netns.delete", JailNetRef => Changed
+);

@@ -104,14 +104,27 @@ impl VmService {
     ) -> Result<Launched, (RpcError, bool)> {
         if let Some(tap) = vm.runtime.tap.clone() {
             crate::ops::stage("network");
-            // A jailed Firecracker opens its tap as the VM's own uid.
-            let owner = match (&self.settings.jail, VmmKind::parse(&vm.spec.vmm)) {
-                (Some(j), Some(VmmKind::Firecracker)) => j.uid(spec.vsock_cid),
-                // SAFETY: getuid cannot fail.
-                _ => unsafe { libc::getuid() },
+            // A jailed Firecracker runs in a network namespace of its own,
+            // where its tap is, and opens the tap as the VM's own uid.
+            let jailed_uid = match (&self.settings.jail, VmmKind::parse(&vm.spec.vmm)) {
+                (Some(j), Some(VmmKind::Firecracker)) => Some(j.uid(spec.vsock_cid)),
+                _ => None,
             };
-            let fd = match self.network.attach(op, &tap, owner).await {
-                Ok(fd) => fd,
+            let attached = match jailed_uid {
+                Some(uid) => self
+                    .network
+                    .attach_jailed(op, &vm.id, &tap, uid)
+                    .await
+                    .map(|ns| (None, Some(ns))),
+                // SAFETY: getuid cannot fail.
+                None => self
+                    .network
+                    .attach(op, &tap, unsafe { libc::getuid() })
+                    .await
+                    .map(|fd| (Some(fd), None)),
+            };
+            let (fd, netns) = match attached {
+                Ok(a) => a,
                 Err(e) => {
                     self.teardown(vm, None).await;
                     return Err((e.into(), false));
@@ -120,11 +133,12 @@ impl VmService {
             // QEMU gets the open tap (it cannot open one unprivileged);
             // Firecracker opens it by name itself, which fails while
             // another descriptor is attached, so ours is closed.
-            let fd = (VmmKind::parse(&vm.spec.vmm) == Some(VmmKind::Qemu)).then(|| Arc::new(fd));
+            let fd = fd.filter(|_| VmmKind::parse(&vm.spec.vmm) == Some(VmmKind::Qemu));
             spec.net = Some(banger_vmm::NetSpec {
                 tap,
-                fd,
+                fd: fd.map(Arc::new),
                 mac: mac_for(&vm.id),
+                netns,
             });
             // The tap drops every frame until the guest's rules are in:
             // only its MAC and address, NAT and peers as the spec says.

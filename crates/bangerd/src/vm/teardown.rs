@@ -67,6 +67,16 @@ impl VmService {
                 tracing::warn!(vm = %vm.name, error = %e, "could not remove the guest's rules; will retry");
                 network_clean = false;
             }
+            // A VM whose VMM ran in a namespace of its own: the veth pair
+            // and the namespace go first (the tap goes with them), or the
+            // veth named like the tap would be refused as not a tap.
+            let jailable = banger_vmm::VmmKind::parse(&vm.spec.vmm) == Some(banger_vmm::VmmKind::Firecracker);
+            if jailable {
+                if let Err(e) = self.network.detach_jailed(&op, &vm.id, tap).await {
+                    tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not remove the VM's network namespace; will retry");
+                    network_clean = false;
+                }
+            }
             if let Err(e) = self.network.detach(&op, tap).await {
                 tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not delete the tap; will retry");
                 network_clean = false;
