@@ -10,6 +10,7 @@ mod init;
 mod inspect;
 mod procfs;
 mod seed;
+mod stream;
 mod system;
 
 use anyhow::Result;
@@ -70,6 +71,13 @@ fn router() -> Router {
                 })
             }
         })
+        .method::<a::Info, _, _>(|_, _| async {
+            Ok(a::AgentInfo {
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: 2,
+                features: vec![a::FEATURE_EXEC_STREAM.into()],
+            })
+        })
         .method::<a::Exec, _, _>(exec::run)
         .method::<a::Ports, _, _>(|_, _| inspect::ports())
         .method::<a::Stats, _, _>(|_, _| inspect::stats())
@@ -118,6 +126,11 @@ async fn serve(port: u32) -> Result<()> {
     tokio::spawn(async {
         if let Err(e) = bulk::serve().await {
             tracing::error!(error = %e, "bulk port failed");
+        }
+    });
+    tokio::spawn(async {
+        if let Err(e) = stream::serve().await {
+            tracing::error!(error = %e, "stream port failed");
         }
     });
     loop {

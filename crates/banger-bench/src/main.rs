@@ -54,6 +54,13 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         megabytes: usize,
     },
+    /// A command's output and input streamed through `vm exec` against the
+    /// same over ssh: `vm exec -- cat /dev/zero | head -c N` and
+    /// `head -c N /dev/zero | vm exec -i -- wc -c`.
+    ExecStream {
+        #[arg(long, default_value_t = 1024)]
+        megabytes: usize,
+    },
     /// Guest→host throughput (`vm exec -- cat FILE`) against host→guest
     /// (`vm workspace prepare` of a repo holding that file).
     GuestOutput {
@@ -520,6 +527,94 @@ fn copy_and_exec(b: &Bench, runs: usize, mb: usize) -> Result<()> {
     Ok(())
 }
 
+/// Streams `mb` MiB out of and into a guest command, through `vm exec`
+/// and through ssh to the same guest in the same run. Out: an endless
+/// producer cut by `head` on the host (which also shows that the guest's
+/// `cat` ends when its reader does); in: `wc -c` in the guest.
+fn exec_stream(b: &Bench, runs: usize, mb: usize) -> Result<()> {
+    b.default_image()?;
+    let _ = b.banger(&["vm", "delete", "streambench"]);
+    b.banger(&["vm", "create", "--name", "streambench"])?;
+    let (ip, opts) = ssh_to(b, "streambench")?;
+    let banger = format!(
+        "BANGER_HOME={} BANGER_RUNTIME_DIR={} BANGER_HELPER_SOCKET={} {}",
+        b.home.display(),
+        b.home.join("run").display(),
+        b.home.join("helper.sock").display(),
+        b.bin.join("banger").display()
+    );
+    let bytes = (mb as u64) << 20;
+    let measure = |script: String| -> Result<Duration> {
+        let t = Instant::now();
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .output()?;
+        let took = t.elapsed();
+        let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        if !out.status.success() || n != bytes {
+            bail!(
+                "{script}: {n} bytes, {} ({})",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(took)
+    };
+    let (mut out_b, mut out_s, mut in_b, mut in_s) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        out_b.push(measure(format!(
+            "{banger} vm exec streambench -- cat /dev/zero | head -c {bytes} | wc -c"
+        ))?);
+        out_s.push(measure(format!(
+            "ssh {opts} root@{ip} cat /dev/zero | head -c {bytes} | wc -c"
+        ))?);
+        in_b.push(measure(format!(
+            "head -c {bytes} /dev/zero | {banger} vm exec -i streambench -- wc -c"
+        ))?);
+        in_s.push(measure(format!(
+            "head -c {bytes} /dev/zero | ssh {opts} root@{ip} wc -c"
+        ))?);
+    }
+    // The guest's `cat` ended with its reader: nothing is left running.
+    let left = b.banger(&[
+        "vm",
+        "exec",
+        "streambench",
+        "--",
+        "sh",
+        "-c",
+        "pgrep -c -x cat || true",
+    ])?;
+    b.banger(&["vm", "delete", "streambench"])?;
+    if left.trim() != "0" {
+        bail!("{} guest cat process(es) outlived their reader", left.trim());
+    }
+    let rate = |v: &[Duration]| mb as f64 / median(v.to_vec()).as_secs_f64();
+    println!(
+        "  out: vm exec {:.1} MiB/s, ssh {:.1} MiB/s; in: vm exec -i {:.1} MiB/s, ssh {:.1} MiB/s",
+        rate(&out_b),
+        rate(&out_s),
+        rate(&in_b),
+        rate(&in_s)
+    );
+    report(
+        &format!("{mb} MiB out of a guest command"),
+        "vm exec -- cat /dev/zero | head -c N",
+        out_b,
+        "ssh NAME cat /dev/zero | head -c N",
+        out_s,
+    );
+    report(
+        &format!("{mb} MiB into a guest command"),
+        "head -c N /dev/zero | vm exec -i -- wc -c",
+        in_b,
+        "head -c N /dev/zero | ssh NAME wc -c",
+        in_s,
+    );
+    Ok(())
+}
+
 /// Moves one incompressible file of `mb` MiB each way through banger.
 fn guest_output(b: &Bench, runs: usize, mb: usize) -> Result<()> {
     b.default_image()?;
@@ -746,6 +841,7 @@ async fn main() -> Result<()> {
         }
         Cmd::GuestOutput { megabytes } => guest_output(&b, cli.runs, megabytes)?,
         Cmd::CopyExec { megabytes } => copy_and_exec(&b, cli.runs, megabytes)?,
+        Cmd::ExecStream { megabytes } => exec_stream(&b, cli.runs, megabytes)?,
         Cmd::FcStart { firecracker } => {
             b.env = vec![
                 ("BANGER_VMM".into(), "firecracker".into()),

@@ -83,37 +83,170 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
     }
 }
 
+/// How `vm exec` connects the command to this process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecIo {
+    /// This process's stdin goes to the command, streamed (any size).
+    pub stdin: bool,
+    /// The command gets a terminal (raw mode here, the size followed).
+    pub tty: bool,
+}
+
+/// Writes a piece of the command's output here. Err when our stdout is
+/// closed (`| head`): the exec ends as a program killed by SIGPIPE would.
+fn write_output(ev: ExecOutput) -> std::io::Result<()> {
+    if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
+        match ev.stream {
+            StreamName::Stdout => std::io::stdout()
+                .write_all(&bytes)
+                .and_then(|_| std::io::stdout().flush())?,
+            StreamName::Stderr => {
+                let _ = std::io::stderr().write_all(&bytes);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The shell's code for a program whose reader went away (128 + SIGPIPE).
+const BROKEN_PIPE: i32 = 141;
+
 /// Runs `cmd` in `name`, streaming output; returns the shell-style code.
-pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, stdin: bool, cwd: Option<String>) -> Result<i32> {
-    let stdin_b64 = if stdin {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
-        Some(base64::engine::general_purpose::STANDARD.encode(buf))
-    } else {
-        None
-    };
+pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, cwd: Option<String>) -> Result<i32> {
+    if io.stdin || io.tty {
+        return exec_streaming(c, name, cmd, io, cwd).await;
+    }
     let req = d::VmExec {
         name: name.to_string(),
         exec: ExecRequest {
             argv: cmd,
             env: vec![],
             cwd,
-            stdin_b64,
+            stdin_b64: None,
         },
+        stream_input: false,
+        tty: None,
     };
     let st: ExitStatus = c
-        .call_with_events::<d::VmExecM>(&req, None, |ev: ExecOutput| {
-            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
-                let _ = match ev.stream {
-                    StreamName::Stdout => std::io::stdout()
-                        .write_all(&bytes)
-                        .and_then(|_| std::io::stdout().flush()),
-                    StreamName::Stderr => std::io::stderr().write_all(&bytes),
-                };
+        .call_with_events::<d::VmExecM>(&req, None, |ev| {
+            if write_output(ev).is_err() {
+                // Leaving closes the connection: the daemon cancels the
+                // call and the guest command's group is ended.
+                std::process::exit(BROKEN_PIPE);
             }
         })
         .await?;
     Ok(st.shell_code())
+}
+
+/// `vm exec -i` / `-t`: the request, then this process's stdin (and the
+/// terminal's size as it changes) as stream frames on the same connection
+/// while the output comes back. The daemon reads them only as fast as the
+/// command takes its stdin, so stdin of any size flows in constant memory.
+async fn exec_streaming(
+    c: &Client,
+    name: &str,
+    cmd: Vec<String>,
+    io: ExecIo,
+    cwd: Option<String>,
+) -> Result<i32> {
+    use banger_proto::frame::{read_json, write_json, Frame, Request};
+    use banger_proto::stream::{self, Kind, WinSize};
+    use banger_proto::Method;
+    let size = io
+        .tty
+        .then(|| crate::term::size().unwrap_or(WinSize { rows: 24, cols: 80 }));
+    let mut env = vec![];
+    if io.tty {
+        env.push((
+            "TERM".to_string(),
+            std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+        ));
+    }
+    let req = d::VmExec {
+        name: name.to_string(),
+        exec: ExecRequest {
+            argv: cmd,
+            env,
+            cwd,
+            stdin_b64: None,
+        },
+        stream_input: true,
+        tty: size,
+    };
+    let sock = tokio::net::UnixStream::connect(c.path())
+        .await
+        .map_err(|e| anyhow!("connecting to bangerd at {}: {e}", c.path().display()))?;
+    let (rd, mut wr) = sock.into_split();
+    let envelope = Request {
+        version: banger_proto::PROTOCOL_VERSION,
+        method: d::VmExecM::NAME.to_string(),
+        params: serde_json::to_value(&req)?,
+        op_id: banger_proto::opid::current().map(|o| o.to_string()),
+    };
+    write_json(&mut wr, &envelope).await?;
+    // Raw mode only once the request is out; restored when this returns.
+    let _raw = if io.tty {
+        crate::term::RawMode::enable()
+    } else {
+        None
+    };
+    let (with_stdin, tty) = (io.stdin || io.tty, io.tty);
+    let input = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; stream::MAX_PAYLOAD];
+        let mut open = with_stdin;
+        let mut winch = if tty {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+        } else {
+            None
+        };
+        loop {
+            let frame = tokio::select! {
+                n = stdin.read(&mut buf), if open => match n {
+                    Ok(n) if n > 0 => stream::Frame::new(Kind::Stdin, buf[..n].to_vec()),
+                    _ => {
+                        open = false;
+                        stream::Frame::new(Kind::Stdin, Vec::new())
+                    }
+                },
+                Some(()) = async { match winch.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
+                    match crate::term::size() {
+                        Some(w) => stream::Frame::resize(w),
+                        None => continue,
+                    }
+                }
+                else => return,
+            };
+            if stream::write(&mut wr, &frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut rd = tokio::io::BufReader::new(rd);
+    let outcome = loop {
+        match read_json::<_, Frame>(&mut rd).await {
+            Ok(Some(Frame::Event { event })) => {
+                if let Ok(ev) = serde_json::from_value::<ExecOutput>(event) {
+                    if write_output(ev).is_err() {
+                        break Ok(BROKEN_PIPE);
+                    }
+                }
+            }
+            Ok(Some(Frame::Heartbeat)) => {}
+            Ok(Some(Frame::Result { result, .. })) => {
+                break serde_json::from_value::<ExitStatus>(result)
+                    .map(|st| st.shell_code())
+                    .map_err(|e| anyhow!("bad answer from bangerd: {e}"));
+            }
+            Ok(Some(Frame::Error { error })) => break Err(banger_proto::ClientError::Rpc(error).into()),
+            Ok(None) => break Err(anyhow!("bangerd closed the connection before the command ended")),
+            Err(e) => break Err(anyhow!("reading from bangerd: {e}")),
+        }
+    };
+    input.abort();
+    outcome
 }
 
 /// Waits for a mutating verb. Ctrl-C only detaches: the daemon runs the

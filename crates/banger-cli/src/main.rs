@@ -12,6 +12,7 @@ mod output;
 mod patch_check;
 mod run;
 mod ssh;
+mod term;
 mod vm;
 
 use anyhow::Result;

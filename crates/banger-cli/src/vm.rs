@@ -3,7 +3,7 @@
 //! own; `main` routes each subcommand to its module.
 
 use crate::args::{check_name, CreateArgs};
-use crate::client_ops::{create, exec, follow};
+use crate::client_ops::{create, exec, follow, ExecIo};
 use crate::output::{bytes, escape, print, untracked_notice};
 use anyhow::{bail, Result};
 use banger_proto::methods::agent::{ExecOutput, StreamName};
@@ -59,9 +59,13 @@ pub enum MachineCmd {
     /// Run a command in a running VM.
     Exec {
         name: String,
-        /// Pass this process's stdin to the command.
+        /// Pass this process's stdin to the command (streamed: any size).
         #[arg(short = 'i', long)]
         stdin: bool,
+        /// Give the command a terminal (raw mode here; the window size
+        /// follows this terminal's). Ctrl-C goes to the command.
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Working directory in the guest.
         #[arg(long)]
         cwd: Option<String>,
@@ -298,11 +302,12 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
         MachineCmd::Exec {
             name,
             stdin,
+            tty,
             cwd,
             cmd,
         } => {
             check_name(&name)?;
-            return exec(c, &name, cmd, stdin, cwd).await;
+            return exec(c, &name, cmd, ExecIo { stdin, tty }, cwd).await;
         }
         MachineCmd::Ports { name } => {
             let p = c.call::<d::VmPortsM>(&vm_ref(&name)?, None).await?;

@@ -16,6 +16,7 @@ pub mod methods;
 pub mod names;
 pub mod opid;
 pub mod server;
+pub mod stream;
 
 pub use client::{Client, ClientError};
 pub use error::{ErrorCode, RpcError};

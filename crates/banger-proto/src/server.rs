@@ -70,9 +70,37 @@ pub struct Ctx {
     pub cancel: CancellationToken,
     /// The peer's uid as read with SO_PEERCRED.
     pub peer_uid: u32,
-    events: mpsc::UnboundedSender<Value>,
+    events: mpsc::UnboundedSender<(Value, bool)>,
     fd: Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>,
+    /// Events sent with [`Ctx::emit_flow`] not written to the client yet
+    /// may not exceed [`FLOW_EVENTS`].
+    flow: Arc<tokio::sync::Semaphore>,
+    /// What the client sends after its request, for methods registered
+    /// with [`Router::method_with_input`].
+    input: Arc<std::sync::Mutex<Option<mpsc::Receiver<Vec<u8>>>>>,
 }
+
+/// How often a client whose input is held back is checked for a hang-up.
+const HANG_UP_CHECK: Duration = Duration::from_millis(250);
+
+/// Whether the peer of a stream socket has closed its end (seen even with
+/// unread data before that end).
+fn peer_gone(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Events in flight per call for [`Ctx::emit_flow`].
+const FLOW_EVENTS: usize = 32;
+/// Chunks of client input buffered per call before the server stops
+/// reading the socket (and the client's writes block).
+const INPUT_CHUNKS: usize = 8;
 
 impl Ctx {
     /// Attaches a file descriptor to the successful result (Unix sockets only).
@@ -83,8 +111,34 @@ impl Ctx {
     /// Streams one event to the client ahead of the result.
     pub fn emit<E: Serialize>(&self, event: &E) {
         if let Ok(v) = serde_json::to_value(event) {
-            let _ = self.events.send(v);
+            let _ = self.events.send((v, false));
         }
+    }
+
+    /// Like [`Ctx::emit`], but waits while [`FLOW_EVENTS`] events are
+    /// still unwritten: a slow client slows the producer instead of
+    /// growing the server's memory.
+    pub async fn emit_flow<E: Serialize>(&self, event: &E) {
+        let Ok(v) = serde_json::to_value(event) else {
+            return;
+        };
+        if let Ok(p) = self.flow.acquire().await {
+            p.forget();
+            if self.events.send((v, true)).is_err() {
+                self.flow.add_permits(1);
+            }
+        }
+    }
+
+    /// The bytes the client sends after its request (once; `None` for a
+    /// method registered without input). Its end is the client's hang-up.
+    pub fn take_input(&self) -> Option<impl tokio::io::AsyncRead + Send + Unpin + 'static> {
+        let rx = self.input.lock().unwrap().take()?;
+        Some(Input {
+            rx,
+            chunk: Vec::new(),
+            at: 0,
+        })
     }
 
     /// A context for work not tied to a connection (start-up, background
@@ -98,20 +152,57 @@ impl Ctx {
             peer_uid: unsafe { libc::getuid() },
             events: tx,
             fd: Default::default(),
+            flow: Arc::new(tokio::sync::Semaphore::new(FLOW_EVENTS)),
+            input: Default::default(),
         }
+    }
+}
+
+/// The client's input as a reader over the chunks the server forwards.
+struct Input {
+    rx: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl tokio::io::AsyncRead for Input {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while self.at >= self.chunk.len() {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(c) => (self.chunk, self.at) = (c, 0),
+                // End of input: the client hung up.
+                None => return std::task::Poll::Ready(Ok(())),
+            }
+        }
+        let n = buf.remaining().min(self.chunk.len() - self.at);
+        let at = self.at;
+        buf.put_slice(&self.chunk[at..at + n]);
+        self.at += n;
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
 type BoxFut = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
 type Handler = Arc<dyn Fn(Ctx, Value) -> Result<BoxFut, RpcError> + Send + Sync>;
+/// A handler, and whether it takes the client's input after the request.
 type Authorizer = Arc<dyn Fn(u32) -> bool + Send + Sync>;
-/// A decoded call ready to run: its context, future and event stream.
-type Prepared = (Ctx, BoxFut, mpsc::UnboundedReceiver<Value>);
+/// A decoded call ready to run: its context, future, event stream and,
+/// for a method that takes input, where the client's further bytes go.
+type Prepared = (
+    Ctx,
+    BoxFut,
+    mpsc::UnboundedReceiver<(Value, bool)>,
+    Option<mpsc::Sender<Vec<u8>>>,
+);
 
 /// Maps method names to typed handlers.
 pub struct Router {
     label: &'static str,
-    handlers: HashMap<&'static str, Handler>,
+    handlers: HashMap<&'static str, (Handler, bool)>,
     authorize: Option<Authorizer>,
     heartbeat: Option<Duration>,
     /// At most this many open connections per peer uid.
@@ -174,7 +265,29 @@ impl Router {
     }
 
     /// Registers the handler of method `M`.
-    pub fn method<M, F, Fut>(mut self, f: F) -> Self
+    pub fn method<M, F, Fut>(self, f: F) -> Self
+    where
+        M: Method,
+        F: Fn(Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Output, RpcError>> + Send + 'static,
+    {
+        self.register::<M, F, Fut>(f, false)
+    }
+
+    /// Registers the handler of method `M`, which reads what the client
+    /// sends after its request through [`Ctx::take_input`] (anything else
+    /// ignores it). Reading is paced by the handler: a client that sends
+    /// faster than the handler takes blocks on its writes.
+    pub fn method_with_input<M, F, Fut>(self, f: F) -> Self
+    where
+        M: Method,
+        F: Fn(Ctx, M::Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Output, RpcError>> + Send + 'static,
+    {
+        self.register::<M, F, Fut>(f, true)
+    }
+
+    fn register<M, F, Fut>(mut self, f: F, input: bool) -> Self
     where
         M: Method,
         F: Fn(Ctx, M::Params) -> Fut + Send + Sync + 'static,
@@ -189,7 +302,7 @@ impl Router {
                 serde_json::to_value(out).map_err(|e| RpcError::failed(format!("encoding result: {e}")))
             }))
         });
-        self.handlers.insert(M::NAME, h);
+        self.handlers.insert(M::NAME, (h, input));
         self
     }
 
@@ -346,7 +459,7 @@ impl Router {
         async {
             let outcome = match call {
                 Err(e) => Some(Err(e)),
-                Ok(fut_ctx) => run_call(fut_ctx, self.heartbeat, &mut rd, &mut wr).await,
+                Ok(fut_ctx) => run_call(fut_ctx, self.heartbeat, &mut rd, &mut wr, raw).await,
             };
             let duration_ms = started.elapsed().as_millis() as u64;
             let frame = match outcome {
@@ -422,7 +535,7 @@ impl Router {
                 )),
             );
         }
-        let Some(handler) = self.handlers.get(req.method.as_str()) else {
+        let Some((handler, takes_input)) = self.handlers.get(req.method.as_str()) else {
             return (
                 op,
                 method.clone(),
@@ -433,14 +546,23 @@ impl Router {
             );
         };
         let (tx, rx) = mpsc::unbounded_channel();
+        let (input_tx, input_rx) = match takes_input {
+            true => {
+                let (t, r) = mpsc::channel(INPUT_CHUNKS);
+                (Some(t), Some(r))
+            }
+            false => (None, None),
+        };
         let ctx = Ctx {
             op_id: op.clone(),
             cancel: CancellationToken::new(),
             peer_uid,
             events: tx,
             fd: Default::default(),
+            flow: Arc::new(tokio::sync::Semaphore::new(FLOW_EVENTS)),
+            input: Arc::new(std::sync::Mutex::new(input_rx)),
         };
-        let fut = handler(ctx.clone(), req.params).map(|f| (ctx, f, rx));
+        let fut = handler(ctx.clone(), req.params).map(|f| (ctx, f, rx, input_tx));
         (op, method, fut)
     }
 }
@@ -491,27 +613,51 @@ pub fn decode_params<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, RpcE
 /// Runs the handler while forwarding its events and watching for the client
 /// to hang up. `None` means the client left and the call was cancelled.
 async fn run_call<R, W>(
-    (ctx, fut, mut events): Prepared,
+    (ctx, fut, mut events, input): Prepared,
     heartbeat: Option<Duration>,
     rd: &mut BufReader<R>,
     wr: &mut W,
+    raw: Option<std::os::fd::RawFd>,
 ) -> Option<Result<Value, RpcError>>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     let cancel = ctx.cancel.clone();
+    let flow = ctx.flow.clone();
     let fut = opid::scope(ctx.op_id.clone(), fut);
     drop(ctx);
     tokio::pin!(fut);
     let hung_up = async {
-        // Anything after the request is ignored; only end-of-stream matters.
+        // After the request only end-of-stream matters, unless the method
+        // takes input: then the bytes go to it, as fast as it takes them.
+        let mut input = input;
         loop {
             match rd.fill_buf().await {
                 Ok([]) | Err(_) => return,
                 Ok(b) => {
-                    let n = b.len();
-                    rd.consume(n);
+                    let chunk = b.to_vec();
+                    rd.consume(chunk.len());
+                    let Some(tx) = input.clone() else { continue };
+                    // While the handler holds back (its input is full), the
+                    // socket is not read, so a hang-up is looked for on it
+                    // directly: a client that is gone must still cancel.
+                    let send = tx.send(chunk);
+                    tokio::pin!(send);
+                    let taken = loop {
+                        tokio::select! {
+                            r = &mut send => break r.is_ok(),
+                            _ = tokio::time::sleep(HANG_UP_CHECK) => {
+                                if raw.is_some_and(peer_gone) {
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    if !taken {
+                        // The handler is done with its input.
+                        input = None;
+                    }
                 }
             }
         }
@@ -524,17 +670,20 @@ where
     loop {
         tokio::select! {
             res = &mut fut => {
-                while let Ok(ev) = events.try_recv() {
+                while let Ok((ev, _)) = events.try_recv() {
                     if write_json(wr, &Frame::Event { event: ev }).await.is_err() {
                         break;
                     }
                 }
                 return Some(res);
             }
-            Some(ev) = events.recv() => {
+            Some((ev, flowed)) = events.recv() => {
                 if write_json(wr, &Frame::Event { event: ev }).await.is_err() {
                     cancel.cancel();
                     return None;
+                }
+                if flowed {
+                    flow.add_permits(1);
                 }
                 beat.as_mut().reset(tokio::time::Instant::now() + every);
             }

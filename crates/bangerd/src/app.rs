@@ -194,7 +194,7 @@ pub fn router(app: &Arc<App>) -> Router {
             .vms
             .logs(&p.name, p.tail_bytes)
             .map(|(serial, path)| d::VmLogs { serial, path })))
-        .method::<d::VmExecM, _, _>(handler!(app, |ctx, p| app.vms.exec(&ctx, &p.name, p.exec).await))
+        .method_with_input::<d::VmExecM, _, _>(handler!(app, |ctx, p| app.vms.exec(&ctx, p).await))
         .method::<d::VmPortsM, _, _>(handler!(app, |ctx, p| app.vms.ports(&ctx, &p.name).await))
         .method::<d::VmStatsM, _, _>(handler!(app, |ctx, p| app.vms.stats(&ctx, &p.name).await))
         .method::<d::SshInfoM, _, _>(handler!(app, |_, _| {

@@ -106,6 +106,28 @@ method!(
     /// Liveness of the agent.
     Health = "agent.health", Empty => AgentHealth
 );
+
+/// What an agent speaks, so a host can talk to a guest whose agent is
+/// older than itself: an agent without `agent.info` speaks generation 1
+/// only (JSON exec on [`AGENT_PORT`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub version: String,
+    /// The highest protocol generation it speaks.
+    pub protocol: u32,
+    /// What it offers beyond generation 1, e.g. [`FEATURE_EXEC_STREAM`].
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// Exec over the stream port ([`crate::stream`]): stdin of any size,
+/// terminals, signals.
+pub const FEATURE_EXEC_STREAM: &str = "exec.stream";
+
+method!(
+    /// The agent's version, protocol generation and features.
+    Info = "agent.info", Empty => AgentInfo
+);
 method!(
     /// Runs a command, streaming its output.
     Exec = "agent.exec", ExecRequest => ExitStatus, event ExecOutput

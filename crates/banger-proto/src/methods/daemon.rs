@@ -141,6 +141,14 @@ pub struct VmInfo {
 pub struct VmExec {
     pub name: String,
     pub exec: crate::methods::agent::ExecRequest,
+    /// The client sends the command's stdin after the request, as
+    /// [`crate::stream`] frames (`Stdin`, an empty one at its end; with
+    /// `tty`, `Resize` too): stdin of any size, paced by the command.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream_input: bool,
+    /// A terminal of this size for the command instead of pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<crate::stream::WinSize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,10 +1,15 @@
-//! The daemon's client for the guest agent, over hybrid vsock.
+//! The daemon's client for the guest agent, over hybrid vsock: JSON calls
+//! (generation 1) and process streams (generation 2).
 
-use banger_proto::methods::agent::{AGENT_PORT, IDLE_DEADLINE};
+use banger_proto::methods::agent::{self as a, AGENT_PORT, IDLE_DEADLINE};
+use banger_proto::stream::{self, Frame, Kind};
 use banger_proto::{Client, ClientError, Method, OpId, RpcError};
 use banger_vmm::vsock;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::task::AbortOnDropHandle;
 
 fn agent_err(e: ClientError) -> RpcError {
     match e {
@@ -33,4 +38,171 @@ pub async fn call<M: Method>(
         .call_on::<M, _>(vsock::CreditAcked::new(stream), params, Some(op), on_event)
         .await
         .map_err(agent_err)
+}
+
+fn stream_err(e: impl std::fmt::Display) -> RpcError {
+    RpcError::failed(format!("guest agent stream: {e}"))
+}
+
+/// `vm exec` over the agent's stream port. The client's input (its
+/// frames after the request, when `client_input`; else a whole stdin given
+/// up front) goes to the agent within the agent's stdin credit; the
+/// agent's output goes to the client as `ExecOutput` events, each
+/// acknowledged to the agent once the client's connection has taken it,
+/// so neither a slow client nor a command that never reads its stdin can
+/// make the daemon buffer without bound. A client that hangs up ends the
+/// connection, and the agent ends the command's process group.
+pub async fn exec_stream(
+    uds: &Path,
+    ctx: &banger_proto::Ctx,
+    open: stream::Open,
+    stdin_b64: Option<String>,
+    client_input: bool,
+) -> Result<a::ExitStatus, RpcError> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let conn = vsock::connect_with_retry(uds, stream::STREAM_PORT, Duration::from_secs(3), || true)
+        .await
+        .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
+    let (mut ard, mut awr) = tokio::io::split(conn);
+    stream::write(&mut awr, &Frame::json(Kind::Open, &open))
+        .await
+        .map_err(stream_err)?;
+    let (to_agent, mut outbox) = mpsc::channel::<Frame>(64);
+    // Every task of the relay dies with it: a call dropped mid-way (its
+    // client hung up) must close the agent connection, so that the agent
+    // ends the command.
+    let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(f) = outbox.recv().await {
+            if stream::write(&mut awr, &f).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let credit = Arc::new(Semaphore::new(stream::STDIN_WINDOW as usize));
+    let input = match (client_input, stdin_b64) {
+        (true, _) => ctx
+            .take_input()
+            .map(|r| AbortOnDropHandle::new(tokio::spawn(relay_input(r, to_agent.clone(), credit.clone())))),
+        (false, Some(s)) => {
+            let bytes = b64
+                .decode(s)
+                .map_err(|e| RpcError::bad_request(format!("stdin_b64: {e}")))?;
+            let mut frames: Vec<Frame> = bytes
+                .chunks(stream::MAX_PAYLOAD)
+                .map(|c| Frame::new(Kind::Stdin, c.to_vec()))
+                .collect();
+            frames.push(Frame::new(Kind::Stdin, Vec::new()));
+            let (tx, credit) = (to_agent.clone(), credit.clone());
+            Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                for f in frames {
+                    if send_stdin(&tx, &credit, f).await.is_err() {
+                        return;
+                    }
+                }
+            })))
+        }
+        (false, None) => None,
+    };
+    let result = loop {
+        let next = tokio::select! {
+            r = tokio::time::timeout(IDLE_DEADLINE, stream::read(&mut ard)) => r,
+            _ = ctx.cancel.cancelled() => break Err(RpcError::new(banger_proto::ErrorCode::Cancelled, "the client hung up")),
+        };
+        let f = match next {
+            Err(_) => {
+                break Err(stream_err(format!(
+                    "nothing heard for {}s, not even a heartbeat",
+                    IDLE_DEADLINE.as_secs()
+                )))
+            }
+            Ok(Err(e)) => break Err(stream_err(e)),
+            Ok(Ok(None)) => break Err(stream_err("closed before the command ended")),
+            Ok(Ok(Some(f))) => f,
+        };
+        match f.kind {
+            Kind::Stdout | Kind::Stderr => {
+                let stream = if f.kind == Kind::Stdout {
+                    a::StreamName::Stdout
+                } else {
+                    a::StreamName::Stderr
+                };
+                ctx.emit_flow(&a::ExecOutput {
+                    stream,
+                    data_b64: b64.encode(&f.payload),
+                })
+                .await;
+                let _ = to_agent.send(Frame::u32(Kind::Ack, f.payload.len() as u32)).await;
+            }
+            Kind::Credit => match f.parse_u32() {
+                // Never more than the window: the guest cannot give back
+                // what it was not sent.
+                Ok(n) => {
+                    let room = stream::STDIN_WINDOW as usize - credit.available_permits();
+                    credit.add_permits((n as usize).min(room));
+                }
+                Err(e) => break Err(stream_err(e)),
+            },
+            Kind::Started => match f.parse_json::<stream::Started>() {
+                Ok(s) => tracing::info!(guest_pid = s.pid, "guest command started"),
+                Err(e) => break Err(stream_err(e)),
+            },
+            Kind::Heartbeat => {}
+            Kind::Exit => break f.parse_json::<a::ExitStatus>().map_err(stream_err),
+            Kind::Error => {
+                break Err(match f.parse_json::<RpcError>() {
+                    Ok(mut e) => {
+                        e.message = format!("guest agent: {}", e.message);
+                        e
+                    }
+                    Err(e) => stream_err(e),
+                })
+            }
+            k => break Err(stream_err(format!("unexpected {k:?} frame from the guest"))),
+        }
+    };
+    drop(input);
+    result
+}
+
+/// Sends a stdin frame once the agent has credit for it.
+async fn send_stdin(to_agent: &mpsc::Sender<Frame>, credit: &Semaphore, f: Frame) -> Result<(), ()> {
+    if !f.payload.is_empty() {
+        credit
+            .acquire_many(f.payload.len() as u32)
+            .await
+            .map_err(|_| ())?
+            .forget();
+    }
+    to_agent.send(f).await.map_err(|_| ())
+}
+
+/// The client's frames after its request: stdin (within credit), resizes
+/// and signals go on to the agent; anything else ends the relay.
+async fn relay_input(
+    mut r: impl tokio::io::AsyncRead + Unpin,
+    to_agent: mpsc::Sender<Frame>,
+    credit: Arc<Semaphore>,
+) {
+    loop {
+        let f = match stream::read(&mut r).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad input frame from the client");
+                return;
+            }
+        };
+        let ok = match f.kind {
+            Kind::Stdin => send_stdin(&to_agent, &credit, f).await.is_ok(),
+            Kind::Resize | Kind::Signal => to_agent.send(f).await.is_ok(),
+            k => {
+                tracing::warn!(kind = ?k, "unexpected input frame from the client");
+                false
+            }
+        };
+        if !ok {
+            return;
+        }
+    }
 }

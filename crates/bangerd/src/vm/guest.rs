@@ -1,12 +1,12 @@
 //! Calls into a running guest through its agent: ssh set-up after boot,
-//! shell snippets for other operations, `exec` for users, and the check
+//! shell snippets for other operations, and the check
 //! that a VM is running before any of them.
 
 use super::handles::VmHandles;
 use super::{agent, VmService};
 use crate::sync::Locked;
 use banger_proto::methods::agent as a;
-use banger_proto::{Ctx, OpId, RpcError};
+use banger_proto::{OpId, RpcError};
 use banger_store::VmRecord;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -109,20 +109,5 @@ impl VmService {
                 vm.name, vm.name
             ))),
         }
-    }
-
-    pub async fn exec(&self, ctx: &Ctx, name: &str, req: a::ExecRequest) -> Result<a::ExitStatus, RpcError> {
-        if req.argv.is_empty() {
-            return Err(RpcError::bad_request("nothing to run: argv is empty"));
-        }
-        let vm = self.get(name)?;
-        let h = self.running_handles(&vm)?;
-        let _busy = self.busy(&vm.id);
-        let mut req = req;
-        if req.cwd.is_none() {
-            req.cwd = vm.runtime.workspace.clone();
-        }
-        let ctx2 = ctx.clone();
-        agent::call::<a::Exec>(&h.launched.vsock_uds, &ctx.op_id, &req, move |ev| ctx2.emit(&ev)).await
     }
 }

@@ -33,6 +33,7 @@ mod console;
 mod copy_ops;
 mod create;
 mod delete;
+mod exec;
 mod guest;
 mod idle;
 pub use idle::SAMPLE_EVERY as IDLE_SAMPLE_EVERY;
@@ -100,6 +101,9 @@ pub struct VmService {
     busy: Mutex<HashMap<String, usize>>,
     /// Since when each running VM has been seen idle.
     idle_since: Mutex<HashMap<String, std::time::Instant>>,
+    /// Per VM id: the VMM pid its agent was asked about, and whether that
+    /// agent speaks the stream protocol (`agent.info`).
+    agent_streams: Mutex<HashMap<String, (u32, bool)>>,
 }
 
 impl VmService {
@@ -126,6 +130,7 @@ impl VmService {
             unclean: Mutex::new(Default::default()),
             busy: Mutex::new(HashMap::new()),
             idle_since: Mutex::new(HashMap::new()),
+            agent_streams: Mutex::new(HashMap::new()),
         }
     }
 
