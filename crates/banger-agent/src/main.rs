@@ -10,8 +10,10 @@ mod init;
 mod inspect;
 mod procfs;
 mod seed;
+mod sessions;
 mod stream;
 mod system;
+mod tty;
 
 use anyhow::Result;
 use banger_proto::methods::agent::{self as a, AGENT_PORT};
@@ -57,8 +59,16 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-fn router() -> Router {
+fn router(sessions: Arc<sessions::Sessions>) -> Router {
     let started = Arc::new(Instant::now());
+    let (s1, s2, s3, s4, s5, s6) = (
+        sessions.clone(),
+        sessions.clone(),
+        sessions.clone(),
+        sessions.clone(),
+        sessions.clone(),
+        sessions,
+    );
     Router::new("agent")
         .heartbeat(a::HEARTBEAT)
         .method::<a::Health, _, _>(move |_, _| {
@@ -75,8 +85,39 @@ fn router() -> Router {
             Ok(a::AgentInfo {
                 version: env!("CARGO_PKG_VERSION").into(),
                 protocol: 2,
-                features: vec![a::FEATURE_EXEC_STREAM.into()],
+                features: vec![a::FEATURE_EXEC_STREAM.into(), a::FEATURE_SESSIONS.into()],
             })
+        })
+        .method::<a::SessionStartM, _, _>(move |_, spec| {
+            let s = s1.clone();
+            async move { s.start(spec).await }
+        })
+        .method::<a::SessionListM, _, _>(move |_, _| {
+            let s = s2.clone();
+            async move { Ok(s.list()) }
+        })
+        .method::<a::SessionSignalM, _, _>(move |_, p| {
+            let s = s3.clone();
+            async move { s.signal(&p.id, p.signal) }
+        })
+        .method::<a::SessionStopM, _, _>(move |_, p| {
+            let s = s4.clone();
+            async move {
+                s.stop(&p.id, std::time::Duration::from_millis(p.grace_ms.min(600_000)))
+                    .await
+            }
+        })
+        .method::<a::SessionRemoveM, _, _>(move |_, p| {
+            let s = s5.clone();
+            async move { s.remove(&p.id).map(|_| Empty {}) }
+        })
+        .method::<a::SessionResizeM, _, _>(move |_, p| {
+            let s = s6.clone();
+            async move {
+                let sess = s.get(&p.id)?;
+                sess.resize(p.size);
+                Ok(sess.info())
+            }
         })
         .method::<a::Exec, _, _>(exec::run)
         .method::<a::Ports, _, _>(|_, _| inspect::ports())
@@ -122,14 +163,15 @@ async fn serve(port: u32) -> Result<()> {
         tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
     tracing::info!(port, "agent listening on vsock");
     tokio::spawn(announce_ready());
-    let router = Arc::new(router());
+    let sessions = sessions::Sessions::load(std::path::Path::new(sessions::ROOT));
+    let router = Arc::new(router(sessions.clone()));
     tokio::spawn(async {
         if let Err(e) = bulk::serve().await {
             tracing::error!(error = %e, "bulk port failed");
         }
     });
-    tokio::spawn(async {
-        if let Err(e) = stream::serve().await {
+    tokio::spawn(async move {
+        if let Err(e) = stream::serve(sessions).await {
             tracing::error!(error = %e, "stream port failed");
         }
     });

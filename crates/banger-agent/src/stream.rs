@@ -6,12 +6,11 @@
 //! terminal), so a signal from the host reaches everything it started, and
 //! a host that hangs up takes the whole group down with it.
 
+use crate::tty::{open_pty, set_size, TtyReader, TtyWriter};
 use banger_proto::methods::agent::ExitStatus;
-use banger_proto::stream::{
-    self, Frame, Kind, Open, Started, StreamError, WinSize, OUTPUT_WINDOW, STDIN_WINDOW,
-};
+use banger_proto::stream::{self, Frame, Kind, Open, Started, StreamError, OUTPUT_WINDOW, STDIN_WINDOW};
 use banger_proto::{OpId, RpcError};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,7 +23,7 @@ use tracing::Instrument;
 /// Output is read in pieces of this size (a frame each).
 const CHUNK: usize = 32 * 1024;
 
-pub async fn serve() -> anyhow::Result<()> {
+pub async fn serve(sessions: Arc<crate::sessions::Sessions>) -> anyhow::Result<()> {
     let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
         tokio_vsock::VMADDR_CID_ANY,
         stream::STREAM_PORT,
@@ -32,11 +31,14 @@ pub async fn serve() -> anyhow::Result<()> {
     tracing::info!(port = stream::STREAM_PORT, "process streams on vsock");
     loop {
         let (conn, _) = listener.accept().await?;
-        tokio::spawn(handle(conn));
+        tokio::spawn(handle(conn, sessions.clone()));
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(conn: S) {
+async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+    conn: S,
+    sessions: Arc<crate::sessions::Sessions>,
+) {
     let (mut rd, mut wr) = tokio::io::split(conn);
     let open = match tokio::time::timeout(std::time::Duration::from_secs(10), stream::read(&mut rd)).await {
         Ok(Ok(Some(f))) if f.kind == Kind::Open => f.parse_json::<Open>().map_err(|e| e.to_string()),
@@ -77,6 +79,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(conn: S) {
         });
         let last = match open {
             Err(e) => Frame::json(Kind::Error, &RpcError::bad_request(e).with_op_id(&op)),
+            Ok(Open {
+                session: Some(so), ..
+            }) => match crate::sessions::stream::serve(sessions, so, rd, tx.clone()).await {
+                Ok(end) => Frame::json(Kind::End, &end),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "session stream failed");
+                    Frame::json(Kind::Error, &e.with_op_id(&op))
+                }
+            },
             Ok(open) => match run(open, rd, tx.clone()).await {
                 Ok(st) => Frame::json(Kind::Exit, &st),
                 Err(e) => {
@@ -256,7 +267,7 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-fn kill_group(pid: u32, sig: i32) {
+pub(crate) fn kill_group(pid: u32, sig: i32) {
     if pid > 1 {
         // SAFETY: plain syscall; the group is the process's own.
         unsafe { libc::kill(-(pid as i32), sig) };
@@ -362,116 +373,5 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, kind: Kind, tx: mpsc::Sender<Frame
         if tx.send(Frame::new(kind, buf[..n].to_vec())).await.is_err() {
             return;
         }
-    }
-}
-
-/// A new terminal of `size`: (master, slave).
-fn open_pty(size: WinSize) -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let (mut m, mut s) = (-1, -1);
-    let ws = libc::winsize {
-        ws_row: size.rows,
-        ws_col: size.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: out-parameters are valid; name and termios may be null.
-    if unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: openpty just gave us these descriptors.
-    let (m, s) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
-    for fd in [m.as_raw_fd(), s.as_raw_fd()] {
-        // SAFETY: plain fcntl on descriptors we own.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    // SAFETY: as above.
-    unsafe {
-        let fl = libc::fcntl(m.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(m.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-    Ok((m, s))
-}
-
-fn set_size(fd: i32, w: WinSize) {
-    let ws = libc::winsize {
-        ws_row: w.rows,
-        ws_col: w.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: a valid winsize; the kernel signals the foreground group.
-    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
-}
-
-/// The terminal's master side as an async reader: EIO (every slave
-/// closed) is the end of its output.
-struct TtyReader(Arc<AsyncFd<OwnedFd>>);
-struct TtyWriter(Arc<AsyncFd<OwnedFd>>);
-
-impl AsyncRead for TtyReader {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        loop {
-            let mut guard = std::task::ready!(self.0.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            // SAFETY: reading into an initialised buffer of this length.
-            let n = unsafe {
-                libc::read(
-                    guard.get_inner().as_raw_fd(),
-                    unfilled.as_mut_ptr().cast(),
-                    unfilled.len(),
-                )
-            };
-            if n >= 0 {
-                buf.advance(n as usize);
-                return std::task::Poll::Ready(Ok(()));
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) => guard.clear_ready(),
-                Some(libc::EIO) => return std::task::Poll::Ready(Ok(())),
-                _ => return std::task::Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for TtyWriter {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        loop {
-            let mut guard = std::task::ready!(self.0.poll_write_ready(cx))?;
-            // SAFETY: writing from a valid slice.
-            let n = unsafe { libc::write(guard.get_inner().as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n >= 0 {
-                return std::task::Poll::Ready(Ok(n as usize));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EAGAIN) {
-                guard.clear_ready();
-            } else {
-                return std::task::Poll::Ready(Err(e));
-            }
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
     }
 }

@@ -94,7 +94,7 @@ pub struct ExecIo {
 
 /// Writes a piece of the command's output here. Err when our stdout is
 /// closed (`| head`): the exec ends as a program killed by SIGPIPE would.
-fn write_output(ev: ExecOutput) -> std::io::Result<()> {
+pub fn write_output(ev: ExecOutput) -> std::io::Result<()> {
     if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
         match ev.stream {
             StreamName::Stdout => std::io::stdout()
@@ -109,7 +109,7 @@ fn write_output(ev: ExecOutput) -> std::io::Result<()> {
 }
 
 /// The shell's code for a program whose reader went away (128 + SIGPIPE).
-const BROKEN_PIPE: i32 = 141;
+pub const BROKEN_PIPE: i32 = 141;
 
 /// Runs `cmd` in `name`, streaming output; returns the shell-style code.
 pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, cwd: Option<String>) -> Result<i32> {
@@ -139,10 +139,130 @@ pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, cwd: Opt
     Ok(st.shell_code())
 }
 
-/// `vm exec -i` / `-t`: the request, then this process's stdin (and the
-/// terminal's size as it changes) as stream frames on the same connection
-/// while the output comes back. The daemon reads them only as fast as the
-/// command takes its stdin, so stdin of any size flows in constant memory.
+/// What a streaming call sends after its request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Input {
+    /// This process's stdin, as stream frames (an empty one at its end).
+    pub stdin: bool,
+    /// Raw mode on this terminal, and its size as it changes.
+    pub tty: bool,
+    /// A byte that ends the call from here instead of being sent (the
+    /// detach key of `session attach`).
+    pub detach_key: Option<u8>,
+}
+
+/// How a streaming call ended.
+pub enum Streamed {
+    /// The daemon's result.
+    Done(serde_json::Value),
+    /// Our stdout was closed (`| head`).
+    BrokenPipe,
+    /// The detach key was pressed.
+    Detached,
+}
+
+/// A call whose client sends stream frames after its request (stdin,
+/// resizes), as `vm exec -i/-t` and session attach and send do, while the
+/// daemon's events come back to `on_event` (an error there, a closed
+/// stdout, ends the call). The daemon reads the frames only as fast as
+/// the guest takes them, so input of any size flows in constant memory.
+pub async fn call_streaming<M: banger_proto::Method>(
+    c: &Client,
+    params: &M::Params,
+    input: Input,
+    mut on_event: impl FnMut(serde_json::Value) -> std::io::Result<()>,
+) -> Result<Streamed> {
+    use banger_proto::frame::{read_json, write_json, Frame, Request};
+    use banger_proto::stream::{self, Kind};
+    let sock = tokio::net::UnixStream::connect(c.path())
+        .await
+        .map_err(|e| anyhow!("connecting to bangerd at {}: {e}", c.path().display()))?;
+    let (rd, mut wr) = sock.into_split();
+    let envelope = Request {
+        version: banger_proto::PROTOCOL_VERSION,
+        method: M::NAME.to_string(),
+        params: serde_json::to_value(params)?,
+        op_id: banger_proto::opid::current().map(|o| o.to_string()),
+    };
+    write_json(&mut wr, &envelope).await?;
+    // Raw mode only once the request is out; restored when this returns.
+    let _raw = if input.tty {
+        crate::term::RawMode::enable()
+    } else {
+        None
+    };
+    let (detached_tx, mut detached) = tokio::sync::oneshot::channel::<()>();
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; stream::MAX_PAYLOAD];
+        let mut open = input.stdin;
+        let mut winch = if input.tty {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+        } else {
+            None
+        };
+        let mut detached_tx = Some(detached_tx);
+        loop {
+            let frame = tokio::select! {
+                n = stdin.read(&mut buf), if open => match n {
+                    Ok(n) if n > 0 => {
+                        let mut chunk = &buf[..n];
+                        let key = input.detach_key.and_then(|k| chunk.iter().position(|b| *b == k));
+                        if let Some(at) = key {
+                            chunk = &chunk[..at];
+                            if !chunk.is_empty() {
+                                let _ = stream::write(&mut wr, &stream::Frame::new(Kind::Stdin, chunk.to_vec())).await;
+                            }
+                            if let Some(tx) = detached_tx.take() {
+                                let _ = tx.send(());
+                            }
+                            return;
+                        }
+                        stream::Frame::new(Kind::Stdin, chunk.to_vec())
+                    }
+                    _ => {
+                        open = false;
+                        stream::Frame::new(Kind::Stdin, Vec::new())
+                    }
+                },
+                Some(()) = async { match winch.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
+                    match crate::term::size() {
+                        Some(w) => stream::Frame::resize(w),
+                        None => continue,
+                    }
+                }
+                else => std::future::pending().await,
+            };
+            if stream::write(&mut wr, &frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut rd = tokio::io::BufReader::new(rd);
+    let outcome = loop {
+        let next = tokio::select! {
+            f = read_json::<_, Frame>(&mut rd) => f,
+            Ok(()) = &mut detached => break Ok(Streamed::Detached),
+        };
+        match next {
+            Ok(Some(Frame::Event { event })) => {
+                if on_event(event).is_err() {
+                    break Ok(Streamed::BrokenPipe);
+                }
+            }
+            Ok(Some(Frame::Heartbeat)) => {}
+            Ok(Some(Frame::Result { result, .. })) => break Ok(Streamed::Done(result)),
+            Ok(Some(Frame::Error { error })) => break Err(banger_proto::ClientError::Rpc(error).into()),
+            Ok(None) => break Err(anyhow!("bangerd closed the connection before the call ended")),
+            Err(e) => break Err(anyhow!("reading from bangerd: {e}")),
+        }
+    };
+    feeder.abort();
+    outcome
+}
+
+/// `vm exec -i` / `-t`: stdin (and the terminal's size) streamed.
 async fn exec_streaming(
     c: &Client,
     name: &str,
@@ -150,9 +270,7 @@ async fn exec_streaming(
     io: ExecIo,
     cwd: Option<String>,
 ) -> Result<i32> {
-    use banger_proto::frame::{read_json, write_json, Frame, Request};
-    use banger_proto::stream::{self, Kind, WinSize};
-    use banger_proto::Method;
+    use banger_proto::stream::WinSize;
     let size = io
         .tty
         .then(|| crate::term::size().unwrap_or(WinSize { rows: 24, cols: 80 }));
@@ -174,79 +292,25 @@ async fn exec_streaming(
         stream_input: true,
         tty: size,
     };
-    let sock = tokio::net::UnixStream::connect(c.path())
-        .await
-        .map_err(|e| anyhow!("connecting to bangerd at {}: {e}", c.path().display()))?;
-    let (rd, mut wr) = sock.into_split();
-    let envelope = Request {
-        version: banger_proto::PROTOCOL_VERSION,
-        method: d::VmExecM::NAME.to_string(),
-        params: serde_json::to_value(&req)?,
-        op_id: banger_proto::opid::current().map(|o| o.to_string()),
+    let input = Input {
+        stdin: io.stdin || io.tty,
+        tty: io.tty,
+        detach_key: None,
     };
-    write_json(&mut wr, &envelope).await?;
-    // Raw mode only once the request is out; restored when this returns.
-    let _raw = if io.tty {
-        crate::term::RawMode::enable()
-    } else {
-        None
-    };
-    let (with_stdin, tty) = (io.stdin || io.tty, io.tty);
-    let input = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; stream::MAX_PAYLOAD];
-        let mut open = with_stdin;
-        let mut winch = if tty {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
-        } else {
-            None
-        };
-        loop {
-            let frame = tokio::select! {
-                n = stdin.read(&mut buf), if open => match n {
-                    Ok(n) if n > 0 => stream::Frame::new(Kind::Stdin, buf[..n].to_vec()),
-                    _ => {
-                        open = false;
-                        stream::Frame::new(Kind::Stdin, Vec::new())
-                    }
-                },
-                Some(()) = async { match winch.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
-                    match crate::term::size() {
-                        Some(w) => stream::Frame::resize(w),
-                        None => continue,
-                    }
-                }
-                else => return,
-            };
-            if stream::write(&mut wr, &frame).await.is_err() {
-                return;
-            }
+    let done = call_streaming::<d::VmExecM>(c, &req, input, |event| {
+        match serde_json::from_value::<ExecOutput>(event) {
+            Ok(ev) => write_output(ev),
+            Err(_) => Ok(()),
         }
-    });
-    let mut rd = tokio::io::BufReader::new(rd);
-    let outcome = loop {
-        match read_json::<_, Frame>(&mut rd).await {
-            Ok(Some(Frame::Event { event })) => {
-                if let Ok(ev) = serde_json::from_value::<ExecOutput>(event) {
-                    if write_output(ev).is_err() {
-                        break Ok(BROKEN_PIPE);
-                    }
-                }
-            }
-            Ok(Some(Frame::Heartbeat)) => {}
-            Ok(Some(Frame::Result { result, .. })) => {
-                break serde_json::from_value::<ExitStatus>(result)
-                    .map(|st| st.shell_code())
-                    .map_err(|e| anyhow!("bad answer from bangerd: {e}"));
-            }
-            Ok(Some(Frame::Error { error })) => break Err(banger_proto::ClientError::Rpc(error).into()),
-            Ok(None) => break Err(anyhow!("bangerd closed the connection before the command ended")),
-            Err(e) => break Err(anyhow!("reading from bangerd: {e}")),
-        }
-    };
-    input.abort();
-    outcome
+    })
+    .await?;
+    match done {
+        Streamed::Done(v) => serde_json::from_value::<ExitStatus>(v)
+            .map(|st| st.shell_code())
+            .map_err(|e| anyhow!("bad answer from bangerd: {e}")),
+        Streamed::BrokenPipe => Ok(BROKEN_PIPE),
+        Streamed::Detached => Ok(0),
+    }
 }
 
 /// Waits for a mutating verb. Ctrl-C only detaches: the daemon runs the

@@ -11,6 +11,7 @@ mod image;
 mod output;
 mod patch_check;
 mod run;
+mod session;
 mod ssh;
 mod term;
 mod vm;

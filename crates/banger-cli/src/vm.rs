@@ -72,6 +72,12 @@ pub enum MachineCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Long-running processes in a VM that outlive the command that
+    /// started them: start, list, show, logs, attach, send, stop, kill, rm.
+    Session {
+        #[command(subcommand)]
+        cmd: crate::session::SessionCmd,
+    },
     /// List the TCP and UDP ports listening in a running VM.
     Ports { name: String },
     /// Show a running VM's CPU, memory, disk, network and uptime.
@@ -309,6 +315,7 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
             check_name(&name)?;
             return exec(c, &name, cmd, ExecIo { stdin, tty }, cwd).await;
         }
+        MachineCmd::Session { cmd } => return crate::session::run(c, cmd, json).await,
         MachineCmd::Ports { name } => {
             let p = c.call::<d::VmPortsM>(&vm_ref(&name)?, None).await?;
             print(json, &p, show_ports);

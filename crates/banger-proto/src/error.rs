@@ -17,6 +17,9 @@ pub enum ErrorCode {
     Unauthorized,
     OperationFailed,
     Cancelled,
+    /// The target is in a state that forbids the call (a running session
+    /// removed, an input already owned).
+    Conflict,
     /// A code this build does not know, sent by a newer peer.
     #[serde(other)]
     Unknown,
@@ -33,6 +36,7 @@ impl ErrorCode {
             ErrorCode::NotRunning => "not_running",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::OperationFailed => "operation_failed",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Unknown => "unknown",
         }

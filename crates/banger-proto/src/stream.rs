@@ -59,6 +59,13 @@ pub enum Kind {
     Heartbeat = 0x16,
     /// JSON [`Started`]: the process runs.
     Started = 0x17,
+    /// A session's output: `seq: u64`, `stream: u8` (1 stdout, 2 stderr),
+    /// then the bytes. `seq` numbers output by byte.
+    Output = 0x18,
+    /// JSON [`Attached`]: what a session stream starts from.
+    Attached = 0x19,
+    /// JSON [`SessionEnd`]: the last frame of a session stream.
+    End = 0x1a,
 }
 
 impl Kind {
@@ -77,6 +84,9 @@ impl Kind {
             0x15 => Error,
             0x16 => Heartbeat,
             0x17 => Started,
+            0x18 => Output,
+            0x19 => Attached,
+            0x1a => End,
             _ => return None,
         })
     }
@@ -105,6 +115,57 @@ pub struct Open {
     /// A terminal of this size instead of pipes (stderr goes to it too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<WinSize>,
+    /// Not a new process: a stream of an existing session (`argv` empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionOpen>,
+}
+
+/// What a session stream does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum SessionMode {
+    /// Replay, then follow; with `input`, this stream owns the session's
+    /// stdin and resizes (one owner at a time; `force` takes it over).
+    /// The client's hang-up detaches, never stops the session.
+    Attach { input: bool, force: bool },
+    /// Replay; with `follow`, then follow until the session ends.
+    Logs { follow: bool },
+    /// The client's stdin frames to the session's stdin; with `eof`, its
+    /// end closes the session's stdin.
+    Send { eof: bool },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionOpen {
+    pub id: String,
+    #[serde(flatten)]
+    pub mode: SessionMode,
+    /// Replay from this byte of output (clamped to what the log holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_seq: Option<u64>,
+    /// Replay only the last this many bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attached {
+    pub first_seq: u64,
+    pub next_seq: u64,
+    /// Where the replay starts.
+    pub from_seq: u64,
+    pub tty: bool,
+}
+
+/// How a session stream ended: `exited` (the session ended and its log
+/// is drained), `end of log` (logs without follow), `detached` (taken
+/// over by another input owner), `sent` (send finished).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub reason: String,
+    pub next_seq: u64,
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -145,6 +206,28 @@ impl Frame {
 
     pub fn u32(kind: Kind, n: u32) -> Frame {
         Frame::new(kind, n.to_be_bytes())
+    }
+
+    /// A piece of session output.
+    pub fn output(seq: u64, stream: u8, bytes: &[u8]) -> Frame {
+        let mut p = Vec::with_capacity(9 + bytes.len());
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.push(stream);
+        p.extend_from_slice(bytes);
+        Frame::new(Kind::Output, p)
+    }
+
+    /// `(seq, stream, bytes)` of an [`Kind::Output`] frame.
+    pub fn parse_output(&self) -> Result<(u64, u8, &[u8]), StreamError> {
+        if self.payload.len() < 9 {
+            return Err(self.malformed("shorter than its header"));
+        }
+        let seq = u64::from_be_bytes(self.payload[..8].try_into().unwrap_or_default());
+        let stream = self.payload[8];
+        if !(1..=2).contains(&stream) {
+            return Err(self.malformed(format!("stream {stream}")));
+        }
+        Ok((seq, stream, &self.payload[9..]))
     }
 
     pub fn resize(w: WinSize) -> Frame {

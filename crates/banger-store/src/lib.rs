@@ -7,7 +7,7 @@
 mod migrations;
 mod records;
 
-pub use records::{ImageRecord, VmRecord, VmRuntime, VmSpec, VmState};
+pub use records::{ImageRecord, SessionRecord, VmRecord, VmRuntime, VmSpec, VmState};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -202,6 +202,97 @@ impl Store {
             .execute("DELETE FROM images WHERE name = ?1", [name])?
             > 0)
     }
+}
+
+impl Store {
+    // ---- guest sessions ----
+
+    pub fn insert_session(&self, r: &SessionRecord) -> Result<()> {
+        let res = self.conn().execute(
+            "INSERT INTO guest_sessions (id, vm_id, name, argv, tty, state, code, signal, boot_id, op_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.id,
+                r.vm_id,
+                r.name,
+                to_json(&r.argv),
+                r.tty,
+                r.state,
+                r.code,
+                r.signal,
+                r.boot_id,
+                r.op_id,
+                r.created_at
+            ],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::AlreadyExists(format!("session {:?}", r.name)))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Records what is now known of a session's state.
+    pub fn settle_session(
+        &self,
+        id: &str,
+        state: &str,
+        code: Option<i32>,
+        signal: Option<i32>,
+        boot_id: Option<&str>,
+    ) -> Result<()> {
+        self.conn().execute(
+            "UPDATE guest_sessions SET state = ?2, code = ?3, signal = ?4, boot_id = coalesce(?5, boot_id) WHERE id = ?1",
+            params![id, state, code, signal, boot_id],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_sessions(&self, vm_id: &str) -> Result<Vec<SessionRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, vm_id, name, argv, tty, state, code, signal, boot_id, op_id, created_at
+             FROM guest_sessions WHERE vm_id = ?1 ORDER BY created_at, name",
+        )?;
+        let rows = stmt
+            .query_map([vm_id], session_row)?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.into_iter().collect()
+    }
+
+    pub fn delete_session(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM guest_sessions WHERE id = ?1", [id])?
+            > 0)
+    }
+}
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SessionRecord>> {
+    let argv: String = r.get(3)?;
+    let name: String = r.get(2)?;
+    Ok(match serde_json::from_str(&argv) {
+        Ok(argv) => Ok(SessionRecord {
+            id: r.get(0)?,
+            vm_id: r.get(1)?,
+            name,
+            argv,
+            tty: r.get(4)?,
+            state: r.get(5)?,
+            code: r.get(6)?,
+            signal: r.get(7)?,
+            boot_id: r.get(8)?,
+            op_id: r.get(9)?,
+            created_at: r.get(10)?,
+        }),
+        Err(e) => Err(StoreError::Corrupt {
+            what: format!("session {name:?} argv"),
+            detail: e.to_string(),
+        }),
+    })
 }
 
 type RawVm = (String, String, String, String, String);

@@ -30,6 +30,26 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // Where an image came from is `source`; this is what identifies its
     // content: an imported image's manifest digest, a built one's file hash.
     (2, "ALTER TABLE images ADD COLUMN digest TEXT;"),
+    // Guest sessions: the daemon's catalog of what each VM's agent runs.
+    // A row is written (`starting`) before the agent is asked, and settled
+    // from the agent's answers; a VM's rows go with it.
+    (
+        3,
+        "CREATE TABLE guest_sessions (
+            id          TEXT PRIMARY KEY,
+            vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+            name        TEXT NOT NULL,
+            argv        TEXT NOT NULL,
+            tty         INTEGER NOT NULL,
+            state       TEXT NOT NULL,
+            code        INTEGER,
+            signal      INTEGER,
+            boot_id     TEXT,
+            op_id       TEXT NOT NULL,
+            created_at  TEXT NOT NULL,
+            UNIQUE (vm_id, name)
+        );",
+    ),
 ];
 
 pub fn current_version(conn: &Connection) -> Result<i64> {

@@ -118,3 +118,24 @@ pub struct ImageRecord {
     /// file's hash for one banger built; none for a registered image.
     pub digest: Option<String>,
 }
+
+/// A guest session as the daemon catalogs it. `state` is `starting` (the
+/// agent was asked, no answer recorded yet), `running`, `exited` (with
+/// `code` or `signal`) or `lost` (its process is gone and how it ended is
+/// not known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub vm_id: String,
+    pub name: String,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    pub state: String,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The guest boot it runs in, once the agent said.
+    pub boot_id: Option<String>,
+    /// The op id of the call that started it.
+    pub op_id: String,
+    pub created_at: String,
+}

@@ -1,4 +1,4 @@
-use banger_store::{ImageRecord, Store, StoreError, VmRecord, VmRuntime, VmSpec, VmState};
+use banger_store::{ImageRecord, SessionRecord, Store, StoreError, VmRecord, VmRuntime, VmSpec, VmState};
 
 fn image(name: &str) -> ImageRecord {
     ImageRecord {
@@ -59,7 +59,7 @@ fn records_survive_reopen_and_names_are_unique() {
     assert_eq!(got.runtime.tap.as_deref(), Some("bgtap0"));
     assert_eq!(s.get_vm("id-alpha").unwrap().unwrap().name, "alpha");
     assert_eq!(s.list_vms().unwrap().len(), 1);
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), 3);
     let img = s.get_image("default").unwrap().expect("image persisted");
     assert_eq!(img.digest, image("default").digest, "the image digest was lost");
 }
@@ -117,4 +117,47 @@ fn an_empty_database_file_is_refused_not_replaced() {
     // A missing file is a first start.
     let fresh = dir.path().join("fresh.db");
     Store::open(&fresh).unwrap();
+}
+
+fn session(id: &str, vm_id: &str, name: &str) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        vm_id: vm_id.into(),
+        name: name.into(),
+        argv: vec!["sleep".into(), "10".into()],
+        tty: false,
+        state: "starting".into(),
+        code: None,
+        signal: None,
+        boot_id: None,
+        op_id: "op-0123456789".into(),
+        created_at: banger_store::now(),
+    }
+}
+
+#[test]
+fn sessions_are_cataloged_per_vm_settled_and_go_with_their_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("state.db")).unwrap();
+    s.insert_image(&image("default")).unwrap();
+    s.insert_vm(&vm("alpha")).unwrap();
+    s.insert_session(&session("s1", "id-alpha", "web")).unwrap();
+    assert!(matches!(
+        s.insert_session(&session("s2", "id-alpha", "web")),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    // No session of a VM that does not exist.
+    assert!(s.insert_session(&session("s3", "id-nope", "x")).is_err());
+    s.settle_session("s1", "exited", Some(3), None, Some("boot-1"))
+        .unwrap();
+    s.settle_session("s1", "exited", Some(3), None, None).unwrap();
+    let got = s.list_sessions("id-alpha").unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].state.as_str(), got[0].code, got[0].boot_id.as_deref()),
+        ("exited", Some(3), Some("boot-1"))
+    );
+    assert_eq!(got[0].argv, ["sleep", "10"]);
+    assert!(s.delete_vm("id-alpha").unwrap());
+    assert!(s.list_sessions("id-alpha").unwrap().is_empty());
 }

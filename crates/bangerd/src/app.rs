@@ -26,6 +26,7 @@ pub struct App {
     pub kernels: Arc<KernelService>,
     pub images: Arc<ImageService>,
     pub vms: Arc<VmService>,
+    pub sessions: Arc<crate::session::SessionService>,
     pub ssh: Arc<crate::ssh::SshService>,
     pub shutdown: CancellationToken,
     /// Bound address of the DNS server, once it listens.
@@ -86,7 +87,9 @@ impl App {
             network.clone(),
             ssh.clone(),
         ));
+        let sessions = Arc::new(crate::session::SessionService::new(store.clone(), vms.clone()));
         Arc::new(App {
+            sessions,
             store,
             dns_addr: Default::default(),
             ssh,
@@ -195,6 +198,36 @@ pub fn router(app: &Arc<App>) -> Router {
             .logs(&p.name, p.tail_bytes)
             .map(|(serial, path)| d::VmLogs { serial, path })))
         .method_with_input::<d::VmExecM, _, _>(handler!(app, |ctx, p| app.vms.exec(&ctx, p).await))
+        // guest sessions
+        .method::<d::VmSessionStartM, _, _>(handler!(app, |ctx, p| app.sessions.start(&ctx.op_id, p).await))
+        .method::<d::VmSessionListM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .list(&ctx.op_id, &p.name)
+            .await))
+        .method::<d::VmSessionShowM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .show(&ctx.op_id, &p.vm, &p.session)
+            .await))
+        .method::<d::VmSessionStopM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .stop(&ctx.op_id, &p.vm, &p.session, p.grace_ms, false)
+            .await))
+        .method::<d::VmSessionKillM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .stop(&ctx.op_id, &p.vm, &p.session, None, true)
+            .await))
+        .method::<d::VmSessionRmM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .remove(&ctx.op_id, &p.vm, &p.session)
+            .await))
+        .method::<d::VmSessionResizeM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .resize(&ctx.op_id, &p.vm, &p.session, p.size)
+            .await))
+        .method_with_input::<d::VmSessionStreamM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .stream(&ctx, p)
+            .await))
         .method::<d::VmPortsM, _, _>(handler!(app, |ctx, p| app.vms.ports(&ctx, &p.name).await))
         .method::<d::VmStatsM, _, _>(handler!(app, |ctx, p| app.vms.stats(&ctx, &p.name).await))
         .method::<d::SshInfoM, _, _>(handler!(app, |_, _| {

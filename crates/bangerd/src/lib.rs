@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod network;
 pub mod ops;
 pub mod recipe;
+pub mod session;
 pub mod ssh;
 pub mod sync;
 pub mod sys;

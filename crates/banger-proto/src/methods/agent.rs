@@ -299,3 +299,143 @@ mod tests {
         assert_eq!(st(None, None), 255);
     }
 }
+
+/// Guest sessions (`agent.session.*` and session streams): long-running
+/// processes the agent owns, with their output in a capped log on the
+/// guest's disk.
+pub const FEATURE_SESSIONS: &str = "sessions";
+
+/// The longest session id.
+pub const MAX_SESSION_ID: usize = 64;
+
+/// Whether `id` can name a session (it names a directory in the guest).
+pub fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_SESSION_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A session to start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionSpec {
+    pub id: String,
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// A terminal of this size instead of pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<crate::stream::WinSize>,
+    /// The most output kept, in bytes (older output is dropped).
+    pub log_max: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Running,
+    /// Ended: `code` or `signal` says how.
+    Exited,
+    /// Its process was lost (the agent or the guest restarted while it
+    /// ran): how it ended is not known and never made up.
+    Lost,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Running => "running",
+            SessionState::Exited => "exited",
+            SessionState::Lost => "lost",
+        }
+    }
+}
+
+/// A session as the agent knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    pub state: SessionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub started_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+    /// The oldest output still in the log.
+    pub first_seq: u64,
+    /// Where the next output will be: output is numbered by byte.
+    pub next_seq: u64,
+    pub log_max: u64,
+    /// The guest boot the session was started in.
+    pub boot_id: String,
+    /// A stream owns the session's input now.
+    #[serde(default)]
+    pub input_attached: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionList {
+    /// The guest's current boot.
+    pub boot_id: String,
+    pub sessions: Vec<SessionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionRef {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionSignal {
+    pub id: String,
+    pub signal: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionStop {
+    pub id: String,
+    /// SIGTERM to the group, then SIGKILL after this long.
+    pub grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionResize {
+    pub id: String,
+    pub size: crate::stream::WinSize,
+}
+
+method!(
+    /// Starts a session; idempotent by id (the same id gives the session
+    /// as it is).
+    SessionStartM = "agent.session.start", SessionSpec => SessionInfo
+);
+method!(
+    /// Every session the agent has (running, ended or lost).
+    SessionListM = "agent.session.list", Empty => SessionList
+);
+method!(
+    /// A signal for the session's whole process group.
+    SessionSignalM = "agent.session.signal", SessionSignal => SessionInfo
+);
+method!(
+    /// SIGTERM to the group, SIGKILL after the grace; answers once the
+    /// group is gone.
+    SessionStopM = "agent.session.stop", SessionStop => SessionInfo
+);
+method!(
+    /// Removes an ended session and its log.
+    SessionRemoveM = "agent.session.remove", SessionRef => Empty
+);
+method!(
+    /// Resizes a session's terminal.
+    SessionResizeM = "agent.session.resize", SessionResize => SessionInfo
+);

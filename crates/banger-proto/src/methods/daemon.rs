@@ -462,3 +462,119 @@ pub struct SshInfo {
 }
 
 method!(SshInfoM = "ssh.info", Empty => SshInfo);
+
+// ---- guest sessions ----
+
+/// A session's output is kept up to this many bytes unless asked otherwise.
+pub const DEFAULT_SESSION_LOG: u64 = 8 << 20;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionStart {
+    pub vm: String,
+    /// A name unique within the VM; one is made up when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// A terminal of this size instead of pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<crate::stream::WinSize>,
+    /// Bytes of output kept (older output is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_max: Option<u64>,
+}
+
+/// A session as the daemon shows it: its catalog row, settled with what
+/// the agent says when the VM runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionView {
+    pub name: String,
+    pub id: String,
+    pub vm: String,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    /// `starting`, `running`, `exited` or `lost`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// The output kept: bytes `first_seq..next_seq` (when the agent said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_seq: Option<u64>,
+    /// Whether a client owns its input now (when the agent said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_attached: Option<bool>,
+    /// The op id of the call that started it.
+    pub op_id: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionViews {
+    pub sessions: Vec<SessionView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionRef {
+    pub vm: String,
+    pub session: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionStopReq {
+    pub vm: String,
+    pub session: String,
+    /// SIGTERM, then SIGKILL after this long (10 s when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionResizeReq {
+    pub vm: String,
+    pub session: String,
+    pub size: crate::stream::WinSize,
+}
+
+/// Attach, logs or send. With input (attach, send), the client sends
+/// stream frames after the request, as for `vm exec -i`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionStreamReq {
+    pub vm: String,
+    pub session: String,
+    #[serde(flatten)]
+    pub mode: crate::stream::SessionMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u64>,
+}
+
+/// A piece of a session's output, numbered by byte.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionOutput {
+    pub seq: u64,
+    pub stream: crate::methods::agent::StreamName,
+    pub data_b64: String,
+}
+
+method!(VmSessionStartM = "vm.session.start", SessionStart => SessionView);
+method!(VmSessionListM = "vm.session.list", VmRef => SessionViews);
+method!(VmSessionShowM = "vm.session.show", SessionRef => SessionView);
+method!(VmSessionStopM = "vm.session.stop", SessionStopReq => SessionView);
+method!(VmSessionKillM = "vm.session.kill", SessionRef => SessionView);
+method!(VmSessionRmM = "vm.session.rm", SessionRef => Empty);
+method!(VmSessionResizeM = "vm.session.resize", SessionResizeReq => SessionView);
+method!(
+    /// Attach, logs or send: the session's output as events, ending with
+    /// how the stream ended.
+    VmSessionStreamM = "vm.session.stream", SessionStreamReq => crate::stream::SessionEnd, event SessionOutput
+);

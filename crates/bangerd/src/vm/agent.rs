@@ -179,7 +179,7 @@ async fn send_stdin(to_agent: &mpsc::Sender<Frame>, credit: &Semaphore, f: Frame
 
 /// The client's frames after its request: stdin (within credit), resizes
 /// and signals go on to the agent; anything else ends the relay.
-async fn relay_input(
+pub(crate) async fn relay_input(
     mut r: impl tokio::io::AsyncRead + Unpin,
     to_agent: mpsc::Sender<Frame>,
     credit: Arc<Semaphore>,

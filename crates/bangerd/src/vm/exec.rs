@@ -38,6 +38,7 @@ impl VmService {
                 cwd: req.cwd,
                 stdin: p.stream_input || req.stdin_b64.is_some(),
                 tty: p.tty,
+                session: None,
             };
             return agent::exec_stream(&uds, ctx, open, req.stdin_b64, p.stream_input).await;
         }

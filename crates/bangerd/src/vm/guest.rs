@@ -101,6 +101,16 @@ impl VmService {
         Ok(stdout)
     }
 
+    /// A VM's record, for other services (sessions).
+    pub fn record(&self, name: &str) -> Result<VmRecord, RpcError> {
+        self.get(name)
+    }
+
+    /// The socket of a running VM's agent; `None` when it is not running.
+    pub fn agent_socket(&self, vm: &VmRecord) -> Option<std::path::PathBuf> {
+        self.running_handles(vm).ok().map(|h| h.launched.vsock_uds)
+    }
+
     pub(super) fn running_handles(&self, vm: &VmRecord) -> Result<VmHandles, RpcError> {
         match self.cached(&vm.id) {
             Some(h) if self.is_alive(vm) => Ok(h),

@@ -38,7 +38,7 @@ impl Drop for Busy<'_> {
 }
 
 impl VmService {
-    pub(super) fn busy(&self, id: &str) -> Busy<'_> {
+    pub(crate) fn busy(&self, id: &str) -> Busy<'_> {
         *self.busy.locked().entry(id.to_string()).or_default() += 1;
         self.idle_since.locked().remove(id);
         Busy {
