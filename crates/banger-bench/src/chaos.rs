@@ -9,7 +9,9 @@
 //! - every VM recorded running has a live VMM, its tap, and answers `exec`;
 //! - every VM recorded stopped has no process, no tap, no NAT rule and no
 //!   socket file;
-//! - no process, tap, NAT rule or VM directory belongs to no VM.
+//! - no process, tap, NAT rule or VM directory belongs to no VM;
+//! - no guest session is left `starting`, and none of a stopped VM is
+//!   `running` (the catalog settles to what the guest says).
 //!
 //! The whole stack runs in a network namespace of its own (the process
 //! unshares one at start), so taps, the bridge and nft rules never touch
@@ -168,6 +170,23 @@ impl Chaos {
                     }
                 }
                 other => v.push(format!("{name}: left in state {other:?}")),
+            }
+            let sessions: Value = self
+                .banger(&["vm", "session", "list", name, "--json"])
+                .ok()
+                .and_then(|o| serde_json::from_str(&o).ok())
+                .unwrap_or_default();
+            for s in sessions["sessions"].as_array().into_iter().flatten() {
+                let (sn, st) = (
+                    s["name"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                );
+                if st == "starting" {
+                    v.push(format!("{name}: session {sn} left starting"));
+                }
+                if st == "running" && vm["state"] != "running" {
+                    v.push(format!("{name}: session {sn} running in a stopped VM"));
+                }
             }
         }
         // Anything that belongs to no VM.
@@ -345,6 +364,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
         let cp_host = cp_host.to_str().unwrap_or_default().to_string();
         let cp_guest = format!("{name}:/root/chaos-cp");
         let cp_out = format!("{name}:/etc/hostname");
+        let session = format!("s{}", rng.below(3));
         let verb: Vec<&str> = if !exists {
             let nat = if name == "chaos0" { "--nat" } else { "--no-start" };
             vec![
@@ -361,7 +381,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                 nat,
             ]
         } else {
-            match rng.below(10) {
+            match rng.below(12) {
                 0 => vec!["vm", "start", name],
                 1 => vec!["vm", "stop", name],
                 2 => vec!["vm", "restart", name],
@@ -382,6 +402,11 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                 7 => vec!["vm", "cp", &cp_out, &cp_host],
                 8 => vec!["vm", "set", name, "--memory", "640"],
                 9 => vec!["vm", "stats", name],
+                // Guest sessions: started (a name may be taken) and killed.
+                10 => vec![
+                    "vm", "session", "start", name, "--name", &session, "--", "sleep", "3600",
+                ],
+                11 => vec!["vm", "session", "kill", name, &session],
                 _ => vec!["vm", "start", name],
             }
         };

@@ -464,6 +464,39 @@ fn daemon_cases() -> Vec<Case> {
             BAD_OR_MISSING,
         ));
         v.push(case(
+            format!("exec -t {name:?}"),
+            "vm.exec",
+            json!({"name": name, "exec": {"argv": ["true"]}, "stream_input": true, "tty": {"rows": 24, "cols": 80}}),
+            BAD_OR_MISSING,
+        ));
+        // Sessions: a bad VM name, a bad session name, a bad session to start.
+        v.push(case(
+            format!("session list {name:?}"),
+            "vm.session.list",
+            json!({"name": name}),
+            BAD_OR_MISSING,
+        ));
+        for m in ["vm.session.show", "vm.session.kill", "vm.session.rm"] {
+            v.push(case(
+                format!("{m} of VM {name:?}"),
+                m,
+                json!({"vm": name, "session": "s"}),
+                BAD_OR_MISSING,
+            ));
+        }
+        v.push(case(
+            format!("session start named {name:?}"),
+            "vm.session.start",
+            json!({"vm": "nosuchthing", "name": name, "argv": ["true"]}),
+            BAD_OR_MISSING,
+        ));
+        v.push(case(
+            format!("session logs of VM {name:?}"),
+            "vm.session.stream",
+            json!({"vm": name, "session": "s", "mode": "logs", "follow": false}),
+            BAD_OR_MISSING,
+        ));
+        v.push(case(
             format!("image show {name:?}"),
             "image.show",
             json!({"name": name}),
@@ -546,6 +579,36 @@ fn daemon_cases() -> Vec<Case> {
                 BAD_OR_MISSING,
             ));
         }
+    }
+    for p in [
+        json!({"vm": "nosuchthing", "argv": []}),
+        json!({"vm": "nosuchthing", "argv": ["true"], "log_max": 0}),
+        json!({"vm": "nosuchthing", "argv": ["true"], "log_max": u64::MAX}),
+        json!({"vm": "nosuchthing", "argv": ["true"], "tty": {"rows": 0, "cols": 80}}),
+        json!({"vm": "nosuchthing", "argv": ["true"], "tty": {"rows": 70000, "cols": 80}}),
+        json!({"vm": "nosuchthing", "argv": "true"}),
+        json!({"vm": "nosuchthing"}),
+    ] {
+        v.push(case(
+            format!("session start {p}"),
+            "vm.session.start",
+            p,
+            BAD_OR_MISSING,
+        ));
+    }
+    for p in [
+        json!({"vm": "nosuchthing", "session": "s", "mode": "attach"}),
+        json!({"vm": "nosuchthing", "session": "s", "mode": "delete", "input": true}),
+        json!({"vm": "nosuchthing", "session": "s", "mode": "logs", "follow": "yes"}),
+        json!({"vm": "nosuchthing", "session": "s", "mode": "send", "eof": true, "from_seq": -1}),
+        json!({"vm": "nosuchthing", "session": "s", "mode": "logs", "follow": true}),
+    ] {
+        v.push(case(
+            format!("session stream {p}"),
+            "vm.session.stream",
+            p,
+            BAD_OR_MISSING,
+        ));
     }
     for op in [
         "",
@@ -854,6 +917,7 @@ fn the_helper_refuses_the_whole_corpus_as_root_owner_and_stranger_and_changes_no
     }
 
     let total = cases.len() + as_owner.len() + denied.len();
+    eprintln!("helper corpus: {total} requests (root, owner, stranger)");
     assert!(total >= 500, "only {total} crafted requests");
     assert!(
         complaints.is_empty(),
@@ -908,6 +972,7 @@ fn the_daemon_refuses_the_whole_corpus_and_changes_nothing() {
     };
     let before = state(&env);
     let cases = daemon_cases();
+    eprintln!("daemon corpus: {} requests", cases.len());
     assert!(cases.len() >= 300, "only {} daemon cases", cases.len());
     let complaints: Vec<String> = cases
         .iter()

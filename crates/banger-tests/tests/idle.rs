@@ -1,6 +1,7 @@
 //! `--auto-stop-idle`: a VM with nothing running in it is stopped once it
 //! has been idle that long, by the daemon, under an op id of its own; a VM
-//! with a command in flight is not, however quiet the command is.
+//! with a command in flight is not, however quiet the command is, nor is
+//! one running a guest session.
 
 use banger_tests::{wait_for, Env};
 use std::process::Stdio;
@@ -12,6 +13,11 @@ fn an_idle_vm_is_stopped_and_a_busy_one_is_not() {
     let t = Instant::now();
     env.create_small("idler", &["--auto-stop-idle", "10s"]);
     env.create_small("worker", &["--auto-stop-idle", "10s"]);
+    env.create_small("server", &["--auto-stop-idle", "10s"]);
+    // A quiet session, and no client at all: the VM is in use.
+    env.banger_ok(&[
+        "vm", "session", "start", "server", "--name", "quiet", "--", "sleep", "600",
+    ]);
     // A quiet command in flight: no CPU, but the VM is in use.
     let mut sleeper = env
         .cmd("banger")
@@ -37,6 +43,11 @@ fn an_idle_vm_is_stopped_and_a_busy_one_is_not() {
             "running",
             "a VM with a command in flight was stopped"
         );
+        assert_eq!(
+            env.vm("server")["state"],
+            "running",
+            "a VM running a session was stopped"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let stops: Vec<_> = env
@@ -54,4 +65,5 @@ fn an_idle_vm_is_stopped_and_a_busy_one_is_not() {
     let _ = sleeper.wait();
     env.banger_ok(&["vm", "delete", "idler"]);
     env.banger_ok(&["vm", "delete", "worker"]);
+    env.banger_ok(&["vm", "delete", "server"]);
 }

@@ -1,7 +1,8 @@
 //! Stopping idle VMs: a VM whose idle limit is set (its own
 //! `auto_stop_idle`, else the daemon's) is stopped once it has been idle
-//! that long. Idle means: no exec, copy or workspace call in flight, and
-//! the guest's CPU below a trickle at every sample. Samples are the
+//! that long. Idle means: no exec, copy, workspace or session call in
+//! flight, no guest session running, and the guest's CPU below a trickle
+//! at every sample. Samples are the
 //! agent's stats; a guest that does not answer counts as busy (it is not
 //! stopped for being slow).
 
@@ -44,6 +45,21 @@ impl VmService {
         Busy {
             svc: self,
             id: id.to_string(),
+        }
+    }
+
+    /// Whether the guest runs a session (or cannot say: then it is taken
+    /// as in use). An agent without sessions runs none.
+    async fn runs_sessions(&self, uds: &std::path::Path, op: &OpId) -> bool {
+        let list = tokio::time::timeout(
+            Duration::from_secs(5),
+            agent::call::<a::SessionListM>(uds, op, &banger_proto::methods::Empty {}, |_| ()),
+        )
+        .await;
+        match list {
+            Ok(Ok(l)) => l.sessions.iter().any(|s| s.state == a::SessionState::Running),
+            Ok(Err(e)) if e.code == banger_proto::ErrorCode::UnknownMethod => false,
+            _ => true,
         }
     }
 
@@ -90,6 +106,9 @@ impl VmService {
                 }
                 _ => false,
             };
+            // A running session is use, however quiet: a server waiting
+            // for requests, an agent waiting for its next task.
+            let idle = idle && !self.runs_sessions(&h.launched.vsock_uds, &op).await;
             if !idle || self.busy.locked().contains_key(&vm.id) {
                 self.idle_since.locked().remove(&vm.id);
                 continue;
