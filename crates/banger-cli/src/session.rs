@@ -40,7 +40,8 @@ pub enum SessionCmd {
         /// KEY=VALUE, repeatable.
         #[arg(long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
-        /// Bytes of output kept (older output is dropped); 8 MiB by default.
+        /// Bytes of output kept (older output is dropped); by default the
+        /// daemon's `session_log_max_kib` (8 MiB).
         #[arg(long)]
         log_max: Option<u64>,
         #[arg(last = true, required = true)]

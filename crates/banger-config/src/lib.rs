@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub jailer: Option<PathBuf>,
     pub jailer_uid_base: Option<u32>,
     pub auto_stop_idle: Option<String>,
+    pub session_log_max_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +65,8 @@ pub struct Config {
     /// Stop a VM idle this long (no exec, copy or workspace call, no CPU
     /// use); 0: never. A VM's own setting wins.
     pub auto_stop_idle_secs: u64,
+    /// Output a guest session keeps (KiB) unless its start says otherwise.
+    pub session_log_max_kib: u64,
 }
 
 /// The longest idle limit accepted (30 days).
@@ -181,6 +184,12 @@ impl Config {
                 .unwrap_or(16 * 1024)
                 .max(64),
             jailer: env_path("BANGER_JAILER").or(fc.jailer),
+            session_log_max_kib: std::env::var("BANGER_SESSION_LOG_MAX_KIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .or(fc.session_log_max_kib)
+                .unwrap_or(8 * 1024)
+                .clamp(16, 1024 * 1024),
             auto_stop_idle_secs: match std::env::var("BANGER_AUTO_STOP_IDLE").ok().or(fc.auto_stop_idle) {
                 Some(s) => parse_duration(&s).map_err(ConfigError::Invalid)?,
                 None => 0,

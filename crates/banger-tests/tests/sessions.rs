@@ -275,6 +275,37 @@ fn stop_ends_the_group_logs_are_capped_and_a_server_shows_in_ports() {
         "{du} bytes of log files"
     );
 
+    // The cap a daemon is configured with is the default: a daemon
+    // restarted with `session_log_max_kib = 32` keeps at most 32 KiB.
+    env.kill_daemon();
+    let out = env
+        .cmd("banger")
+        .env("BANGER_SESSION_LOG_MAX_KIB", "32")
+        .args([
+            "vm",
+            "session",
+            "start",
+            "sg",
+            "--name",
+            "cfg",
+            "--",
+            "sh",
+            "-c",
+            "head -c 500000 /dev/zero | tr '\\0' y",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the cfg session to end", DEADLINE, || {
+        (show(&env, "sg", "cfg")["state"] == "exited").then_some(())
+    });
+    let v = show(&env, "sg", "cfg");
+    let kept = v["next_seq"].as_u64().unwrap() - v["first_seq"].as_u64().unwrap();
+    assert!(
+        kept <= 32 * 1024 && kept > 16 * 1024,
+        "{kept} bytes kept for a configured 32 KiB: {v}"
+    );
+
     // A server in a session is a listening port that answers HTTP.
     env.banger_ok(&[
         "vm",

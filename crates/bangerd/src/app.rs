@@ -87,7 +87,11 @@ impl App {
             network.clone(),
             ssh.clone(),
         ));
-        let sessions = Arc::new(crate::session::SessionService::new(store.clone(), vms.clone()));
+        let sessions = Arc::new(crate::session::SessionService::new(
+            store.clone(),
+            vms.clone(),
+            cfg.session_log_max_kib << 10,
+        ));
         Arc::new(App {
             sessions,
             store,

@@ -465,9 +465,6 @@ method!(SshInfoM = "ssh.info", Empty => SshInfo);
 
 // ---- guest sessions ----
 
-/// A session's output is kept up to this many bytes unless asked otherwise.
-pub const DEFAULT_SESSION_LOG: u64 = 8 << 20;
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionStart {
     pub vm: String,
@@ -482,7 +479,8 @@ pub struct SessionStart {
     /// A terminal of this size instead of pipes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<crate::stream::WinSize>,
-    /// Bytes of output kept (older output is dropped).
+    /// Bytes of output kept (older output is dropped); the daemon's
+    /// `session_log_max_kib` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_max: Option<u64>,
 }

@@ -8,7 +8,7 @@
 use super::{store_err, view, SessionService};
 use crate::vm::agent;
 use banger_proto::methods::agent::{self as a, SessionInfo};
-use banger_proto::methods::daemon::{SessionStart, SessionView, SessionViews, DEFAULT_SESSION_LOG};
+use banger_proto::methods::daemon::{SessionStart, SessionView, SessionViews};
 use banger_proto::methods::Empty;
 use banger_proto::{ErrorCode, OpId, RpcError};
 use banger_store::{SessionRecord, VmRecord};
@@ -41,7 +41,7 @@ impl SessionService {
         if let Some(n) = &p.name {
             crate::vm::names::validate(n).map_err(RpcError::bad_request)?;
         }
-        let log_max = p.log_max.unwrap_or(DEFAULT_SESSION_LOG);
+        let log_max = p.log_max.unwrap_or(self.default_log_max);
         if !(MIN_LOG..=MAX_LOG).contains(&log_max) {
             return Err(RpcError::bad_request(format!(
                 "a session log of {log_max} bytes is outside {MIN_LOG}..={MAX_LOG}"

@@ -25,6 +25,8 @@ pub struct SessionService {
     /// Per VM id: held while a VM's rows are written or settled, so a
     /// list never settles a row a start is still writing.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Output a session keeps unless its start says otherwise (bytes).
+    default_log_max: u64,
 }
 
 fn store_err(e: banger_store::StoreError) -> RpcError {
@@ -57,11 +59,12 @@ fn view(vm: &VmRecord, r: &SessionRecord, live: Option<&SessionInfo>) -> Session
 }
 
 impl SessionService {
-    pub fn new(store: Arc<Store>, vms: Arc<VmService>) -> Self {
+    pub fn new(store: Arc<Store>, vms: Arc<VmService>, default_log_max: u64) -> Self {
         SessionService {
             store,
             vms,
             locks: Mutex::new(HashMap::new()),
+            default_log_max,
         }
     }
 
