@@ -67,6 +67,10 @@ enum Cmd {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// Check what this host can do for banger: KVM, back-ends, tools, the
+    /// helper, disk, the database, the default image and kernel. Read-only;
+    /// exit status 1 on any FAIL.
+    Doctor,
 }
 
 /// `banger vm ...`, in the order help lists them; each goes to the module
@@ -236,6 +240,20 @@ async fn run(cli: Cli) -> Result<i32> {
                 anyhow::bail!("pass --install or --uninstall");
             }
             return ssh::install(&daemon::connect(&cfg).await?, file, &cfg.state_dir).await;
+        }
+        Cmd::Doctor => {
+            // The daemon's binary holds the checks (it may read the
+            // database; the CLI never does), run read-only, never as a
+            // daemon.
+            let mut cmd = std::process::Command::new(daemon::sibling("bangerd"));
+            cmd.arg("doctor");
+            if json {
+                cmd.arg("--json");
+            }
+            let st = cmd
+                .status()
+                .map_err(|e| anyhow::anyhow!("running bangerd doctor: {e}"))?;
+            return Ok(st.code().unwrap_or(1));
         }
         Cmd::Network(NetworkCmd::Ensure) => {
             let c = daemon::connect(&cfg).await?;

@@ -96,7 +96,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     }
 }
 
-pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
+pub use banger_proto::names::DEFAULT_HELPER_SOCKET;
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Default socket of the system-wide helper.
-const DEFAULT_SOCKET: &str = "/run/banger/helper.sock";
+use banger_proto::names::DEFAULT_HELPER_SOCKET as DEFAULT_SOCKET;
 
 #[derive(Parser)]
 #[command(name = "banger-helper", version, about = "banger's root helper")]

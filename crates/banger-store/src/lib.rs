@@ -34,6 +34,11 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The schema version this build writes and reads.
+pub fn schema_latest() -> i64 {
+    migrations::latest()
+}
+
 /// The store. One connection behind a mutex: SQLite serialises writers
 /// anyway, and every statement here is short.
 pub struct Store {

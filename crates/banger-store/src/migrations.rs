@@ -52,6 +52,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
+/// The schema version this build writes and reads.
+pub fn latest() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
 pub fn current_version(conn: &Connection) -> Result<i64> {
     let exists: bool = conn.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",

@@ -162,8 +162,20 @@ pub fn backend(kind: VmmKind, paths: &BackendPaths) -> Result<Box<dyn Vmm>, VmmE
 
 /// Finds `name` on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    which_in(name, std::env::var_os("PATH"))
+}
+
+/// The sbin directories: not on an ordinary user's PATH on Debian, yet
+/// where `mkfs.ext4` and `debootstrap` live.
+const SBIN_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// `name` in `path`, then in the sbin directories.
+pub fn which_in(name: &str, path: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let dirs: Vec<PathBuf> = path
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.into_iter()
+        .chain(SBIN_DIRS.iter().map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
 }
@@ -204,6 +216,26 @@ mod tests {
         std::fs::write(&p, "#!/bin/sh\nexit 1\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
+    }
+
+    #[test]
+    fn tools_in_sbin_are_found_off_a_user_path() {
+        let d = tempfile::tempdir().unwrap();
+        let mine = exe(d.path(), "mytool");
+        // On PATH first; a tool only in sbin is still found with a PATH
+        // that lacks sbin, as an ordinary user's does on Debian.
+        assert_eq!(
+            which_in("mytool", Some(d.path().as_os_str().to_owned())),
+            Some(mine)
+        );
+        let sbin_tool = ["mkfs.ext4", "losetup", "ldconfig"]
+            .into_iter()
+            .find(|t| SBIN_DIRS.iter().any(|s| is_executable(&Path::new(s).join(t))));
+        if let Some(t) = sbin_tool {
+            let found = which_in(t, Some("/usr/bin:/bin".into())).expect("found in sbin");
+            assert!(SBIN_DIRS.iter().any(|s| found.starts_with(s)), "{found:?}");
+        }
+        assert_eq!(which_in("no-such-tool-anywhere", Some("/usr/bin".into())), None);
     }
 
     fn missing(err: VmmError) -> (&'static str, PathBuf) {

@@ -6,6 +6,7 @@ pub mod app;
 pub mod copy;
 pub mod daemon;
 pub mod dns;
+pub mod doctor;
 pub mod error;
 pub mod helper_client;
 pub mod image;

@@ -13,6 +13,18 @@ struct Cli {
     /// Log to stderr instead of the log file.
     #[arg(long)]
     foreground: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Check what this host can do for banger (read-only); exit status 1
+    /// on any FAIL. `banger doctor` runs this.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A failure at start ends with one plain line on stderr (which the CLI
@@ -27,6 +39,10 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let cfg = banger_config::Config::load()?;
+    if let Some(Cmd::Doctor { json }) = cli.cmd {
+        let report = bangerd::doctor::run(&cfg);
+        std::process::exit(bangerd::doctor::print(&report, json));
+    }
     let log_file = (!cli.foreground).then(|| cfg.log_dir().join("bangerd.log"));
     banger_log::init("daemon", cfg.log_level.as_deref(), log_file.as_deref())?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -7,6 +7,16 @@ use std::ffi::OsStr;
 use std::path::Path;
 use tokio::process::Command;
 
+/// Where `prog` is: on PATH or in the sbin directories (a normal user's
+/// PATH on Debian lacks those, which hold mkfs.ext4 and debootstrap);
+/// as given when found nowhere, so that starting it says it is missing.
+fn locate(prog: &str) -> std::path::PathBuf {
+    if prog.contains('/') {
+        return prog.into();
+    }
+    banger_vmm::which(prog).unwrap_or_else(|| prog.into())
+}
+
 /// A tool that could not be started: missing, or another reason.
 fn spawn_error(prog: &str, source: std::io::Error) -> SysError {
     let tool = prog.to_string();
@@ -23,7 +33,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut cmd = Command::new(prog);
+    let mut cmd = Command::new(locate(prog));
     cmd.args(args)
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null());
@@ -52,7 +62,7 @@ where
     S: AsRef<OsStr>,
 {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut cmd = Command::new(prog);
+    let mut cmd = Command::new(locate(prog));
     cmd.args(args)
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null())

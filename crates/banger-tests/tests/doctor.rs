@@ -1,0 +1,111 @@
+//! `banger doctor`: every check present, the KVM check truthful about
+//! this host, the exit status matching the worst result, and nothing
+//! created or changed by running it.
+
+use banger_tests::Env;
+use serde_json::Value;
+use std::path::Path;
+
+const CHECKS: &[&str] = &[
+    "kvm",
+    "backend",
+    "qemu",
+    "vhost-device-vsock",
+    "firecracker",
+    "jailer",
+    "tool:mkfs.ext4",
+    "tool:debootstrap",
+    "tool:ip",
+    "tool:nft",
+    "helper",
+    "daemon",
+    "disk",
+    "database",
+    "services",
+];
+
+fn doctor(env: &Env) -> (i32, Value) {
+    let out = env.banger(&["doctor", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+fn check<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} check in {v}"))
+}
+
+/// Every path under `root` (files and directories), sorted.
+fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p.display().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn doctor_reports_every_check_truthfully_and_changes_nothing() {
+    let env = Env::new();
+    let before = tree(env.dir.path());
+    let (code, v) = doctor(&env);
+    for name in CHECKS {
+        let c = check(&v, name);
+        assert!(
+            ["PASS", "WARN", "FAIL"].contains(&c["status"].as_str().unwrap_or("")),
+            "{c}"
+        );
+    }
+    // The exit status follows the worst result.
+    let worst = v["worst"].as_str().unwrap();
+    assert_eq!(code == 1, worst == "FAIL", "exit {code} with worst {worst}");
+    // KVM: a PASS only where a Linux guest can run under it, which needs
+    // hardware virtualisation in the CPU flags (absent on PVM hosts).
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let hw = cpu
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let kvm = check(&v, "kvm");
+    assert_eq!(
+        kvm["status"] == "PASS",
+        hw && Path::new("/dev/kvm").exists(),
+        "the KVM check is not truthful here: {kvm}"
+    );
+    // A fresh state directory: nothing to read yet, and nothing made.
+    assert!(
+        check(&v, "database")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist yet"),
+        "{v}"
+    );
+    assert_eq!(tree(env.dir.path()), before, "doctor created or removed files");
+    assert!(env.daemon_pid().is_none(), "doctor started the daemon");
+
+    // A database that is there but empty: FAIL, exit 1, left as it was.
+    let db = env.home().join("state.db");
+    std::fs::create_dir_all(env.home()).unwrap();
+    std::fs::write(&db, b"").unwrap();
+    let (code, v) = doctor(&env);
+    assert_eq!(check(&v, "database")["status"], "FAIL", "{v}");
+    assert_eq!(code, 1);
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().len(),
+        0,
+        "doctor wrote the database"
+    );
+}
