@@ -67,6 +67,11 @@ enum Cmd {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// This build: version, commit, build date, protocol generations.
+    Version,
+    /// banger's configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Check what this host can do for banger: KVM, back-ends, tools, the
     /// helper, disk, the database, the default image and kernel. Read-only;
     /// exit status 1 on any FAIL.
@@ -98,6 +103,33 @@ enum VmCmd {
     /// side is NAME:PATH (relative paths start at /root). Modes and
     /// symlinks are kept; into a directory if the destination is one.
     Cp { src: String, dst: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Every effective setting and where it came from (default, the
+    /// config file, or the environment).
+    Show,
+}
+
+/// For commands that only print (no socket to be hurt by SIGPIPE): a
+/// reader that goes away (`| head`) ends this process quietly, as it
+/// does any Unix filter, instead of a panic on the next write.
+fn quiet_on_closed_stdout() {
+    // SAFETY: restoring the default disposition of one signal.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// What `banger version` prints.
+#[derive(serde::Serialize)]
+struct VersionInfo {
+    version: &'static str,
+    commit: &'static str,
+    build_date: &'static str,
+    /// The request/response protocol of CLI, daemon, helper and agent.
+    rpc_protocol: u32,
+    /// The agent's stream protocol generation (exec, sessions).
+    agent_protocol: u32,
 }
 
 #[derive(Subcommand)]
@@ -240,6 +272,36 @@ async fn run(cli: Cli) -> Result<i32> {
                 anyhow::bail!("pass --install or --uninstall");
             }
             return ssh::install(&daemon::connect(&cfg).await?, file, &cfg.state_dir).await;
+        }
+        Cmd::Version => {
+            quiet_on_closed_stdout();
+            let v = VersionInfo {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("BANGER_COMMIT"),
+                build_date: env!("BANGER_BUILD_DATE"),
+                rpc_protocol: banger_proto::PROTOCOL_VERSION,
+                agent_protocol: banger_proto::stream::GENERATION,
+            };
+            print(json, &v, |v| {
+                println!(
+                    "banger {} (commit {}, built {})",
+                    v.version, v.commit, v.build_date
+                );
+                println!(
+                    "protocols: rpc {}, agent streams generation {}",
+                    v.rpc_protocol, v.agent_protocol
+                );
+            });
+        }
+        Cmd::Config(ConfigCmd::Show) => {
+            quiet_on_closed_stdout();
+            let s = cfg.settings();
+            print(json, &s, |s| {
+                println!("# {}", cfg.file().display());
+                for x in s {
+                    println!("{:<22} {:<48} {}", x.key, output::escape(&x.value), x.source);
+                }
+            });
         }
         Cmd::Doctor => {
             // The daemon's binary holds the checks (it may read the

@@ -248,3 +248,165 @@ pub fn ensure_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
+
+/// One effective setting and where it came from.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Setting {
+    pub key: &'static str,
+    pub value: String,
+    /// `default`, `file` (config.toml) or `env:NAME`.
+    pub source: String,
+}
+
+fn shown<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "(none)".into())
+}
+
+impl Config {
+    /// The path of the configuration file this configuration reads.
+    pub fn file(&self) -> PathBuf {
+        self.state_dir.join("config.toml")
+    }
+
+    /// Every setting with its effective value and its source: the
+    /// environment wins over the file, the file over the default.
+    pub fn settings(&self) -> Vec<Setting> {
+        let table: toml::Table = std::fs::read_to_string(self.file())
+            .ok()
+            .and_then(|t| toml::from_str(&t).ok())
+            .unwrap_or_default();
+        let source = |key: &str, env: Option<&str>| -> String {
+            if let Some(e) = env {
+                if std::env::var_os(e).is_some_and(|v| !v.is_empty()) {
+                    return format!("env:{e}");
+                }
+            }
+            if table.contains_key(key) {
+                "file".into()
+            } else {
+                "default".into()
+            }
+        };
+        let p = |p: &Path| p.display().to_string();
+        let rows: Vec<(&'static str, Option<&'static str>, String)> = vec![
+            ("state_dir", Some("BANGER_HOME"), p(&self.state_dir)),
+            ("runtime_dir", Some("BANGER_RUNTIME_DIR"), p(&self.runtime_dir)),
+            (
+                "helper_socket",
+                Some("BANGER_HELPER_SOCKET"),
+                p(&self.helper_socket),
+            ),
+            ("log_level", None, shown(&self.log_level)),
+            ("bridge", Some("BANGER_BRIDGE"), self.bridge.clone()),
+            ("bridge_address", None, self.bridge_address.clone()),
+            ("vmm", Some("BANGER_VMM"), self.vmm.clone()),
+            (
+                "firecracker",
+                Some("BANGER_FIRECRACKER"),
+                shown(&self.firecracker.as_ref().map(|x| p(x))),
+            ),
+            (
+                "qemu",
+                Some("BANGER_QEMU"),
+                shown(&self.qemu.as_ref().map(|x| p(x))),
+            ),
+            ("default_vcpus", None, self.default_vcpus.to_string()),
+            ("default_memory_mib", None, self.default_memory_mib.to_string()),
+            (
+                "default_work_disk_mib",
+                None,
+                self.default_work_disk_mib.to_string(),
+            ),
+            ("dns_listen", Some("BANGER_DNS_LISTEN"), self.dns_listen.clone()),
+            (
+                "console_log_max_kib",
+                Some("BANGER_CONSOLE_LOG_MAX_KIB"),
+                self.console_log_max_kib.to_string(),
+            ),
+            (
+                "jailer",
+                Some("BANGER_JAILER"),
+                shown(&self.jailer.as_ref().map(|x| p(x))),
+            ),
+            ("jailer_uid_base", None, self.jailer_uid_base.to_string()),
+            (
+                "auto_stop_idle",
+                Some("BANGER_AUTO_STOP_IDLE"),
+                format!("{}s", self.auto_stop_idle_secs),
+            ),
+            (
+                "session_log_max_kib",
+                Some("BANGER_SESSION_LOG_MAX_KIB"),
+                self.session_log_max_kib.to_string(),
+            ),
+        ];
+        rows.into_iter()
+            .map(|(key, env, value)| Setting {
+                key,
+                value,
+                // The state directory holds the file, so it never comes from it.
+                source: if key == "state_dir" || key == "runtime_dir" {
+                    match env.filter(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty())) {
+                        Some(e) => format!("env:{e}"),
+                        None => "default".into(),
+                    }
+                } else {
+                    source(key, env)
+                },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn every_file_key_is_shown_with_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            "default_vcpus = 3\nbridge_address = \"10.9.0.1/24\"\n",
+        )
+        .unwrap();
+        let fc: FileConfig =
+            toml::from_str(&std::fs::read_to_string(dir.path().join("config.toml")).unwrap()).unwrap();
+        let cfg = Config::from_parts(dir.path().to_path_buf(), fc).unwrap();
+        let s = cfg.settings();
+        let get = |k: &str| s.iter().find(|x| x.key == k).cloned().unwrap();
+        assert_eq!(
+            (
+                get("default_vcpus").value.as_str(),
+                get("default_vcpus").source.as_str()
+            ),
+            ("3", "file")
+        );
+        assert_eq!(get("bridge_address").value, "10.9.0.1/24");
+        assert_eq!(get("default_memory_mib").source, "default");
+        // Every key a file may hold is listed (the file's own fields).
+        let keys: Vec<&str> = s.iter().map(|x| x.key).collect();
+        for k in [
+            "helper_socket",
+            "log_level",
+            "bridge",
+            "bridge_address",
+            "vmm",
+            "firecracker",
+            "qemu",
+            "default_vcpus",
+            "default_memory_mib",
+            "default_work_disk_mib",
+            "dns_listen",
+            "console_log_max_kib",
+            "jailer",
+            "jailer_uid_base",
+            "auto_stop_idle",
+            "session_log_max_kib",
+        ] {
+            assert!(keys.contains(&k), "{k} is not shown");
+        }
+    }
+}

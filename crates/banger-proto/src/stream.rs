@@ -23,6 +23,9 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// The agent protocol generation this module is.
+pub const GENERATION: u32 = 2;
+
 /// The vsock port of the stream protocol.
 pub const STREAM_PORT: u32 = 54;
 /// The most one frame may carry.

@@ -109,3 +109,66 @@ fn doctor_reports_every_check_truthfully_and_changes_nothing() {
         "doctor wrote the database"
     );
 }
+
+#[test]
+fn version_names_the_build_and_its_protocols() {
+    let env = Env::new();
+    let out = env.banger(&["version", "--json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["version"].as_str().is_some_and(|s| s.split('.').count() == 3),
+        "{v}"
+    );
+    let commit = v["commit"].as_str().unwrap();
+    assert!(
+        commit == "unknown" || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{v}"
+    );
+    let date = v["build_date"].as_str().unwrap();
+    assert!(
+        date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-',
+        "{v}"
+    );
+    assert_eq!(
+        (v["rpc_protocol"].as_u64(), v["agent_protocol"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(env.daemon_pid().is_none(), "version started the daemon");
+}
+
+#[test]
+fn config_show_says_where_each_setting_comes_from() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.home()).unwrap();
+    std::fs::write(env.home().join("config.toml"), "default_vcpus = 3\n").unwrap();
+    let out = env
+        .cmd("banger")
+        .env("BANGER_BRIDGE", "bangerq")
+        .args(["config", "show", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["key"] == k)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {k} in {v}"))
+    };
+    assert_eq!(
+        (get("bridge")["value"].clone(), get("bridge")["source"].clone()),
+        ("bangerq".into(), "env:BANGER_BRIDGE".into())
+    );
+    assert_eq!(
+        (
+            get("default_vcpus")["value"].clone(),
+            get("default_vcpus")["source"].clone()
+        ),
+        ("3".into(), "file".into())
+    );
+    assert_eq!(get("default_memory_mib")["source"], "default");
+    assert_eq!(get("state_dir")["source"], "env:BANGER_HOME");
+}
