@@ -46,6 +46,21 @@ pub enum ImageCmd {
     Show { name: String },
     /// Delete an image no VM uses.
     Delete { name: String },
+    /// Write an image and its kernel as one .tar.zst bundle, every file's
+    /// sha256 pinned in its manifest.
+    Export {
+        name: String,
+        #[arg(short = 'o', long)]
+        output: std::path::PathBuf,
+    },
+    /// Install an image (and its kernel) from a bundle file: every hash
+    /// checked while it streams; a bad bundle leaves nothing behind.
+    Pull {
+        src: std::path::PathBuf,
+        /// The image's name here (the bundle's own by default).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Register an existing ext4 root filesystem (used in place).
     Register {
         name: String,
@@ -157,6 +172,26 @@ pub async fn run_image(c: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
             c.call::<d::ImageDelete>(&d::NameRef { name: name.clone() }, None)
                 .await?;
             println!("deleted image {name}");
+        }
+        ImageCmd::Export { name, output } => {
+            let path = std::path::absolute(&output)?.display().to_string();
+            let b = c
+                .call::<d::ImageExportM>(&d::ImageExport { name, path }, None)
+                .await?;
+            print(json, &b, |b| {
+                println!(
+                    "wrote {} ({} files, {} MiB before compression, kernel {})",
+                    b.path,
+                    b.members,
+                    b.bytes >> 20,
+                    b.kernel_version
+                )
+            });
+        }
+        ImageCmd::Pull { src, name } => {
+            let src = std::path::absolute(&src)?.display().to_string();
+            let i = c.call::<d::ImagePullM>(&d::ImagePull { src, name }, None).await?;
+            print(json, &i, show_image);
         }
         ImageCmd::Register { name, rootfs, kernel } => {
             let rootfs = std::path::absolute(&rootfs)?.display().to_string();

@@ -296,6 +296,24 @@ pub fn router(app: &Arc<App>) -> Router {
             .delete(&p.name)
             .map(|_| Empty {})
             .map_err(RpcError::from)))
+        .method::<d::ImageExportM, _, _>(handler!(app, |_, p| app
+            .images
+            .export(&p.name, &p.path)
+            .await
+            .map(|m| d::BundleInfo {
+                path: p.path.clone(),
+                name: m.name.clone(),
+                kernel_version: m.kernel_version.clone(),
+                members: m.members.len(),
+                bytes: m.members.iter().map(|x| x.size).sum(),
+            })
+            .map_err(RpcError::from)))
+        .method::<d::ImagePullM, _, _>(handler!(app, |_, p| app
+            .images
+            .pull(&p.src, p.name.as_deref())
+            .await
+            .map(|r| crate::image::info(&r))
+            .map_err(RpcError::from)))
         .method::<d::ImageRegisterM, _, _>(handler!(app, |_, p| app
             .images
             .register(&p.name, &p.rootfs, &p.kernel)

@@ -186,6 +186,16 @@ pub enum ImageError {
     },
     #[error("importing an image keeps its files' owners, which needs bangerd to run as root")]
     NeedsRoot,
+    /// A bundle that is not what it claims (refused before anything is
+    /// published), or one that could not be read or written.
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        path: String,
+        #[source]
+        source: crate::bundle::BundleError,
+    },
+    #[error("kernel {version} exists here with other contents than the bundle's")]
+    KernelDiffers { version: String },
 }
 
 /// Workspaces: the host repository and the transfer into the guest.
@@ -313,6 +323,14 @@ impl ImageError {
                 _ => ErrorCode::BadRequest,
             },
             ImageError::NeedsRoot => ErrorCode::OperationFailed,
+            ImageError::Bundle { source, .. } => match source {
+                crate::bundle::BundleError::Refused(_) => ErrorCode::BadRequest,
+                crate::bundle::BundleError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    ErrorCode::NotFound
+                }
+                crate::bundle::BundleError::Io { .. } => ErrorCode::OperationFailed,
+            },
+            ImageError::KernelDiffers { .. } => ErrorCode::AlreadyExists,
             ImageError::NotFound { .. } | ImageError::RootfsMissing { .. } => ErrorCode::NotFound,
         }
     }

@@ -455,6 +455,125 @@ impl ImageService {
         )
     }
 
+    /// Writes image `name` and its kernel as a bundle at `out` (an
+    /// absolute path); see [`crate::bundle`].
+    pub async fn export(&self, name: &str, out: &str) -> Result<crate::bundle::Manifest, ImageError> {
+        let img = self.get(name)?;
+        let out = PathBuf::from(out);
+        if !out.is_absolute() {
+            return Err(ImageError::InvalidName(format!(
+                "the bundle path must be absolute, not {}",
+                out.display()
+            )));
+        }
+        let k = self.kernels.get(&img.kernel)?;
+        let (rootfs, kdir, version, name) = (
+            PathBuf::from(&img.rootfs),
+            PathBuf::from(&k.dir),
+            k.version,
+            img.name,
+        );
+        let path = out.display().to_string();
+        tokio::task::spawn_blocking(move || crate::bundle::export(&name, &rootfs, &kdir, &version, &out))
+            .await
+            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
+            .map_err(|source| ImageError::Bundle { path, source })
+    }
+
+    /// Installs the image (and, unless it is here already, its kernel)
+    /// from the bundle at `src`: verified whole into a staging directory
+    /// first, then published by renames; a bundle refused or cut short
+    /// leaves nothing behind.
+    pub async fn pull(&self, src: &str, name: Option<&str>) -> Result<ImageRecord, ImageError> {
+        let srcp = PathBuf::from(src);
+        if !srcp.is_absolute() {
+            return Err(ImageError::InvalidName(format!(
+                "the bundle path must be absolute, not {src}"
+            )));
+        }
+        if let Some(n) = name {
+            validate_name(n)?;
+        }
+        let _g = self.build_lock.lock().await;
+        let state = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
+        let tmp = state.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io("creating the staging directory"))?;
+        let staging = tmp.join(format!("pull-{:08x}", kernel::rand_u32()));
+        let st = staging.clone();
+        let manifest = tokio::task::spawn_blocking(move || crate::bundle::unpack(&srcp, &st))
+            .await
+            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
+            .map_err(|source| ImageError::Bundle {
+                path: src.to_string(),
+                source,
+            })?;
+        let published = self.publish(&manifest, &staging, name, src);
+        let _ = std::fs::remove_dir_all(&staging);
+        published
+    }
+
+    fn publish(
+        &self,
+        m: &crate::bundle::Manifest,
+        staging: &Path,
+        name: Option<&str>,
+        src: &str,
+    ) -> Result<ImageRecord, ImageError> {
+        let name = name.unwrap_or(&m.name).to_string();
+        validate_name(&name)?;
+        if self.store.get_image(&name)?.is_some() {
+            return Err(ImageError::Exists { name });
+        }
+        // The kernel: reused when this host has the same one, else moved in.
+        let kernels = self.dir.parent().unwrap_or(&self.dir).join("kernels");
+        let kdir = kernels.join(&m.kernel_version);
+        let want = m
+            .member("kernel/vmlinuz")
+            .map(|x| x.sha256.clone())
+            .unwrap_or_default();
+        let mut made_kernel = false;
+        if kdir.exists() {
+            let have = crate::bundle::sha256_file(&kdir.join("vmlinuz")).unwrap_or_default();
+            if have != want {
+                return Err(ImageError::KernelDiffers {
+                    version: m.kernel_version.clone(),
+                });
+            }
+        } else {
+            std::fs::create_dir_all(&kernels).map_err(io("creating the kernels directory"))?;
+            std::fs::rename(staging.join("kernel"), &kdir).map_err(io("installing the kernel"))?;
+            made_kernel = true;
+        }
+        let undo = |e: ImageError| {
+            if made_kernel {
+                let _ = std::fs::remove_dir_all(&kdir);
+            }
+            e
+        };
+        let k = self
+            .kernels
+            .get(&kdir.display().to_string())
+            .map_err(|e| undo(e.into()))?;
+        let rootfs = staging.join("rootfs.ext4");
+        if !is_ext4(&rootfs) {
+            return Err(undo(ImageError::NotExt4 {
+                rootfs: "rootfs.ext4 of the bundle".into(),
+            }));
+        }
+        let size = m.member("rootfs.ext4").map(|x| x.size).unwrap_or(0);
+        let digest = m.member("rootfs.ext4").map(|x| format!("sha256:{}", x.sha256));
+        self.install(
+            &name,
+            &rootfs,
+            size,
+            format!("bundle:{src}"),
+            digest,
+            &k.dir,
+            &|_| (),
+        )
+        .map_err(undo)
+    }
+
     /// Registers an existing rootfs (used in place, never copied or
     /// deleted by banger) with a stored kernel.
     pub fn register(&self, name: &str, rootfs: &str, kernel: &str) -> Result<ImageRecord, ImageError> {

@@ -3,6 +3,7 @@
 //! the wire format.
 
 pub mod app;
+pub mod bundle;
 pub mod copy;
 pub mod daemon;
 pub mod dns;

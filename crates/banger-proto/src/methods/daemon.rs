@@ -364,6 +364,36 @@ method!(ImageList = "image.list", Empty => Vec<ImageInfo>);
 method!(ImageShow = "image.show", NameRef => ImageInfo);
 method!(ImageDelete = "image.delete", NameRef => Empty);
 method!(ImageRegisterM = "image.register", ImageRegister => ImageInfo);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageExport {
+    pub name: String,
+    /// Absolute path of the bundle to write.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BundleInfo {
+    pub path: String,
+    pub name: String,
+    pub kernel_version: String,
+    /// Files the bundle carries, each with its pinned sha256.
+    pub members: usize,
+    /// Their bytes, uncompressed.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImagePull {
+    /// Absolute path of a bundle file.
+    pub src: String,
+    /// The image's name here (the bundle's own when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+method!(ImageExportM = "image.export", ImageExport => BundleInfo);
+method!(ImagePullM = "image.pull", ImagePull => ImageInfo);
 method!(KernelFetch = "kernel.fetch", Empty => KernelInfo, event Progress);
 method!(KernelList = "kernel.list", Empty => Vec<KernelInfo>);
 method!(KernelShow = "kernel.show", NameRef => KernelInfo);
