@@ -112,14 +112,6 @@ enum ConfigCmd {
     Show,
 }
 
-/// For commands that only print (no socket to be hurt by SIGPIPE): a
-/// reader that goes away (`| head`) ends this process quietly, as it
-/// does any Unix filter, instead of a panic on the next write.
-fn quiet_on_closed_stdout() {
-    // SAFETY: restoring the default disposition of one signal.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-}
-
 /// What `banger version` prints.
 #[derive(serde::Serialize)]
 struct VersionInfo {
@@ -148,7 +140,28 @@ enum NetworkCmd {
     Ensure,
 }
 
+/// A reader that went away (`banger vm list | head`) makes the next print
+/// panic (Rust ignores SIGPIPE, so a write fails with EPIPE instead of
+/// ending the process): end quietly with the shell's code for SIGPIPE, as
+/// any Unix filter does, and leave real panics to the default hook.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("Broken pipe") || msg.contains("BrokenPipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    quiet_broken_pipe();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     // One op id for the whole command: every call it makes (and so every
@@ -274,7 +287,6 @@ async fn run(cli: Cli) -> Result<i32> {
             return ssh::install(&daemon::connect(&cfg).await?, file, &cfg.state_dir).await;
         }
         Cmd::Version => {
-            quiet_on_closed_stdout();
             let v = VersionInfo {
                 version: env!("CARGO_PKG_VERSION"),
                 commit: env!("BANGER_COMMIT"),
@@ -294,7 +306,6 @@ async fn run(cli: Cli) -> Result<i32> {
             });
         }
         Cmd::Config(ConfigCmd::Show) => {
-            quiet_on_closed_stdout();
             let s = cfg.settings();
             print(json, &s, |s| {
                 println!("# {}", cfg.file().display());

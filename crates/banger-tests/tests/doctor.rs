@@ -172,3 +172,29 @@ fn config_show_says_where_each_setting_comes_from() {
     assert_eq!(get("default_memory_mib")["source"], "default");
     assert_eq!(get("state_dir")["source"], "env:BANGER_HOME");
 }
+
+/// A reader that went away (`banger … | head`) ends banger quietly, with
+/// the shell's code for SIGPIPE, never a panic on stderr.
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let env = Env::new();
+    for args in [&["completions", "bash"][..], &["version"], &["config", "show"]] {
+        let mut fds = [0; 2];
+        // SAFETY: a two-element array for pipe(2).
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe just made these; the read end is closed at once.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(r);
+        let out = env
+            .cmd("banger")
+            .args(args)
+            .stdout(std::process::Stdio::from(w))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "banger {args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "banger {args:?}: {:?}", out.status);
+    }
+}
