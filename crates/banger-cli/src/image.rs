@@ -82,6 +82,16 @@ pub enum KernelCmd {
     Show { version: String },
     /// Remove a stored kernel.
     Rm { version: String },
+    /// Write a stored kernel as a .tar.zst bundle, every file's sha256
+    /// pinned in its manifest.
+    Export {
+        version: String,
+        #[arg(short = 'o', long)]
+        output: std::path::PathBuf,
+    },
+    /// Install a kernel from a bundle (a kernel's or an image's): every
+    /// hash checked while it streams; a bad bundle leaves nothing behind.
+    Pull { src: std::path::PathBuf },
 }
 
 fn show_image(i: &d::ImageInfo) {
@@ -226,6 +236,27 @@ pub async fn run_kernel(c: &Client, cmd: KernelCmd, json: bool) -> Result<i32> {
                 .await?,
             show_kernel,
         ),
+        KernelCmd::Export { version, output } => {
+            let path = std::path::absolute(&output)?.display().to_string();
+            let b = c
+                .call::<d::KernelExportM>(&d::ImageExport { name: version, path }, None)
+                .await?;
+            print(json, &b, |b| {
+                println!(
+                    "wrote {} ({} files, {} MiB before compression)",
+                    b.path,
+                    b.members,
+                    b.bytes >> 20
+                )
+            });
+        }
+        KernelCmd::Pull { src } => {
+            let src = std::path::absolute(&src)?.display().to_string();
+            let k = c
+                .call::<d::KernelPullM>(&d::ImagePull { src, name: None }, None)
+                .await?;
+            print(json, &k, |k| println!("kernel {} ready in {}", k.version, k.dir));
+        }
         KernelCmd::Rm { version } => {
             c.call::<d::KernelRm>(
                 &d::NameRef {

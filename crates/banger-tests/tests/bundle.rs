@@ -199,3 +199,32 @@ fn a_bundle_round_trips_and_a_bad_one_leaves_nothing() {
     assert!(!again.status.success());
     assert!(files(&clean.home().join("tmp")).is_empty(), "staging files left");
 }
+
+#[test]
+fn a_kernel_travels_alone_and_is_not_taken_for_an_image() {
+    let src = Env::with_image();
+    let img: serde_json::Value =
+        serde_json::from_str(&src.banger_ok(&["image", "show", "default", "--json"])).unwrap();
+    let kdir = img["kernel"].as_str().unwrap().to_string();
+    let file = src.dir.path().join("kernel.tar.zst");
+    src.banger_ok(&["kernel", "export", &kdir, "-o", file.to_str().unwrap()]);
+
+    let clean = Env::new();
+    // A kernel bundle is not an image.
+    let out = clean.banger(&["image", "pull", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an image"));
+    assert!(
+        files(&clean.home().join("kernels")).is_empty(),
+        "a refused pull left a kernel"
+    );
+    // As a kernel it installs, and again is a no-op.
+    let k: serde_json::Value =
+        serde_json::from_str(&clean.banger_ok(&["kernel", "pull", file.to_str().unwrap(), "--json"]))
+            .unwrap();
+    let version = k["version"].as_str().unwrap().to_string();
+    let list = clean.banger_ok(&["kernel", "list"]);
+    assert!(list.contains(&version), "{list}");
+    clean.banger_ok(&["kernel", "pull", file.to_str().unwrap()]);
+    assert!(files(&clean.home().join("tmp")).is_empty(), "staging files left");
+}

@@ -308,6 +308,22 @@ pub fn router(app: &Arc<App>) -> Router {
                 bytes: m.members.iter().map(|x| x.size).sum(),
             })
             .map_err(RpcError::from)))
+        .method::<d::KernelExportM, _, _>(handler!(app, |_, p| app
+            .images
+            .export_kernel(&p.name, &p.path)
+            .await
+            .map(|m| d::BundleInfo {
+                path: p.path.clone(),
+                name: m.name.clone(),
+                kernel_version: m.kernel_version.clone(),
+                members: m.members.len(),
+                bytes: m.members.iter().map(|x| x.size).sum(),
+            })
+            .map_err(RpcError::from)))
+        .method::<d::KernelPullM, _, _>(handler!(app, |_, p| {
+            let version = app.images.pull_kernel(&p.src).await.map_err(RpcError::from)?;
+            app.kernels.get(&version).map_err(RpcError::from)
+        }))
         .method::<d::ImagePullM, _, _>(handler!(app, |_, p| app
             .images
             .pull(&p.src, p.name.as_deref())

@@ -99,16 +99,20 @@ fn kernel_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, BundleError> {
     Ok(out)
 }
 
-/// Writes the bundle of an image (its rootfs and its kernel directory) to
-/// `out`, atomically: a partial file never has the final name.
+/// Writes the bundle of an image (its rootfs and its kernel directory), or
+/// of a kernel alone when `rootfs` is `None`, to `out`, atomically: a
+/// partial file never has the final name.
 pub fn export(
     name: &str,
-    rootfs: &Path,
+    rootfs: Option<&Path>,
     kernel_dir: &Path,
     kernel_version: &str,
     out: &Path,
 ) -> Result<Manifest, BundleError> {
-    let mut files = vec![("rootfs.ext4".to_string(), rootfs.to_path_buf())];
+    let mut files: Vec<(String, PathBuf)> = rootfs
+        .map(|r| ("rootfs.ext4".to_string(), r.to_path_buf()))
+        .into_iter()
+        .collect();
     files.extend(kernel_files(kernel_dir)?);
     let mut members = Vec::new();
     for (path, file) in &files {
@@ -121,7 +125,7 @@ pub fn export(
     }
     let manifest = Manifest {
         format: FORMAT,
-        kind: "image".into(),
+        kind: if rootfs.is_some() { "image" } else { "kernel" }.into(),
         name: name.into(),
         arch: std::env::consts::ARCH.into(),
         kernel_version: kernel_version.into(),
@@ -172,9 +176,9 @@ fn safe_path(p: &str) -> bool {
 }
 
 fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
-    if m.format != FORMAT || m.kind != "image" {
+    if m.format != FORMAT || !(m.kind == "image" || m.kind == "kernel") {
         return Err(refused(format!(
-            "format {} kind {:?} is not an image bundle this build reads",
+            "format {} kind {:?} is not a bundle this build reads",
             m.format, m.kind
         )));
     }
@@ -196,7 +200,7 @@ fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
         if !safe_path(&x.path) || x.path == "manifest.json" {
             return Err(refused(format!("unsafe member path {:?}", x.path)));
         }
-        if !(x.path == "rootfs.ext4" || x.path.starts_with("kernel/")) {
+        if !((x.path == "rootfs.ext4" && m.kind == "image") || x.path.starts_with("kernel/")) {
             return Err(refused(format!("unexpected member {:?}", x.path)));
         }
         if !seen.insert(x.path.as_str()) {
@@ -209,7 +213,11 @@ fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
             return Err(refused(format!("member {:?}: bad size or hash", x.path)));
         }
     }
-    for needed in ["rootfs.ext4", "kernel/vmlinuz", "kernel/manifest.json"] {
+    let needed: &[&str] = match m.kind.as_str() {
+        "image" => &["rootfs.ext4", "kernel/vmlinuz", "kernel/manifest.json"],
+        _ => &["kernel/vmlinuz", "kernel/manifest.json"],
+    };
+    for needed in needed {
         if m.member(needed).is_none() {
             return Err(refused(format!("no {needed}")));
         }

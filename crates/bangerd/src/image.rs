@@ -474,10 +474,12 @@ impl ImageService {
             img.name,
         );
         let path = out.display().to_string();
-        tokio::task::spawn_blocking(move || crate::bundle::export(&name, &rootfs, &kdir, &version, &out))
-            .await
-            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
-            .map_err(|source| ImageError::Bundle { path, source })
+        tokio::task::spawn_blocking(move || {
+            crate::bundle::export(&name, Some(&rootfs), &kdir, &version, &out)
+        })
+        .await
+        .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
+        .map_err(|source| ImageError::Bundle { path, source })
     }
 
     /// Installs the image (and, unless it is here already, its kernel)
@@ -512,26 +514,21 @@ impl ImageService {
         published
     }
 
-    fn publish(
+    /// The bundle's kernel: reused when this host has the same one (same
+    /// `vmlinuz` hash), refused when it has a different one of that
+    /// version, else moved in. Returns its directory and whether it was
+    /// moved in now.
+    fn install_kernel(
         &self,
         m: &crate::bundle::Manifest,
         staging: &Path,
-        name: Option<&str>,
-        src: &str,
-    ) -> Result<ImageRecord, ImageError> {
-        let name = name.unwrap_or(&m.name).to_string();
-        validate_name(&name)?;
-        if self.store.get_image(&name)?.is_some() {
-            return Err(ImageError::Exists { name });
-        }
-        // The kernel: reused when this host has the same one, else moved in.
+    ) -> Result<(PathBuf, bool), ImageError> {
         let kernels = self.dir.parent().unwrap_or(&self.dir).join("kernels");
         let kdir = kernels.join(&m.kernel_version);
         let want = m
             .member("kernel/vmlinuz")
             .map(|x| x.sha256.clone())
             .unwrap_or_default();
-        let mut made_kernel = false;
         if kdir.exists() {
             let have = crate::bundle::sha256_file(&kdir.join("vmlinuz")).unwrap_or_default();
             if have != want {
@@ -539,11 +536,87 @@ impl ImageService {
                     version: m.kernel_version.clone(),
                 });
             }
-        } else {
-            std::fs::create_dir_all(&kernels).map_err(io("creating the kernels directory"))?;
-            std::fs::rename(staging.join("kernel"), &kdir).map_err(io("installing the kernel"))?;
-            made_kernel = true;
+            return Ok((kdir, false));
         }
+        std::fs::create_dir_all(&kernels).map_err(io("creating the kernels directory"))?;
+        std::fs::rename(staging.join("kernel"), &kdir).map_err(io("installing the kernel"))?;
+        Ok((kdir, true))
+    }
+
+    /// Writes a stored kernel as a bundle at `out` (an absolute path).
+    pub async fn export_kernel(
+        &self,
+        version: &str,
+        out: &str,
+    ) -> Result<crate::bundle::Manifest, ImageError> {
+        let k = self.kernels.get(version)?;
+        let out = PathBuf::from(out);
+        if !out.is_absolute() {
+            return Err(ImageError::InvalidName(format!(
+                "the bundle path must be absolute, not {}",
+                out.display()
+            )));
+        }
+        let (kdir, v) = (PathBuf::from(&k.dir), k.version);
+        let path = out.display().to_string();
+        tokio::task::spawn_blocking(move || crate::bundle::export(&v, None, &kdir, &v, &out))
+            .await
+            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
+            .map_err(|source| ImageError::Bundle { path, source })
+    }
+
+    /// Installs a kernel from a bundle (an image bundle's kernel too),
+    /// after the same checks as `pull`; a kernel already here with the
+    /// same hash is kept as it is. Returns its version.
+    pub async fn pull_kernel(&self, src: &str) -> Result<String, ImageError> {
+        let srcp = PathBuf::from(src);
+        if !srcp.is_absolute() {
+            return Err(ImageError::InvalidName(format!(
+                "the bundle path must be absolute, not {src}"
+            )));
+        }
+        let _g = self.build_lock.lock().await;
+        let tmp = self.dir.parent().unwrap_or(&self.dir).join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io("creating the staging directory"))?;
+        let staging = tmp.join(format!("pull-{:08x}", kernel::rand_u32()));
+        let st = staging.clone();
+        let m = tokio::task::spawn_blocking(move || crate::bundle::unpack(&srcp, &st))
+            .await
+            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
+            .map_err(|source| ImageError::Bundle {
+                path: src.to_string(),
+                source,
+            });
+        let r = m.and_then(|m| {
+            let (kdir, _) = self.install_kernel(&m, &staging)?;
+            Ok(self.kernels.get(&kdir.display().to_string())?.version)
+        });
+        let _ = std::fs::remove_dir_all(&staging);
+        r
+    }
+
+    fn publish(
+        &self,
+        m: &crate::bundle::Manifest,
+        staging: &Path,
+        name: Option<&str>,
+        src: &str,
+    ) -> Result<ImageRecord, ImageError> {
+        if m.kind != "image" {
+            return Err(ImageError::Bundle {
+                path: src.to_string(),
+                source: crate::bundle::BundleError::Refused(format!(
+                    "it holds a {}, not an image (banger kernel pull takes it)",
+                    m.kind
+                )),
+            });
+        }
+        let name = name.unwrap_or(&m.name).to_string();
+        validate_name(&name)?;
+        if self.store.get_image(&name)?.is_some() {
+            return Err(ImageError::Exists { name });
+        }
+        let (kdir, made_kernel) = self.install_kernel(m, staging)?;
         let undo = |e: ImageError| {
             if made_kernel {
                 let _ = std::fs::remove_dir_all(&kdir);

@@ -394,6 +394,15 @@ pub struct ImagePull {
 
 method!(ImageExportM = "image.export", ImageExport => BundleInfo);
 method!(ImagePullM = "image.pull", ImagePull => ImageInfo);
+method!(
+    /// A stored kernel as a bundle (`name` is the kernel version).
+    KernelExportM = "kernel.export", ImageExport => BundleInfo
+);
+method!(
+    /// Installs a kernel from a bundle (an image bundle's kernel too);
+    /// `name` is ignored.
+    KernelPullM = "kernel.pull", ImagePull => KernelInfo
+);
 method!(KernelFetch = "kernel.fetch", Empty => KernelInfo, event Progress);
 method!(KernelList = "kernel.list", Empty => Vec<KernelInfo>);
 method!(KernelShow = "kernel.show", NameRef => KernelInfo);
