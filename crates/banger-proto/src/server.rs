@@ -387,9 +387,14 @@ impl Router {
         let op = OpId::mint();
         let label = self.label;
         let e = e.with_op_id(&op);
-        let span = tracing::info_span!("rpc", op_id = %op, method = "", peer_uid);
-        let _e = span.enter();
-        tracing::warn!(duration_ms = 0u64, code = %e.code, error = %e.message, "{label} rpc failed");
+        // Entered only for the log line: a guard held across the awaits
+        // below would leave this span current on whatever task the worker
+        // thread runs next, which then parents its own spans on it after
+        // it closed (tracing-subscriber panics on that, taking the server
+        // down under a flood of refused peers).
+        tracing::info_span!("rpc", op_id = %op, method = "", peer_uid).in_scope(
+            || tracing::warn!(duration_ms = 0u64, code = %e.code, error = %e.message, "{label} rpc failed"),
+        );
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             write_json(&mut stream, &Frame::Error { error: e }),
