@@ -4,65 +4,24 @@
 //! the agent within its stdin credit (as for `vm exec -i`). Every frame
 //! from the guest is checked as hostile input.
 
-use crate::vm::agent::relay_input;
-use banger_proto::methods::agent::{StreamName, IDLE_DEADLINE};
+use crate::vm::agent::{stream_err, AgentStream};
+use banger_proto::methods::agent::StreamName;
 use banger_proto::methods::daemon::SessionOutput;
-use banger_proto::stream::{self, Attached, Frame, Kind, Open, SessionEnd};
+use banger_proto::stream::{Attached, Kind, Open, SessionEnd};
 use banger_proto::{Ctx, RpcError};
-use banger_vmm::vsock;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
-use tokio_util::task::AbortOnDropHandle;
-
-fn stream_err(e: impl std::fmt::Display) -> RpcError {
-    RpcError::failed(format!("guest agent stream: {e}"))
-}
 
 pub async fn relay(uds: &Path, ctx: &Ctx, open: Open, input: bool) -> Result<SessionEnd, RpcError> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let conn = vsock::connect_with_retry(uds, stream::STREAM_PORT, Duration::from_secs(3), || true)
-        .await
-        .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
-    let (mut ard, mut awr) = tokio::io::split(conn);
-    stream::write(&mut awr, &Frame::json(Kind::Open, &open))
-        .await
-        .map_err(stream_err)?;
-    let (to_agent, mut outbox) = mpsc::channel::<Frame>(64);
-    let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(f) = outbox.recv().await {
-            if stream::write(&mut awr, &f).await.is_err() {
-                return;
-            }
-        }
-    }));
-    let credit = Arc::new(Semaphore::new(stream::STDIN_WINDOW as usize));
+    let mut agent = AgentStream::open(uds, &open).await?;
     let _input = match input {
-        true => ctx
-            .take_input()
-            .map(|r| AbortOnDropHandle::new(tokio::spawn(relay_input(r, to_agent.clone(), credit.clone())))),
+        true => agent.relay_client_input(ctx),
         false => None,
     };
     let mut last_seq = None::<u64>;
     loop {
-        let next = tokio::select! {
-            r = tokio::time::timeout(IDLE_DEADLINE, stream::read(&mut ard)) => r,
-            // Detach: dropping the connection ends only this stream.
-            _ = ctx.cancel.cancelled() => return Err(RpcError::new(banger_proto::ErrorCode::Cancelled, "the client hung up")),
-        };
-        let f = match next {
-            Err(_) => {
-                return Err(stream_err(format!(
-                    "nothing heard for {}s, not even a heartbeat",
-                    IDLE_DEADLINE.as_secs()
-                )))
-            }
-            Ok(Err(e)) => return Err(stream_err(e)),
-            Ok(Ok(None)) => return Err(stream_err("closed before the stream ended")),
-            Ok(Ok(Some(f))) => f,
-        };
+        let f = agent.next(ctx, "stream").await?;
         match f.kind {
             Kind::Output => {
                 let (seq, stream_no, bytes) = f.parse_output().map_err(stream_err)?;
@@ -85,12 +44,7 @@ pub async fn relay(uds: &Path, ctx: &Ctx, open: Open, input: bool) -> Result<Ses
                     data_b64: b64.encode(bytes),
                 })
                 .await;
-                let _ = to_agent.send(Frame::u32(Kind::Ack, bytes.len() as u32)).await;
-            }
-            Kind::Credit => {
-                let n = f.parse_u32().map_err(stream_err)?;
-                let room = stream::STDIN_WINDOW as usize - credit.available_permits();
-                credit.add_permits((n as usize).min(room));
+                agent.ack(bytes.len()).await;
             }
             Kind::Attached => {
                 let a: Attached = f.parse_json().map_err(stream_err)?;
@@ -101,7 +55,6 @@ pub async fn relay(uds: &Path, ctx: &Ctx, open: Open, input: bool) -> Result<Ses
                     "session stream attached"
                 );
             }
-            Kind::Heartbeat => {}
             Kind::End => {
                 let end: SessionEnd = f.parse_json().map_err(stream_err)?;
                 if end.reason.len() > 64 {
@@ -109,15 +62,6 @@ pub async fn relay(uds: &Path, ctx: &Ctx, open: Open, input: bool) -> Result<Ses
                 }
                 tracing::info!(reason = %end.reason, next_seq = end.next_seq, "session stream ended");
                 return Ok(end);
-            }
-            Kind::Error => {
-                return Err(match f.parse_json::<RpcError>() {
-                    Ok(mut e) => {
-                        e.message = format!("guest agent: {}", e.message);
-                        e
-                    }
-                    Err(e) => stream_err(e),
-                })
             }
             k => return Err(stream_err(format!("unexpected {k:?} frame from the guest"))),
         }

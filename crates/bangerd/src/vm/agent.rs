@@ -40,8 +40,108 @@ pub async fn call<M: Method>(
         .map_err(agent_err)
 }
 
-fn stream_err(e: impl std::fmt::Display) -> RpcError {
+pub(crate) fn stream_err(e: impl std::fmt::Display) -> RpcError {
     RpcError::failed(format!("guest agent stream: {e}"))
+}
+
+/// One operation on the agent's stream port: the connection, opened with
+/// its `Open` frame. Frames to the agent go through `to_agent`, written by
+/// a task that dies with this value (so a call dropped mid-way, its client
+/// gone, closes the connection and the agent ends or detaches the
+/// operation); `credit` is the agent's stdin window.
+pub(crate) struct AgentStream {
+    rd: tokio::io::ReadHalf<tokio::net::UnixStream>,
+    pub to_agent: mpsc::Sender<Frame>,
+    pub credit: Arc<Semaphore>,
+    _writer: AbortOnDropHandle<()>,
+}
+
+impl AgentStream {
+    pub async fn open(uds: &Path, open: &stream::Open) -> Result<Self, RpcError> {
+        let conn = vsock::connect_with_retry(uds, stream::STREAM_PORT, Duration::from_secs(3), || true)
+            .await
+            .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
+        let (rd, mut wr) = tokio::io::split(conn);
+        stream::write(&mut wr, &Frame::json(Kind::Open, open))
+            .await
+            .map_err(stream_err)?;
+        let (to_agent, mut outbox) = mpsc::channel::<Frame>(64);
+        let writer = AbortOnDropHandle::new(banger_proto::opid::spawn(async move {
+            while let Some(f) = outbox.recv().await {
+                if stream::write(&mut wr, &f).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        Ok(AgentStream {
+            rd,
+            to_agent,
+            credit: Arc::new(Semaphore::new(stream::STDIN_WINDOW as usize)),
+            _writer: writer,
+        })
+    }
+
+    /// Relays the client's input frames (if the call takes input) to the
+    /// agent within its credit, in a task that dies with the handle.
+    pub fn relay_client_input(&self, ctx: &banger_proto::Ctx) -> Option<AbortOnDropHandle<()>> {
+        ctx.take_input().map(|r| {
+            AbortOnDropHandle::new(banger_proto::opid::spawn(relay_input(
+                r,
+                self.to_agent.clone(),
+                self.credit.clone(),
+            )))
+        })
+    }
+
+    /// The next frame the caller must handle. Heartbeats and stdin credit
+    /// are taken care of here (credit never beyond the window: the guest
+    /// cannot give back what it was not sent); the guest's error frame is
+    /// its error; silence past [`IDLE_DEADLINE`], a closed connection
+    /// before the end of the `what`, or the client's hang-up end it.
+    pub async fn next(&mut self, ctx: &banger_proto::Ctx, what: &str) -> Result<Frame, RpcError> {
+        loop {
+            let next = tokio::select! {
+                r = tokio::time::timeout(IDLE_DEADLINE, stream::read(&mut self.rd)) => r,
+                _ = ctx.cancel.cancelled() => {
+                    return Err(RpcError::new(banger_proto::ErrorCode::Cancelled, "the client hung up"))
+                }
+            };
+            let f = match next {
+                Err(_) => {
+                    return Err(stream_err(format!(
+                        "nothing heard for {}s, not even a heartbeat",
+                        IDLE_DEADLINE.as_secs()
+                    )))
+                }
+                Ok(Err(e)) => return Err(stream_err(e)),
+                Ok(Ok(None)) => return Err(stream_err(format!("closed before the {what} ended"))),
+                Ok(Ok(Some(f))) => f,
+            };
+            match f.kind {
+                Kind::Heartbeat => {}
+                Kind::Credit => {
+                    let n = f.parse_u32().map_err(stream_err)?;
+                    let room = stream::STDIN_WINDOW as usize - self.credit.available_permits();
+                    self.credit.add_permits((n as usize).min(room));
+                }
+                Kind::Error => {
+                    return Err(match f.parse_json::<RpcError>() {
+                        Ok(mut e) => {
+                            e.message = format!("guest agent: {}", e.message);
+                            e
+                        }
+                        Err(e) => stream_err(e),
+                    })
+                }
+                _ => return Ok(f),
+            }
+        }
+    }
+
+    /// Acknowledges output the client's connection has taken.
+    pub async fn ack(&self, n: usize) {
+        let _ = self.to_agent.send(Frame::u32(Kind::Ack, n as u32)).await;
+    }
 }
 
 /// `vm exec` over the agent's stream port. The client's input (its
@@ -61,29 +161,9 @@ pub async fn exec_stream(
 ) -> Result<a::ExitStatus, RpcError> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let conn = vsock::connect_with_retry(uds, stream::STREAM_PORT, Duration::from_secs(3), || true)
-        .await
-        .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
-    let (mut ard, mut awr) = tokio::io::split(conn);
-    stream::write(&mut awr, &Frame::json(Kind::Open, &open))
-        .await
-        .map_err(stream_err)?;
-    let (to_agent, mut outbox) = mpsc::channel::<Frame>(64);
-    // Every task of the relay dies with it: a call dropped mid-way (its
-    // client hung up) must close the agent connection, so that the agent
-    // ends the command.
-    let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(f) = outbox.recv().await {
-            if stream::write(&mut awr, &f).await.is_err() {
-                return;
-            }
-        }
-    }));
-    let credit = Arc::new(Semaphore::new(stream::STDIN_WINDOW as usize));
+    let mut agent = AgentStream::open(uds, &open).await?;
     let input = match (client_input, stdin_b64) {
-        (true, _) => ctx
-            .take_input()
-            .map(|r| AbortOnDropHandle::new(tokio::spawn(relay_input(r, to_agent.clone(), credit.clone())))),
+        (true, _) => agent.relay_client_input(ctx),
         (false, Some(s)) => {
             let bytes = b64
                 .decode(s)
@@ -93,8 +173,8 @@ pub async fn exec_stream(
                 .map(|c| Frame::new(Kind::Stdin, c.to_vec()))
                 .collect();
             frames.push(Frame::new(Kind::Stdin, Vec::new()));
-            let (tx, credit) = (to_agent.clone(), credit.clone());
-            Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            let (tx, credit) = (agent.to_agent.clone(), agent.credit.clone());
+            Some(AbortOnDropHandle::new(banger_proto::opid::spawn(async move {
                 for f in frames {
                     if send_stdin(&tx, &credit, f).await.is_err() {
                         return;
@@ -105,20 +185,9 @@ pub async fn exec_stream(
         (false, None) => None,
     };
     let result = loop {
-        let next = tokio::select! {
-            r = tokio::time::timeout(IDLE_DEADLINE, stream::read(&mut ard)) => r,
-            _ = ctx.cancel.cancelled() => break Err(RpcError::new(banger_proto::ErrorCode::Cancelled, "the client hung up")),
-        };
-        let f = match next {
-            Err(_) => {
-                break Err(stream_err(format!(
-                    "nothing heard for {}s, not even a heartbeat",
-                    IDLE_DEADLINE.as_secs()
-                )))
-            }
-            Ok(Err(e)) => break Err(stream_err(e)),
-            Ok(Ok(None)) => break Err(stream_err("closed before the command ended")),
-            Ok(Ok(Some(f))) => f,
+        let f = match agent.next(ctx, "command").await {
+            Ok(f) => f,
+            Err(e) => break Err(e),
         };
         match f.kind {
             Kind::Stdout | Kind::Stderr => {
@@ -132,32 +201,13 @@ pub async fn exec_stream(
                     data_b64: b64.encode(&f.payload),
                 })
                 .await;
-                let _ = to_agent.send(Frame::u32(Kind::Ack, f.payload.len() as u32)).await;
+                agent.ack(f.payload.len()).await;
             }
-            Kind::Credit => match f.parse_u32() {
-                // Never more than the window: the guest cannot give back
-                // what it was not sent.
-                Ok(n) => {
-                    let room = stream::STDIN_WINDOW as usize - credit.available_permits();
-                    credit.add_permits((n as usize).min(room));
-                }
-                Err(e) => break Err(stream_err(e)),
-            },
             Kind::Started => match f.parse_json::<stream::Started>() {
                 Ok(s) => tracing::info!(guest_pid = s.pid, "guest command started"),
                 Err(e) => break Err(stream_err(e)),
             },
-            Kind::Heartbeat => {}
             Kind::Exit => break f.parse_json::<a::ExitStatus>().map_err(stream_err),
-            Kind::Error => {
-                break Err(match f.parse_json::<RpcError>() {
-                    Ok(mut e) => {
-                        e.message = format!("guest agent: {}", e.message);
-                        e
-                    }
-                    Err(e) => stream_err(e),
-                })
-            }
             k => break Err(stream_err(format!("unexpected {k:?} frame from the guest"))),
         }
     };
