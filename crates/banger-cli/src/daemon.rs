@@ -2,7 +2,7 @@
 //! is not running.
 
 use anyhow::{bail, Context, Result};
-use banger_config::Config;
+use banger_config::{Config, InstallManifest};
 use banger_proto::methods::{daemon as d, helper as h, Empty};
 use banger_proto::Client;
 use std::os::unix::process::CommandExt;
@@ -12,12 +12,17 @@ use std::time::{Duration, Instant};
 
 const START_DEADLINE: Duration = Duration::from_secs(15);
 
-/// A sibling binary of this executable, else the name for a PATH lookup.
+/// A sibling binary of this executable, else one in the private binary
+/// directory of its installation, else the name for a PATH lookup.
 pub fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
+    let exe_dir = std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join(name)))
-        .filter(|p| p.exists())
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()));
+    exe_dir
+        .into_iter()
+        .chain(InstallManifest::current().map(|m| m.libexec_dir))
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
@@ -115,8 +120,40 @@ async fn ensure_helper(cfg: &Config) -> Result<()> {
     .await
 }
 
-/// A client for a running daemon, starting one if needed.
+/// The installed service, which this command never starts itself: says
+/// why it cannot be reached and what to do.
+async fn connect_installed(cfg: &Config, m: &InstallManifest) -> Result<Client> {
+    let client = Client::new(cfg.daemon_socket());
+    match client.call::<d::Ping>(&Empty {}, None).await {
+        Ok(_) => Ok(client),
+        Err(banger_proto::ClientError::Connect { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            bail!(
+                "permission denied on {}: this banger is installed for {} (uid {}); \
+                 only that user (and root) may use its daemon",
+                cfg.daemon_socket().display(),
+                m.owner,
+                m.owner_uid
+            )
+        }
+        Err(e) => bail!(
+            "the installed bangerd (owner {}) does not answer on {}: {e}; \
+             check `sudo banger system status` and start it with \
+             `sudo systemctl start {}`",
+            m.owner,
+            cfg.daemon_socket().display(),
+            banger_config::install::DAEMON_UNIT
+        ),
+    }
+}
+
+/// A client for a running daemon, starting one if needed (never for an
+/// installation: its services are systemd's to start).
 pub async fn connect(cfg: &Config) -> Result<Client> {
+    if let Some(m) = &cfg.installed {
+        return connect_installed(cfg, m).await;
+    }
     let autostart = std::env::var("BANGER_HELPER_AUTOSTART")
         .map(|v| v != "0")
         .unwrap_or(true);
@@ -143,4 +180,26 @@ pub async fn connect(cfg: &Config) -> Result<Client> {
 pub async fn running(cfg: &Config) -> Option<Client> {
     let client = Client::new(cfg.daemon_socket());
     client.call::<d::Ping>(&Empty {}, None).await.ok().map(|_| client)
+}
+
+/// A bangerd of this installation started for one job (e.g. `system
+/// install` making the default image as root) with its own environment
+/// and socket; the caller shuts it down.
+pub async fn start_private(
+    bangerd: &std::path::Path,
+    env: &[(&str, &std::ffi::OsStr)],
+    socket: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<(std::process::Child, Client)> {
+    let mut cmd = Command::new(bangerd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = spawn_detached(&mut cmd, log)?;
+    let client = Client::new(socket.to_path_buf());
+    wait_until("bangerd", &mut child, log, || async {
+        client.call::<d::Ping>(&Empty {}, None).await.is_ok()
+    })
+    .await?;
+    Ok((child, client))
 }

@@ -13,6 +13,7 @@ mod patch_check;
 mod run;
 mod session;
 mod ssh;
+mod system;
 mod term;
 mod vm;
 
@@ -76,6 +77,10 @@ enum Cmd {
     /// helper, disk, the database, the default image and kernel. Read-only;
     /// exit status 1 on any FAIL.
     Doctor,
+    /// banger as system services for one user (install, uninstall, status,
+    /// restart).
+    #[command(subcommand)]
+    System(system::SystemCmd),
 }
 
 /// `banger vm ...`, in the order help lists them; each goes to the module
@@ -328,6 +333,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map_err(|e| anyhow::anyhow!("running bangerd doctor: {e}"))?;
             return Ok(st.code().unwrap_or(1));
         }
+        Cmd::System(cmd) => return system::run(cmd, json).await,
         Cmd::Network(NetworkCmd::Ensure) => {
             let c = daemon::connect(&cfg).await?;
             let st = c.call::<d::NetworkEnsure>(&Empty {}, None).await?;

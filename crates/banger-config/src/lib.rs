@@ -6,6 +6,10 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+pub mod install;
+pub mod units;
+pub use install::InstallManifest;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -67,6 +71,10 @@ pub struct Config {
     pub auto_stop_idle_secs: u64,
     /// Output a guest session keeps (KiB) unless its start says otherwise.
     pub session_log_max_kib: u64,
+    /// The system installation this binary belongs to (`banger system
+    /// install`), unless `BANGER_HOME` asks for a private setup: its
+    /// services are used and no daemon or helper is ever started.
+    pub installed: Option<InstallManifest>,
 }
 
 /// The longest idle limit accepted (30 days).
@@ -132,7 +140,13 @@ fn default_runtime_dir() -> PathBuf {
 impl Config {
     /// Loads from the environment and `<state_dir>/config.toml`.
     pub fn load() -> Result<Self, ConfigError> {
-        let state_dir = env_path("BANGER_HOME").unwrap_or_else(default_state_dir);
+        let installed = match env_path("BANGER_HOME") {
+            Some(_) => None,
+            None => InstallManifest::current(),
+        };
+        let state_dir = env_path("BANGER_HOME")
+            .or_else(|| installed.as_ref().map(|m| m.state_dir.clone()))
+            .unwrap_or_else(default_state_dir);
         let file = state_dir.join("config.toml");
         let fc = match std::fs::read_to_string(&file) {
             Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse {
@@ -140,9 +154,24 @@ impl Config {
                 source,
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
+            // Another user of an installation cannot read its owner's
+            // state; the daemon's socket refuses them with the reason.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && installed.is_some() => {
+                FileConfig::default()
+            }
             Err(source) => return Err(ConfigError::Read { path: file, source }),
         };
-        Self::from_parts(state_dir, fc)
+        let mut cfg = Self::from_parts(state_dir, fc)?;
+        if let Some(m) = &installed {
+            if env_path("BANGER_RUNTIME_DIR").is_none() {
+                cfg.runtime_dir = m.runtime_dir.clone();
+            }
+            if env_path("BANGER_HELPER_SOCKET").is_none() {
+                cfg.helper_socket = m.helper_socket.clone();
+            }
+        }
+        cfg.installed = installed;
+        Ok(cfg)
     }
 
     pub fn from_parts(state_dir: PathBuf, fc: FileConfig) -> Result<Self, ConfigError> {
@@ -206,6 +235,7 @@ impl Config {
                 base
             },
             state_dir,
+            installed: None,
         })
     }
 
@@ -342,12 +372,18 @@ impl Config {
                 self.session_log_max_kib.to_string(),
             ),
         ];
+        let from_env =
+            |env: Option<&str>| env.is_some_and(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty()));
         rows.into_iter()
             .map(|(key, env, value)| Setting {
                 key,
                 value,
                 // The state directory holds the file, so it never comes from it.
-                source: if key == "state_dir" || key == "runtime_dir" {
+                source: if let Some(m) = self.installed.as_ref().filter(|_| {
+                    !from_env(env) && ["state_dir", "runtime_dir", "helper_socket"].contains(&key)
+                }) {
+                    format!("install:{}", m.path().display())
+                } else if key == "state_dir" || key == "runtime_dir" {
                     match env.filter(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty())) {
                         Some(e) => format!("env:{e}"),
                         None => "default".into(),

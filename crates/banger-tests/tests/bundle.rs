@@ -191,6 +191,19 @@ fn a_bundle_round_trips_and_a_bad_one_leaves_nothing() {
         pulled["digest"].as_str().unwrap().starts_with("sha256:"),
         "{pulled}"
     );
+    // The pulled kernel is used from where it was installed, never from
+    // the directory its manifest names (the exporting machine's).
+    let kernels: serde_json::Value =
+        serde_json::from_str(&clean.banger_ok(&["kernel", "list", "--json"])).unwrap();
+    for k in kernels.as_array().unwrap() {
+        assert!(
+            k["dir"]
+                .as_str()
+                .unwrap()
+                .starts_with(clean.home().to_str().unwrap()),
+            "a pulled kernel points outside its state directory: {k}"
+        );
+    }
     clean.create_small("frombundle", &["--image", "pulled"]);
     let hi = clean.banger_ok(&["vm", "exec", "frombundle", "--", "echo", "from a bundle"]);
     assert_eq!(hi, "from a bundle\n");

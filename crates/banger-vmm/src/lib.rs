@@ -160,9 +160,16 @@ pub fn backend(kind: VmmKind, paths: &BackendPaths) -> Result<Box<dyn Vmm>, VmmE
     })
 }
 
-/// Finds `name` on PATH.
+/// Finds `name` beside this executable, then on PATH, then in the sbin
+/// directories. An installation (`banger system install`) ships the tools
+/// it runs beside its own binaries, so those win over whatever a user's
+/// PATH holds.
 pub fn which(name: &str) -> Option<PathBuf> {
-    which_in(name, std::env::var_os("PATH"))
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| is_executable(p))
+        .or_else(|| which_in(name, std::env::var_os("PATH")))
 }
 
 /// The sbin directories: not on an ordinary user's PATH on Debian, yet

@@ -246,6 +246,12 @@ fn daemon(cfg: &Config) -> Check {
     let sock = cfg.runtime_dir.join("bangerd.sock");
     match answers(&sock, "ping") {
         Ok(_) => check("daemon", Status::Pass, format!("{} answers", sock.display()), ""),
+        Err(e) if cfg.installed.is_some() => check(
+            "daemon",
+            Status::Fail,
+            format!("the installed bangerd does not answer on {}: {e}", sock.display()),
+            "sudo banger system status; sudo systemctl start bangerd.service",
+        ),
         Err(_) => check(
             "daemon",
             Status::Pass,
@@ -499,26 +505,46 @@ fn kernel_check(p: &Path) -> Check {
     }
 }
 
-fn services() -> Check {
-    let units = ["banger-helper.service", "bangerd.service"];
-    let found: Vec<&str> = units
-        .iter()
-        .copied()
-        .filter(|u| Path::new("/etc/systemd/system").join(u).exists())
-        .collect();
-    if found.is_empty() {
+fn services(cfg: &Config) -> Check {
+    use banger_config::install::{DAEMON_UNIT, HELPER_UNIT};
+    let Some(m) = &cfg.installed else {
+        return check(
+            "services",
+            Status::Pass,
+            "not installed: single-user mode (the CLI starts the daemon, and the helper as root)",
+            "",
+        );
+    };
+    let mut problems = Vec::new();
+    for u in [HELPER_UNIT, DAEMON_UNIT] {
+        match std::fs::read_to_string(m.unit_dir.join(u)) {
+            Ok(text) => {
+                let missing = banger_config::units::missing_hardening(u, &text);
+                if !missing.is_empty() {
+                    problems.push(format!("{u} lacks {}", missing.join(", ")));
+                }
+            }
+            Err(e) => problems.push(format!("{u} unreadable in {}: {e}", m.unit_dir.display())),
+        }
+    }
+    if problems.is_empty() {
         check(
             "services",
             Status::Pass,
-            "none installed: single-user mode (the CLI starts the daemon, and the helper as root)",
+            format!(
+                "installed for {} (uid {}) under {}: {HELPER_UNIT} and {DAEMON_UNIT} present and hardened",
+                m.owner,
+                m.owner_uid,
+                m.prefix.display()
+            ),
             "",
         )
     } else {
         check(
             "services",
-            Status::Pass,
-            format!("installed: {}", found.join(", ")),
-            "",
+            Status::Fail,
+            format!("installed for {}, but {}", m.owner, problems.join("; ")),
+            "write the units again: sudo banger system install --owner <owner> (idempotent)",
         )
     }
 }
@@ -566,7 +592,7 @@ pub fn run(cfg: &Config) -> Report {
     checks.push(daemon(cfg));
     checks.push(disk(cfg));
     checks.extend(state(cfg));
-    checks.push(services());
+    checks.push(services(cfg));
     let worst = checks.iter().map(|c| c.status).max().unwrap_or(Status::Pass);
     Report { checks, worst }
 }

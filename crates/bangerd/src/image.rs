@@ -15,6 +15,8 @@ use tokio::sync::Mutex;
 
 pub const DEFAULT_IMAGE: &str = "default";
 const SOURCE_REGISTERED: &str = "registered";
+/// Prefix of a pulled image's source (`bundle:<where from>`).
+const SOURCE_BUNDLE: &str = "bundle:";
 
 pub struct ImageService {
     dir: PathBuf,
@@ -169,10 +171,12 @@ impl ImageService {
     ) -> Result<ImageRecord, ImageError> {
         match self.get(name) {
             // Only an image banger built is brought up to date; a registered
-            // one is the user's and is used as it is.
+            // or pulled one is the user's and is used as it is (an installed,
+            // unprivileged daemon could not rebuild it anyway).
             Ok(r)
                 if name == DEFAULT_IMAGE
                     && r.source != SOURCE_REGISTERED
+                    && !r.source.starts_with(SOURCE_BUNDLE)
                     && r.source != Recipe::default_image().source() =>
             {
                 self.build(DEFAULT_IMAGE, &Recipe::default_image(), false, progress)
@@ -205,7 +209,8 @@ impl ImageService {
             if !force && same {
                 return Ok(existing);
             }
-            if !force && (name != DEFAULT_IMAGE || existing.source == SOURCE_REGISTERED) {
+            let users = existing.source == SOURCE_REGISTERED || existing.source.starts_with(SOURCE_BUNDLE);
+            if !force && (name != DEFAULT_IMAGE || users) {
                 return Err(ImageError::OtherRecipe {
                     name: name.into(),
                     existing: existing.source,
@@ -639,7 +644,7 @@ impl ImageService {
             &name,
             &rootfs,
             size,
-            format!("bundle:{src}"),
+            format!("{SOURCE_BUNDLE}{src}"),
             digest,
             &k.dir,
             &|_| (),

@@ -42,10 +42,15 @@ pub fn read_manifest(dir: &Path) -> Result<KernelInfo, KernelError> {
         dir: dir.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|source| KernelError::CorruptManifest {
+    let mut k: KernelInfo = serde_json::from_str(&text).map_err(|source| KernelError::CorruptManifest {
         dir: dir.to_path_buf(),
         source,
-    })
+    })?;
+    // The directory is where the manifest was read, never the `dir` it
+    // claims: a kernel pulled from a bundle carries the manifest of the
+    // machine it was exported on.
+    k.dir = dir.display().to_string();
+    Ok(k)
 }
 
 impl KernelService {
