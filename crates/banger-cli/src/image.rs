@@ -53,10 +53,12 @@ pub enum ImageCmd {
         #[arg(short = 'o', long)]
         output: std::path::PathBuf,
     },
-    /// Install an image (and its kernel) from a bundle file: every hash
-    /// checked while it streams; a bad bundle leaves nothing behind.
+    /// Install an image (and its kernel) from a bundle: a file, an
+    /// https:// URL or the name of a catalog entry. Every hash is checked
+    /// while it streams; a bad bundle leaves nothing behind.
     Pull {
-        src: std::path::PathBuf,
+        #[command(flatten)]
+        from: PullSource,
         /// The image's name here (the bundle's own by default).
         #[arg(long)]
         name: Option<String>,
@@ -91,7 +93,45 @@ pub enum KernelCmd {
     },
     /// Install a kernel from a bundle (a kernel's or an image's): every
     /// hash checked while it streams; a bad bundle leaves nothing behind.
-    Pull { src: std::path::PathBuf },
+    Pull {
+        #[command(flatten)]
+        from: PullSource,
+    },
+}
+
+/// Where `image pull` and `kernel pull` take a bundle from.
+#[derive(clap::Args)]
+pub struct PullSource {
+    /// A bundle file, an https:// URL, or a catalog entry's name.
+    src: String,
+    /// The sha256 (hex) the downloaded bundle must have; a catalog entry
+    /// carries its own.
+    #[arg(long)]
+    sha256: Option<String>,
+    /// The catalog to look a name up in (a file or an https:// URL;
+    /// default: `catalog` in config.toml).
+    #[arg(long)]
+    catalog: Option<String>,
+}
+
+impl PullSource {
+    /// The request: files and catalog files made absolute (the daemon
+    /// resolves nothing against this command's directory).
+    fn request(self, name: Option<String>) -> Result<d::ImagePull> {
+        let abs = |s: String| -> Result<String> {
+            if s.contains("://") || !(s.contains('/') || std::path::Path::new(&s).exists()) {
+                Ok(s)
+            } else {
+                Ok(std::path::absolute(&s)?.display().to_string())
+            }
+        };
+        Ok(d::ImagePull {
+            src: abs(self.src)?,
+            name,
+            sha256: self.sha256,
+            catalog: self.catalog.map(abs).transpose()?,
+        })
+    }
 }
 
 fn show_image(i: &d::ImageInfo) {
@@ -198,9 +238,8 @@ pub async fn run_image(c: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
                 )
             });
         }
-        ImageCmd::Pull { src, name } => {
-            let src = std::path::absolute(&src)?.display().to_string();
-            let i = c.call::<d::ImagePullM>(&d::ImagePull { src, name }, None).await?;
+        ImageCmd::Pull { from, name } => {
+            let i = c.call::<d::ImagePullM>(&from.request(name)?, None).await?;
             print(json, &i, show_image);
         }
         ImageCmd::Register { name, rootfs, kernel } => {
@@ -250,11 +289,8 @@ pub async fn run_kernel(c: &Client, cmd: KernelCmd, json: bool) -> Result<i32> {
                 )
             });
         }
-        KernelCmd::Pull { src } => {
-            let src = std::path::absolute(&src)?.display().to_string();
-            let k = c
-                .call::<d::KernelPullM>(&d::ImagePull { src, name: None }, None)
-                .await?;
+        KernelCmd::Pull { from } => {
+            let k = c.call::<d::KernelPullM>(&from.request(None)?, None).await?;
             print(json, &k, |k| println!("kernel {} ready in {}", k.version, k.dir));
         }
         KernelCmd::Rm { version } => {

@@ -280,6 +280,7 @@ async fn default_image(a: &InstallArgs, m: &InstallManifest) -> Result<Option<St
             let pull = d::ImagePull {
                 src,
                 name: Some("default".to_string()),
+                ..Default::default()
             };
             client.call::<d::ImagePullM>(&pull, None).await
         }

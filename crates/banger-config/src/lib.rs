@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub jailer_uid_base: Option<u32>,
     pub auto_stop_idle: Option<String>,
     pub session_log_max_kib: Option<u64>,
+    pub catalog: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +76,9 @@ pub struct Config {
     /// install`), unless `BANGER_HOME` asks for a private setup: its
     /// services are used and no daemon or helper is ever started.
     pub installed: Option<InstallManifest>,
+    /// Where `image pull NAME` / `kernel pull NAME` look NAME up: a
+    /// catalog file (absolute path) or an https URL.
+    pub catalog: Option<String>,
 }
 
 /// The longest idle limit accepted (30 days).
@@ -236,6 +240,10 @@ impl Config {
             },
             state_dir,
             installed: None,
+            catalog: std::env::var("BANGER_CATALOG")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .or(fc.catalog),
         })
     }
 
@@ -371,6 +379,7 @@ impl Config {
                 Some("BANGER_SESSION_LOG_MAX_KIB"),
                 self.session_log_max_kib.to_string(),
             ),
+            ("catalog", Some("BANGER_CATALOG"), shown(&self.catalog)),
         ];
         let from_env =
             |env: Option<&str>| env.is_some_and(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty()));
@@ -441,6 +450,7 @@ mod settings_tests {
             "jailer_uid_base",
             "auto_stop_idle",
             "session_log_max_kib",
+            "catalog",
         ] {
             assert!(keys.contains(&k), "{k} is not shown");
         }

@@ -44,6 +44,16 @@ fn sibling(name: &str) -> PathBuf {
 }
 
 impl App {
+    /// A pull request's source, with the configured catalog unless the
+    /// request names one.
+    fn pull_from<'a>(&'a self, p: &'a d::ImagePull) -> crate::image::PullFrom<'a> {
+        crate::image::PullFrom {
+            src: &p.src,
+            sha256: p.sha256.as_deref(),
+            catalog: p.catalog.as_deref().or(self.cfg.catalog.as_deref()),
+        }
+    }
+
     pub fn new(cfg: Config, store: Store, shutdown: CancellationToken) -> Arc<Self> {
         let store = Arc::new(store);
         let helper = HelperClient::new(cfg.helper_socket.clone());
@@ -321,12 +331,16 @@ pub fn router(app: &Arc<App>) -> Router {
             })
             .map_err(RpcError::from)))
         .method::<d::KernelPullM, _, _>(handler!(app, |_, p| {
-            let version = app.images.pull_kernel(&p.src).await.map_err(RpcError::from)?;
+            let version = app
+                .images
+                .pull_kernel(&app.pull_from(&p))
+                .await
+                .map_err(RpcError::from)?;
             app.kernels.get(&version).map_err(RpcError::from)
         }))
         .method::<d::ImagePullM, _, _>(handler!(app, |_, p| app
             .images
-            .pull(&p.src, p.name.as_deref())
+            .pull(&app.pull_from(&p), p.name.as_deref())
             .await
             .map(|r| crate::image::info(&r))
             .map_err(RpcError::from)))

@@ -196,6 +196,9 @@ pub enum ImageError {
     },
     #[error("kernel {version} exists here with other contents than the bundle's")]
     KernelDiffers { version: String },
+    /// A URL, catalog or download that is refused or failed.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
 }
 
 /// Workspaces: the host repository and the transfer into the guest.
@@ -331,6 +334,14 @@ impl ImageError {
                 crate::bundle::BundleError::Io { .. } => ErrorCode::OperationFailed,
             },
             ImageError::KernelDiffers { .. } => ErrorCode::AlreadyExists,
+            ImageError::Remote(e) => match e {
+                crate::remote::RemoteError::Refused(_) | crate::remote::RemoteError::Catalog { .. } => {
+                    ErrorCode::BadRequest
+                }
+                crate::remote::RemoteError::Fetch { .. } | crate::remote::RemoteError::Io { .. } => {
+                    ErrorCode::OperationFailed
+                }
+            },
             ImageError::NotFound { .. } | ImageError::RootfsMissing { .. } => ErrorCode::NotFound,
         }
     }

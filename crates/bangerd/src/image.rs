@@ -25,6 +25,14 @@ pub struct ImageService {
     build_lock: Mutex<()>,
 }
 
+/// Where a pulled bundle comes from: an absolute file, an https URL, or
+/// the name of an entry in `catalog`; `sha256` pins a URL's bytes.
+pub struct PullFrom<'a> {
+    pub src: &'a str,
+    pub sha256: Option<&'a str>,
+    pub catalog: Option<&'a str>,
+}
+
 /// Store failures as wire errors, for the VM service (mapped in `crate::error`).
 pub use crate::error::store_err;
 
@@ -487,34 +495,56 @@ impl ImageService {
         .map_err(|source| ImageError::Bundle { path, source })
     }
 
-    /// Installs the image (and, unless it is here already, its kernel)
-    /// from the bundle at `src`: verified whole into a staging directory
-    /// first, then published by renames; a bundle refused or cut short
-    /// leaves nothing behind.
-    pub async fn pull(&self, src: &str, name: Option<&str>) -> Result<ImageRecord, ImageError> {
-        let srcp = PathBuf::from(src);
-        if !srcp.is_absolute() {
-            return Err(ImageError::InvalidName(format!(
-                "the bundle path must be absolute, not {src}"
-            )));
+    /// Unpacks the bundle `from` names (a file, an https URL or a catalog
+    /// entry of `kind`) into a fresh staging directory. Returns its
+    /// manifest, the staging directory (the caller removes it) and where
+    /// the bundle came from, for the record. A download is removed here.
+    async fn stage(
+        &self,
+        from: &PullFrom<'_>,
+        kind: &str,
+    ) -> Result<(crate::bundle::Manifest, PathBuf, String), ImageError> {
+        let source = crate::remote::resolve(from.src, from.sha256, from.catalog, kind).await?;
+        let tmp = self.dir.parent().unwrap_or(&self.dir).join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io("creating the staging directory"))?;
+        let id = kernel::rand_u32();
+        let staging = tmp.join(format!("pull-{id:08x}"));
+        let (file, origin, download) = match source {
+            crate::remote::Source::File(p) => {
+                let o = p.display().to_string();
+                (p, o, None)
+            }
+            crate::remote::Source::Https { url, sha256, size } => {
+                let dl = tmp.join(format!("pull-{id:08x}.download"));
+                crate::remote::download(&url, sha256.as_deref(), size, &dl).await?;
+                (dl.clone(), url, Some(dl))
+            }
+        };
+        let st = staging.clone();
+        let unpacked = tokio::task::spawn_blocking(move || crate::bundle::unpack(&file, &st)).await;
+        if let Some(dl) = download {
+            let _ = std::fs::remove_file(dl);
         }
+        let m = unpacked
+            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
+            .map_err(|source| ImageError::Bundle {
+                path: origin.clone(),
+                source,
+            })?;
+        Ok((m, staging, origin))
+    }
+
+    /// Installs an image (and its kernel, unless this host has the same
+    /// one) from a bundle: every hash checked while it streams; published
+    /// by renames only once all of it is good, so a failed pull leaves
+    /// nothing.
+    pub async fn pull(&self, from: &PullFrom<'_>, name: Option<&str>) -> Result<ImageRecord, ImageError> {
         if let Some(n) = name {
             validate_name(n)?;
         }
         let _g = self.build_lock.lock().await;
-        let state = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
-        let tmp = state.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(io("creating the staging directory"))?;
-        let staging = tmp.join(format!("pull-{:08x}", kernel::rand_u32()));
-        let st = staging.clone();
-        let manifest = tokio::task::spawn_blocking(move || crate::bundle::unpack(&srcp, &st))
-            .await
-            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
-            .map_err(|source| ImageError::Bundle {
-                path: src.to_string(),
-                source,
-            })?;
-        let published = self.publish(&manifest, &staging, name, src);
+        let (manifest, staging, origin) = self.stage(from, "image").await?;
+        let published = self.publish(&manifest, &staging, name, &origin);
         let _ = std::fs::remove_dir_all(&staging);
         published
     }
@@ -573,29 +603,12 @@ impl ImageService {
     /// Installs a kernel from a bundle (an image bundle's kernel too),
     /// after the same checks as `pull`; a kernel already here with the
     /// same hash is kept as it is. Returns its version.
-    pub async fn pull_kernel(&self, src: &str) -> Result<String, ImageError> {
-        let srcp = PathBuf::from(src);
-        if !srcp.is_absolute() {
-            return Err(ImageError::InvalidName(format!(
-                "the bundle path must be absolute, not {src}"
-            )));
-        }
+    pub async fn pull_kernel(&self, from: &PullFrom<'_>) -> Result<String, ImageError> {
         let _g = self.build_lock.lock().await;
-        let tmp = self.dir.parent().unwrap_or(&self.dir).join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(io("creating the staging directory"))?;
-        let staging = tmp.join(format!("pull-{:08x}", kernel::rand_u32()));
-        let st = staging.clone();
-        let m = tokio::task::spawn_blocking(move || crate::bundle::unpack(&srcp, &st))
-            .await
-            .map_err(|e| ImageError::InvalidRecipe(e.to_string()))?
-            .map_err(|source| ImageError::Bundle {
-                path: src.to_string(),
-                source,
-            });
-        let r = m.and_then(|m| {
-            let (kdir, _) = self.install_kernel(&m, &staging)?;
-            Ok(self.kernels.get(&kdir.display().to_string())?.version)
-        });
+        let (m, staging, _) = self.stage(from, "kernel").await?;
+        let r = self
+            .install_kernel(&m, &staging)
+            .and_then(|(kdir, _)| Ok(self.kernels.get(&kdir.display().to_string())?.version));
         let _ = std::fs::remove_dir_all(&staging);
         r
     }

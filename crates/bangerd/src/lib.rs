@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod network;
 pub mod ops;
 pub mod recipe;
+pub mod remote;
 pub mod session;
 pub mod ssh;
 pub mod sync;

@@ -383,13 +383,20 @@ pub struct BundleInfo {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ImagePull {
-    /// Absolute path of a bundle file.
+    /// Absolute path of a bundle file, an https URL, or the name of an
+    /// entry in the catalog.
     pub src: String,
     /// The image's name here (the bundle's own when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Hex sha256 the downloaded bundle must have (a catalog pins its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// A catalog (absolute path or https URL) instead of the configured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<String>,
 }
 
 method!(ImageExportM = "image.export", ImageExport => BundleInfo);
