@@ -10,7 +10,7 @@ pub struct CreateArgs {
     /// VM name (a DNS label); generated when omitted.
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
+    #[arg(long, add = crate::complete::images())]
     pub image: Option<String>,
     #[arg(long, visible_alias = "vcpu")]
     pub vcpus: Option<u32>,

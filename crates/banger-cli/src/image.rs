@@ -43,12 +43,19 @@ pub enum ImageCmd {
     /// List images.
     List,
     /// Show one image.
-    Show { name: String },
+    Show {
+        #[arg(add = crate::complete::images())]
+        name: String,
+    },
     /// Delete an image no VM uses.
-    Delete { name: String },
+    Delete {
+        #[arg(add = crate::complete::images())]
+        name: String,
+    },
     /// Write an image and its kernel as one .tar.zst bundle, every file's
     /// sha256 pinned in its manifest.
     Export {
+        #[arg(add = crate::complete::images())]
         name: String,
         #[arg(short = 'o', long)]
         output: std::path::PathBuf,
@@ -81,12 +88,19 @@ pub enum KernelCmd {
     /// List stored kernels.
     List,
     /// Show one kernel.
-    Show { version: String },
+    Show {
+        #[arg(add = crate::complete::kernels())]
+        version: String,
+    },
     /// Remove a stored kernel.
-    Rm { version: String },
+    Rm {
+        #[arg(add = crate::complete::kernels())]
+        version: String,
+    },
     /// Write a stored kernel as a .tar.zst bundle, every file's sha256
     /// pinned in its manifest.
     Export {
+        #[arg(add = crate::complete::kernels())]
         version: String,
         #[arg(short = 'o', long)]
         output: std::path::PathBuf,

@@ -5,9 +5,11 @@
 // never on each other, and this file, which routes, on all.
 mod args;
 mod client_ops;
+mod complete;
 mod cp;
 mod daemon;
 mod image;
+mod man;
 mod output;
 mod patch_check;
 mod run;
@@ -66,8 +68,17 @@ enum Cmd {
         #[arg(long)]
         file: Option<std::path::PathBuf>,
     },
-    /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
+    /// Print the lines that register completions with a shell (bash, zsh,
+    /// fish, elvish, powershell): commands, flags, and live VM, image,
+    /// kernel and session names from the daemon. E.g. in ~/.bashrc:
+    /// `source <(banger completions bash)`.
+    Completions { shell: String },
+    /// Write man pages (banger.1 and one per subcommand) into a directory,
+    /// or banger(1) alone to stdout.
+    Man {
+        #[arg(short = 'o', long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// This build: version, commit, build date, protocol generations.
     Version,
     /// banger's configuration.
@@ -94,6 +105,7 @@ enum VmCmd {
     Run(args::RunArgs),
     /// Open an SSH session (or run a command) with the system ssh client.
     Ssh {
+        #[arg(add = complete::vms())]
         name: String,
         #[arg(last = true)]
         cmd: Vec<String>,
@@ -167,6 +179,9 @@ fn quiet_broken_pipe() {
 
 fn main() {
     quiet_broken_pipe();
+    // A shell asking for completions (COMPLETE=… banger -- …) is answered
+    // here, and the process exits.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     // One op id for the whole command: every call it makes (and so every
@@ -202,9 +217,14 @@ async fn run(cli: Cli) -> Result<i32> {
     let cfg = Config::load()?;
     let json = cli.json;
     match cli.cmd {
-        Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
-        }
+        Cmd::Completions { shell } => complete::registration(&shell, &mut std::io::stdout())?,
+        Cmd::Man { dir } => match dir {
+            Some(dir) => {
+                let n = man::write_all(Cli::command(), &dir)?;
+                println!("wrote {n} man pages to {}", dir.display());
+            }
+            None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
+        },
         Cmd::Ping => {
             let c = daemon::connect(&cfg).await?;
             let info = c.call::<d::Ping>(&Empty {}, None).await?;

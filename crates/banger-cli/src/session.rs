@@ -28,6 +28,7 @@ pub enum SessionCmd {
     /// Start a session: CMD runs in the VM until it ends or is stopped,
     /// whoever is attached.
     Start {
+        #[arg(add = crate::complete::vms())]
         vm: String,
         /// A name for it, unique in the VM (one is made up otherwise).
         #[arg(long)]
@@ -49,15 +50,20 @@ pub enum SessionCmd {
     },
     /// The VM's sessions.
     List {
+        #[arg(add = crate::complete::vms())]
         vm: String,
     },
     Show {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
     },
     /// Output kept so far; with -f, then follow until the session ends.
     Logs {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
         #[arg(short = 'f', long)]
         follow: bool,
@@ -71,7 +77,9 @@ pub enum SessionCmd {
     /// Replay (the last 64 KiB, or --since), then follow; typing goes to
     /// the session. Ctrl-\ detaches; the session goes on.
     Attach {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
         /// Watch only: any number of read-only attaches may follow.
         #[arg(long)]
@@ -86,7 +94,9 @@ pub enum SessionCmd {
     },
     /// This process's stdin to the session's stdin.
     Send {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
         /// Close the session's stdin afterwards.
         #[arg(long)]
@@ -94,14 +104,18 @@ pub enum SessionCmd {
     },
     /// Resize the session's terminal.
     Resize {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
         rows: u16,
         cols: u16,
     },
     /// SIGTERM to the session's whole process group, SIGKILL after the grace.
     Stop {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
         /// Seconds before SIGKILL.
         #[arg(long, default_value_t = 10)]
@@ -109,12 +123,16 @@ pub enum SessionCmd {
     },
     /// SIGKILL to the session's whole process group.
     Kill {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
     },
     /// Remove an ended session and its output.
     Rm {
+        #[arg(add = crate::complete::vms())]
         vm: String,
+        #[arg(add = crate::complete::sessions())]
         session: String,
     },
 }

@@ -210,6 +210,42 @@ fn sources(a: &InstallArgs) -> Result<Vec<(&'static str, PathBuf)>> {
     Ok(out)
 }
 
+/// Man pages and bash's completion registration, made by the installed
+/// binary itself so both name it.
+fn docs(prefix: &Path) -> Result<()> {
+    let banger = prefix.join("bin/banger");
+    let man = prefix.join("share/man/man1");
+    let st = Command::new(&banger)
+        .arg("man")
+        .arg("-o")
+        .arg(&man)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("writing man pages into {} failed ({st})", man.display());
+    }
+    let out = Command::new(&banger).args(["completions", "bash"]).output()?;
+    if !out.status.success() {
+        bail!("making bash completions failed ({})", out.status);
+    }
+    let dir = prefix.join("share/bash-completion/completions");
+    std::fs::create_dir_all(&dir)?;
+    write_file(&dir.join("banger"), &String::from_utf8_lossy(&out.stdout), 0o644)
+}
+
+/// What [`docs`] wrote.
+fn remove_docs(prefix: &Path) -> Result<()> {
+    remove(&prefix.join("share/bash-completion/completions/banger"))?;
+    let man = prefix.join("share/man/man1");
+    for e in std::fs::read_dir(&man).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if (n == "banger.1" || n.starts_with("banger-")) && n.ends_with(".1") {
+            remove(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// `name` on PATH or in the sbin directories (as the daemon looks).
 fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
@@ -372,6 +408,8 @@ async fn install(a: InstallArgs, json: bool) -> Result<()> {
         binaries.push(dst);
     }
 
+    docs(&a.prefix)?;
+
     // The owner's state and sockets; the helper's log, root's but
     // readable by the owner's group (to grep an op id).
     own_dir(&a.state_dir, 0o750, user.uid, user.gid)?;
@@ -514,6 +552,7 @@ async fn uninstall(prefix: Option<PathBuf>, purge: bool, force: bool) -> Result<
         let _ = systemctl(&["daemon-reload"]);
     }
     remove(&m.prefix.join("bin/banger"))?;
+    remove_docs(&m.prefix)?;
     // The manifest goes with the private directory: from here on this is
     // not an installation.
     if m.libexec_dir.exists() {

@@ -27,25 +27,47 @@ pub enum MachineCmd {
         no_start: bool,
     },
     /// Start a stopped VM.
-    Start { name: String },
+    Start {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Stop a VM gracefully (sync, power off; killed after a deadline).
-    Stop { name: String },
+    Stop {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Stop then start a VM.
-    Restart { name: String },
+    Restart {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Kill a VM's VMM at once.
-    Kill { name: String },
+    Kill {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Delete a VM and everything it owns.
-    Delete { name: String },
+    Delete {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Delete every VM that is not running.
     Prune,
     /// List VMs.
     List,
     /// Show one VM.
-    Show { name: String },
+    Show {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Print a VM's serial console log.
-    Logs { name: String },
+    Logs {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Change a stopped VM's resources (the work disk grows, never shrinks).
     Set {
+        #[arg(add = crate::complete::vms())]
         name: String,
         #[arg(long)]
         vcpus: Option<u32>,
@@ -58,6 +80,7 @@ pub enum MachineCmd {
     },
     /// Run a command in a running VM.
     Exec {
+        #[arg(add = crate::complete::vms())]
         name: String,
         /// Pass this process's stdin to the command (streamed: any size).
         #[arg(short = 'i', long)]
@@ -79,15 +102,22 @@ pub enum MachineCmd {
         cmd: crate::session::SessionCmd,
     },
     /// List the TCP and UDP ports listening in a running VM.
-    Ports { name: String },
+    Ports {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
     /// Show a running VM's CPU, memory, disk, network and uptime.
-    Stats { name: String },
+    Stats {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum WorkspaceCmd {
     /// Copy a git work tree into a running VM.
     Prepare {
+        #[arg(add = crate::complete::vms())]
         name: String,
         path: std::path::PathBuf,
         #[arg(long)]
@@ -99,6 +129,7 @@ pub enum WorkspaceCmd {
     },
     /// Print a binary patch of the guest workspace against its base commit.
     Export {
+        #[arg(add = crate::complete::vms())]
         name: String,
         #[arg(long)]
         base_commit: Option<String>,

@@ -303,6 +303,13 @@ fn an_installed_banger_serves_its_owner_and_refuses_everyone_else() {
     } else {
         eprintln!("systemd-analyze is not installed: the units are checked by this test alone");
     }
+    // Man pages and completions came with it, naming the installed binary.
+    assert!(prefix.join("share/man/man1/banger-vm-run.1").exists());
+    let comp = std::fs::read_to_string(prefix.join("share/bash-completion/completions/banger")).unwrap();
+    assert!(
+        comp.contains(prefix.join("bin/banger").to_str().unwrap()),
+        "{comp}"
+    );
     let du = unit(&daemon_unit);
     assert_eq!(
         one(&du, "KillMode"),
@@ -487,6 +494,8 @@ fn an_installed_banger_serves_its_owner_and_refuses_everyone_else() {
     stop(helper.0.take().unwrap());
     for gone in [
         prefix.join("bin/banger"),
+        prefix.join("share/man/man1/banger.1"),
+        prefix.join("share/bash-completion/completions/banger"),
         prefix.join("lib/banger"),
         helper_unit,
         daemon_unit,
