@@ -668,6 +668,57 @@ fn daemon_cases() -> Vec<Case> {
             expect,
         ));
     }
+    // Bundles from elsewhere: refused before a byte is fetched, or not
+    // found; nothing is published and nothing staged is left.
+    let pin = "a".repeat(64);
+    for (label, p, expect) in [
+        ("http", json!({"src": "http://127.0.0.1:1/x.tar.zst"}), BAD),
+        ("file url", json!({"src": "file:///etc/passwd"}), BAD),
+        ("ftp", json!({"src": "ftp://127.0.0.1/x"}), BAD),
+        ("credentials", json!({"src": "https://u:p@127.0.0.1:1/x"}), BAD),
+        ("no host", json!({"src": "https://"}), BAD),
+        ("not a url", json!({"src": "https://[::1"}), BAD),
+        (
+            "short pin",
+            json!({"src": "https://127.0.0.1:1/x", "sha256": "abc"}),
+            BAD,
+        ),
+        (
+            "upper pin",
+            json!({"src": "https://127.0.0.1:1/x", "sha256": pin.to_uppercase()}),
+            BAD,
+        ),
+        ("name, no catalog", json!({"src": "default"}), BAD),
+        ("relative", json!({"src": "../../etc/passwd"}), BAD),
+        (
+            "catalog not toml",
+            json!({"src": "x", "catalog": "/etc/passwd"}),
+            BAD,
+        ),
+        (
+            "catalog missing",
+            json!({"src": "x", "catalog": "/nonexistent/c.toml"}),
+            BAD_OR_MISSING,
+        ),
+        (
+            "catalog http",
+            json!({"src": "x", "catalog": "http://127.0.0.1:1/c"}),
+            BAD,
+        ),
+        (
+            "catalog dir",
+            json!({"src": "x", "catalog": "/etc"}),
+            BAD_OR_MISSING,
+        ),
+        ("bundle dir", json!({"src": "/etc"}), BAD_OR_MISSING),
+        ("bundle missing", json!({"src": "/nonexistent.tar.zst"}), MISSING),
+        ("src number", json!({"src": 7}), BAD),
+        ("pin number", json!({"src": "/x", "sha256": 7}), BAD),
+    ] {
+        for method in ["image.pull", "kernel.pull"] {
+            v.push(case(format!("{method} {label}"), method, p.clone(), expect));
+        }
+    }
     for (label, p) in [
         ("suite", json!({"name": "corpusimg", "suite": "sid; rm -rf /"})),
         (

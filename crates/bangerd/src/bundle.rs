@@ -238,6 +238,9 @@ pub fn unpack(src: &Path, staging: &Path) -> Result<Manifest, BundleError> {
 
 fn unpack_in(src: &Path, staging: &Path) -> Result<Manifest, BundleError> {
     let f = std::fs::File::open(src).map_err(io(format!("opening {}", src.display())))?;
+    if !f.metadata().map_err(io("reading its metadata"))?.is_file() {
+        return Err(refused(format!("{} is not a file", src.display())));
+    }
     let dec = zstd::Decoder::new(f).map_err(io("starting zstd"))?;
     let mut ar = tar::Archive::new(dec);
     let mut entries = ar.entries().map_err(io("reading the archive"))?;

@@ -338,6 +338,9 @@ impl ImageError {
                 crate::remote::RemoteError::Refused(_) | crate::remote::RemoteError::Catalog { .. } => {
                     ErrorCode::BadRequest
                 }
+                crate::remote::RemoteError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    ErrorCode::NotFound
+                }
                 crate::remote::RemoteError::Fetch { .. } | crate::remote::RemoteError::Io { .. } => {
                     ErrorCode::OperationFailed
                 }

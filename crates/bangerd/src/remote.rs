@@ -130,6 +130,12 @@ pub async fn resolve(
 /// hash and size, an https URL.
 pub async fn lookup(at: &str, name: &str, kind: &str) -> Result<Entry, RemoteError> {
     let text = if at.starts_with('/') {
+        if Path::new(at).exists() && !Path::new(at).is_file() {
+            return Err(RemoteError::Catalog {
+                at: at.into(),
+                detail: "not a file".into(),
+            });
+        }
         let mut s = String::new();
         use std::io::Read;
         std::fs::File::open(at)
