@@ -608,8 +608,24 @@ struct Status {
     units_present: bool,
     missing_hardening: Vec<String>,
     systemd: bool,
-    helper: Result<String, String>,
-    daemon: Result<String, String>,
+    helper: Service,
+    daemon: Service,
+}
+
+/// Whether one installed service answers, and what it said (or why not).
+#[derive(serde::Serialize)]
+struct Service {
+    up: bool,
+    detail: String,
+}
+
+impl From<Result<String, String>> for Service {
+    fn from(r: Result<String, String>) -> Self {
+        match r {
+            Ok(detail) => Service { up: true, detail },
+            Err(detail) => Service { up: false, detail },
+        }
+    }
 }
 
 async fn status(prefix: Option<PathBuf>, json: bool) -> Result<i32> {
@@ -643,10 +659,10 @@ async fn status(prefix: Option<PathBuf>, json: bool) -> Result<i32> {
         units_present: present,
         missing_hardening: missing,
         systemd: systemd_runs(),
-        helper,
-        daemon,
+        helper: helper.into(),
+        daemon: daemon.into(),
     };
-    let ok = s.units_present && s.missing_hardening.is_empty() && s.helper.is_ok() && s.daemon.is_ok();
+    let ok = s.units_present && s.missing_hardening.is_empty() && s.helper.up && s.daemon.up;
     print(json, &s, |s| {
         println!(
             "banger {} installed for {} ({})",
@@ -665,10 +681,8 @@ async fn status(prefix: Option<PathBuf>, json: bool) -> Result<i32> {
             }
         );
         for (what, r) in [("helper", &s.helper), ("daemon", &s.daemon)] {
-            match r {
-                Ok(t) => println!("{what}: {t}"),
-                Err(e) => println!("{what}: DOWN: {e}"),
-            }
+            let state = if r.up { "" } else { "DOWN: " };
+            println!("{what}: {state}{}", r.detail);
         }
     });
     Ok(if ok { 0 } else { 3 })

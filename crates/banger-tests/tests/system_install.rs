@@ -468,6 +468,42 @@ fn an_installed_banger_serves_its_owner_and_refuses_everyone_else() {
         text(&out)
     );
 
+    // Status, as root: units present and hardened, both services answer.
+    let status = |prefix: &Path| {
+        Command::new(bin("banger"))
+            .args(["system", "status", "--json", "--prefix"])
+            .arg(prefix)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let st = status(&prefix);
+    assert!(st.status.success(), "status: {}", text(&st));
+    let sv: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(sv["helper"]["up"], true, "{sv}");
+    assert_eq!(sv["daemon"]["up"], true, "{sv}");
+    assert_eq!(sv["missing_hardening"], serde_json::json!([]), "{sv}");
+    // A unit that lost its hardening is reported, and doctor fails it.
+    let weakened = std::fs::read_to_string(&daemon_unit)
+        .unwrap()
+        .replace("KillMode=process\n", "");
+    std::fs::write(&daemon_unit, &weakened).unwrap();
+    let st = status(&prefix);
+    assert_eq!(st.status.code(), Some(3), "{}", text(&st));
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains("KillMode=process"),
+        "{}",
+        text(&st)
+    );
+    let doc = owner.cmd(&banger).args(["doctor", "--json"]).output().unwrap();
+    assert!(!doc.status.success(), "doctor passed a weakened unit");
+    assert!(String::from_utf8_lossy(&doc.stdout).contains("KillMode=process"));
+    std::fs::write(
+        &daemon_unit,
+        weakened.replace("Restart=on-failure\n", "KillMode=process\nRestart=on-failure\n"),
+    )
+    .unwrap();
+
     // Uninstall: refused while a VM runs, then forced; nothing is left.
     let un = |extra: &[&str]| -> Output {
         Command::new(bin("banger"))
