@@ -263,5 +263,58 @@ fn build(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     f.write_all(&c.finish()).map_err(io("writing the initramfs"))?;
     f.sync_all().map_err(io("syncing the initramfs"))?;
     std::fs::rename(&tmp, &out).map_err(io("installing the initramfs"))?;
+    prune_stale(kdir, &out, STALE_AFTER);
     Ok(out)
+}
+
+/// An initramfs older than this, and not the one just built, is one no
+/// boot is about to read: VMMs load it whole when they start.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the initramfs images an older agent or busybox left in `kdir`
+/// (each is tens of MiB, one per banger build that booted this kernel).
+/// A daemon of another build sharing the directory just builds its own
+/// again.
+fn prune_stale(kdir: &Path, keep: &Path, age: std::time::Duration) {
+    let now = std::time::SystemTime::now();
+    for e in std::fs::read_dir(kdir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if p == keep || !name.starts_with("initramfs-") || !name.ends_with(".cpio") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|d| d > age);
+        if old && std::fs::remove_file(&p).is_ok() {
+            tracing::info!(path = %p.display(), "removed a stale initramfs");
+        }
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    #[test]
+    fn only_old_initramfs_images_other_than_the_current_one_go() {
+        let d = tempfile::tempdir().unwrap();
+        let mk = |n: &str, age_s: u64| {
+            let p = d.path().join(n);
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age_s))
+                .unwrap();
+            p
+        };
+        let current = mk("initramfs-aaaa.cpio", 3600);
+        let stale = mk("initramfs-bbbb.cpio", 3600);
+        let fresh = mk("initramfs-cccc.cpio", 5);
+        let other = mk("vmlinuz", 3600);
+        prune_stale(d.path(), &current, STALE_AFTER);
+        assert!(current.exists() && fresh.exists() && other.exists());
+        assert!(!stale.exists());
+    }
 }
