@@ -240,10 +240,19 @@ pub async fn call_streaming<M: banger_proto::Method>(
         }
     });
     let mut rd = tokio::io::BufReader::new(rd);
+    // The feeder may end without detaching (stdin done, daemon gone); a
+    // finished oneshot must not be polled again.
+    let mut may_detach = true;
     let outcome = loop {
         let next = tokio::select! {
             f = read_json::<_, Frame>(&mut rd) => f,
-            Ok(()) = &mut detached => break Ok(Streamed::Detached),
+            d = &mut detached, if may_detach => match d {
+                Ok(()) => break Ok(Streamed::Detached),
+                Err(_) => {
+                    may_detach = false;
+                    continue;
+                }
+            },
         };
         match next {
             Ok(Some(Frame::Event { event })) => {
