@@ -185,10 +185,21 @@ fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     // One op id for the whole command: every call it makes (and so every
-    // log line in the daemon, the helper and the guest) carries it.
-    let op = banger_proto::OpId::mint();
+    // log line in the daemon, the helper and the guest) carries it. A
+    // program driving banger (the containerd shim) may hand its own in
+    // BANGER_OP_ID, so its log lines and ours share it.
+    let op = banger_proto::OpId::adopt_or_mint(std::env::var("BANGER_OP_ID").ok().as_deref());
     let code = match rt.block_on(banger_proto::opid::scope(op, run(cli))) {
         Ok(code) => code,
+        // A reader that went away ends us the way it ends any filter.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            141
+        }
         Err(e) => {
             report(&e);
             1

@@ -1,0 +1,837 @@
+//! The shim's two halves: the `Shim` containerd starts and stops, and the
+//! task service it serves over ttrpc.
+//!
+//! A task is a VM (`ct-<hash of namespace/id>`), made and booted at
+//! Create; its process is the guest session `main`, started at Start,
+//! whose output a `banger vm session logs -f` copies into containerd's
+//! FIFOs and whose stdin a `banger vm session send --eof` feeds. An exec
+//! is a `banger vm exec` with the FIFOs as its stdio. Exits are seen by a
+//! watcher thread per process and published as TaskExit, in the order
+//! containerd wants: create, start, exit, delete.
+
+use crate::banger;
+use crate::rootfs;
+use crate::spec::{self, Process};
+use containerd_shim::api;
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// The session that is a task's process.
+const MAIN: &str = "main";
+/// The bundle file that names the task's VM (read by `delete` after a crash).
+const VM_FILE: &str = "banger-vm";
+
+pub fn config() -> containerd_shim::Config {
+    containerd_shim::Config {
+        // The shim waits for its own children (the banger commands it
+        // runs); a reaper taking every child would steal their statuses.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> containerd_shim::protos::ttrpc::Error {
+    containerd_shim::protos::ttrpc::Error::RpcStatus(containerd_shim::protos::ttrpc::get_status(
+        containerd_shim::protos::ttrpc::Code::UNKNOWN,
+        e.to_string(),
+    ))
+}
+
+fn not_found(what: &str) -> containerd_shim::protos::ttrpc::Error {
+    containerd_shim::protos::ttrpc::Error::RpcStatus(containerd_shim::protos::ttrpc::get_status(
+        containerd_shim::protos::ttrpc::Code::NOT_FOUND,
+        format!("{what} not found"),
+    ))
+}
+
+fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut t = Timestamp::new();
+    t.seconds = d.as_secs() as i64;
+    t.nanos = d.subsec_nanos() as i32;
+    t
+}
+
+/// The VM's name for a task: a DNS label, the same for the same task.
+pub fn vm_name(namespace: &str, id: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let hex: String = h.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("ct-{hex}")
+}
+
+/// containerd's stdio paths for one process.
+#[derive(Debug, Clone, Default)]
+struct Stdio3 {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct Proc {
+    process: Process,
+    io: Stdio3,
+    status: Status,
+    /// The VMM's pid for the task, the `banger vm exec`'s for an exec.
+    pid: u32,
+    exit: Option<(u32, Timestamp)>,
+    /// What relays this process's I/O (and, for an exec, runs it).
+    child: Option<Arc<Mutex<Child>>>,
+    /// Set by `CloseIO`: the stdin relay ends.
+    stdin_closed: Arc<AtomicBool>,
+}
+
+struct TaskState {
+    id: String,
+    bundle: String,
+    vm: String,
+    main: Proc,
+    execs: HashMap<String, Proc>,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    publisher: Option<Arc<RemotePublisher>>,
+    tasks: Arc<(Mutex<HashMap<String, TaskState>>, Condvar)>,
+}
+
+pub struct Shim {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+    bundle: String,
+}
+
+impl containerd_shim::Shim for Shim {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
+        Shim {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let grouping = opts.id.clone();
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // containerd reads it back to reconnect after a restart.
+        containerd_shim::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    /// After the shim died: the task's VM goes; the exit is a kill's.
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let bundle = if self.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&self.bundle)
+        };
+        let vm = std::fs::read_to_string(bundle.join(VM_FILE))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| vm_name(&self.namespace, &self.id));
+        let _ = banger::run(&self.id, "vm delete", &["vm", "kill", &vm]);
+        let _ = banger::run(&self.id, "vm delete", &["vm", "delete", &vm]);
+        let mut r = DeleteResponse::new();
+        r.exit_status = 137;
+        r.exited_at = MessageField::some(now());
+        Ok(r)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        Service {
+            exit: self.exit.clone(),
+            namespace: self.namespace.clone(),
+            publisher: Some(Arc::new(publisher)),
+            tasks: Arc::new((Mutex::new(HashMap::new()), Condvar::new())),
+        }
+    }
+}
+
+impl Service {
+    fn emit<E: Event + 'static>(&self, ev: E) {
+        if let Some(p) = &self.publisher {
+            let topic = ev.topic();
+            if let Err(e) = p.publish(Context::default(), &topic, &self.namespace, Box::new(ev)) {
+                log::warn!("publishing {topic}: {e}");
+            }
+        }
+    }
+
+    fn with<T>(&self, id: &str, f: impl FnOnce(&mut TaskState) -> TtrpcResult<T>) -> TtrpcResult<T> {
+        let mut tasks = self.tasks.0.lock().unwrap_or_else(|p| p.into_inner());
+        let t = tasks
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("task {id}")))?;
+        f(t)
+    }
+
+    /// The state directory's cache of container images.
+    fn cache() -> PathBuf {
+        let home = banger::json("-", "config show", &["config", "show", "--json"])
+            .ok()
+            .and_then(|v| {
+                v.as_array()?
+                    .iter()
+                    .find(|s| s["key"] == "state_dir")?
+                    .get("value")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from("/var/lib/banger"));
+        home.join("containerd/images")
+    }
+
+    /// Records a process's end, wakes every Wait, publishes TaskExit.
+    fn exited(&self, id: &str, exec_id: &str, code: u32) {
+        let ev = {
+            let mut tasks = self.tasks.0.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(t) = tasks.get_mut(id) else { return };
+            let p = if exec_id.is_empty() {
+                &mut t.main
+            } else {
+                match t.execs.get_mut(exec_id) {
+                    Some(p) => p,
+                    None => return,
+                }
+            };
+            if p.exit.is_some() {
+                return;
+            }
+            let at = now();
+            p.status = Status::Stopped;
+            p.exit = Some((code, at.clone()));
+            TaskExit {
+                container_id: id.to_string(),
+                id: if exec_id.is_empty() {
+                    id.to_string()
+                } else {
+                    exec_id.to_string()
+                },
+                pid: p.pid,
+                exit_status: code,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            }
+        };
+        self.tasks.1.notify_all();
+        log::info!("task={id} exec={exec_id} exited with {code}");
+        self.emit(ev);
+    }
+}
+
+/// Opens containerd's output FIFO for writing (its reader is open already).
+fn open_out(path: &str) -> std::io::Result<Stdio> {
+    if path.is_empty() {
+        return Ok(Stdio::null());
+    }
+    Ok(OpenOptions::new().write(true).open(path)?.into())
+}
+
+/// A pipe fed from containerd's stdin FIFO, for a child's stdin. The FIFO
+/// is opened without waiting for the client (which may open its end late,
+/// or never) and polled: data is copied, the client closing its end (or
+/// `CloseIO`, which sets `closed`) ends the pipe, so the child sees EOF.
+fn stdin_pipe(path: &str, closed: Arc<AtomicBool>) -> std::io::Result<Stdio> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut fifo = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let (rd, mut wr) = std::io::pipe()?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while !closed.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: fifo.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if n <= 0 {
+                continue;
+            }
+            if pfd.revents & libc::POLLIN != 0 {
+                match fifo.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if wr.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            } else if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                // The client had its end open and closed it.
+                break;
+            }
+        }
+    });
+    Ok(rd.into())
+}
+
+/// A guest session's exit as a shell would report it.
+fn session_exit(task: &str, vm: &str) -> u32 {
+    for _ in 0..100 {
+        if let Ok(v) = banger::json(
+            task,
+            "session show",
+            &["vm", "session", "show", vm, MAIN, "--json"],
+        ) {
+            if v["state"] == "exited" || v["state"] == "lost" {
+                if let Some(c) = v["code"].as_i64() {
+                    return c as u32;
+                }
+                if let Some(s) = v["signal"].as_i64() {
+                    return 128 + s as u32;
+                }
+                return 255;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    255
+}
+
+fn vm_pid(task: &str, vm: &str) -> u32 {
+    banger::json(task, "vm show", &["vm", "show", vm, "--json"])
+        .ok()
+        .and_then(|v| v["pid"].as_u64())
+        .unwrap_or(0) as u32
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        let spec_text = std::fs::read_to_string(Path::new(&req.bundle).join("config.json")).map_err(err)?;
+        let spec: serde_json::Value = serde_json::from_str(&spec_text).map_err(err)?;
+        let process = spec::process(&spec["process"]);
+        let size = spec::size(&spec);
+        let mounts: Vec<rootfs::Mount> = req
+            .rootfs
+            .iter()
+            .map(|m| rootfs::Mount {
+                kind: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let layers = rootfs::layers(&mounts).map_err(err)?;
+        let image = rootfs::ensure_image(&id, &layers, &Self::cache()).map_err(err)?;
+        let vm = vm_name(&self.namespace, &id);
+        std::fs::write(Path::new(&req.bundle).join(VM_FILE), &vm).map_err(err)?;
+        let mut args: Vec<String> = [
+            "vm",
+            "create",
+            "--name",
+            &vm,
+            "--image",
+            &image,
+            "--no-network",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(v) = size.vcpus {
+            args.extend(["--vcpus".into(), v.to_string()]);
+        }
+        if let Some(m) = size.memory_mib {
+            args.extend(["--memory".into(), m.to_string()]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        banger::run(&id, "vm create", &argv).map_err(err)?;
+        let pid = vm_pid(&id, &vm);
+        let io = Stdio3 {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        self.tasks.0.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.clone(),
+            TaskState {
+                id: id.clone(),
+                bundle: req.bundle.clone(),
+                vm,
+                main: Proc {
+                    process,
+                    io: io.clone(),
+                    status: Status::Created,
+                    pid,
+                    exit: None,
+                    child: None,
+                    stdin_closed: Arc::default(),
+                },
+                execs: HashMap::new(),
+            },
+        );
+        self.emit(TaskCreate {
+            container_id: id,
+            bundle: req.bundle,
+            rootfs: req.rootfs,
+            io: MessageField::some(TaskIO {
+                stdin: io.stdin,
+                stdout: io.stdout,
+                stderr: io.stderr,
+                terminal: io.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        });
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let id = req.id.clone();
+        let (vm, proc_, pid) = self.with(&id, |t| {
+            let p = if req.exec_id.is_empty() {
+                &t.main
+            } else {
+                t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+            };
+            Ok((t.vm.clone(), (p.process.clone(), p.io.clone()), p.pid))
+        })?;
+        let (process, io) = proc_;
+        if req.exec_id.is_empty() {
+            self.start_main(&id, &vm, &process, &io)?;
+            self.emit(TaskStart {
+                container_id: id,
+                pid,
+                ..Default::default()
+            });
+            Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            })
+        } else {
+            let pid = self.start_exec(&id, &req.exec_id, &vm, &process, &io)?;
+            self.emit(TaskExecStarted {
+                container_id: id,
+                exec_id: req.exec_id,
+                pid,
+                ..Default::default()
+            });
+            Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            })
+        }
+    }
+
+    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        self.with(&req.id, |t| {
+            let p = if req.exec_id.is_empty() {
+                &t.main
+            } else {
+                t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+            };
+            let status = match p.status {
+                Status::Created => api::Status::CREATED,
+                Status::Running => api::Status::RUNNING,
+                Status::Stopped => api::Status::STOPPED,
+            };
+            let mut r = api::StateResponse {
+                id: t.id.clone(),
+                bundle: t.bundle.clone(),
+                pid: p.pid,
+                stdin: p.io.stdin.clone(),
+                stdout: p.io.stdout.clone(),
+                stderr: p.io.stderr.clone(),
+                terminal: p.io.terminal,
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            };
+            r.status = status.into();
+            if let Some((code, at)) = &p.exit {
+                r.exit_status = *code;
+                r.exited_at = MessageField::some(at.clone());
+            }
+            Ok(r)
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (lock, cvar) = &*self.tasks;
+        let mut tasks = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let t = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            let p = if req.exec_id.is_empty() {
+                &t.main
+            } else {
+                t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+            };
+            if let Some((code, at)) = &p.exit {
+                return Ok(api::WaitResponse {
+                    exit_status: *code,
+                    exited_at: MessageField::some(at.clone()),
+                    ..Default::default()
+                });
+            }
+            tasks = cvar.wait(tasks).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let (vm, child, running) = self.with(&req.id, |t| {
+            let p = if req.exec_id.is_empty() {
+                &t.main
+            } else {
+                t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+            };
+            Ok((t.vm.clone(), p.child.clone(), p.status == Status::Running))
+        })?;
+        if !running {
+            return Err(not_found(&format!("a running process in {}", req.id)));
+        }
+        if req.exec_id.is_empty() {
+            // SIGKILL kills at once; any other signal asks the session to
+            // stop (SIGTERM, then SIGKILL after its grace).
+            let args: Vec<&str> = if req.signal == 9 {
+                vec!["vm", "session", "kill", &vm, MAIN]
+            } else {
+                vec!["vm", "session", "stop", &vm, MAIN]
+            };
+            banger::run(&req.id, "session kill", &args).map_err(err)?;
+            if req.all {
+                for (_, c) in self.with(&req.id, |t| {
+                    Ok(t.execs
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.child.clone()))
+                        .collect::<Vec<_>>())
+                })? {
+                    if let Some(c) = c {
+                        let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+                    }
+                }
+            }
+        } else if let Some(c) = child {
+            // The exec's `banger vm exec` hangs up, and the daemon kills the
+            // guest process with it.
+            let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        if !req.exec_id.is_empty() {
+            let p = self.with(&req.id, |t| {
+                t.execs
+                    .remove(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.exec_id))
+            })?;
+            let (code, at) = p.exit.unwrap_or((137, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: code,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        let t = self
+            .tasks
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
+        for p in t.execs.values().chain([&t.main]) {
+            if let Some(c) = &p.child {
+                let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+            }
+        }
+        let _ = banger::run(&t.id, "vm kill", &["vm", "kill", &t.vm]);
+        banger::run(&t.id, "vm delete", &["vm", "delete", &t.vm]).map_err(err)?;
+        let (code, at) = t.main.exit.clone().unwrap_or((137, now()));
+        self.emit(TaskDelete {
+            container_id: t.id.clone(),
+            pid: t.main.pid,
+            exit_status: code,
+            exited_at: MessageField::some(at.clone()),
+            id: t.id.clone(),
+            ..Default::default()
+        });
+        Ok(api::DeleteResponse {
+            pid: t.main.pid,
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let spec: serde_json::Value = req
+            .spec
+            .as_ref()
+            .map(|a| serde_json::from_slice(&a.value))
+            .transpose()
+            .map_err(err)?
+            .unwrap_or_default();
+        let process = spec::process(&spec);
+        if process.args.is_empty() {
+            return Err(err("the exec has no args"));
+        }
+        self.with(&req.id, |t| {
+            if t.execs.contains_key(&req.exec_id) {
+                return Err(err(format!("exec {} exists", req.exec_id)));
+            }
+            t.execs.insert(
+                req.exec_id.clone(),
+                Proc {
+                    process,
+                    io: Stdio3 {
+                        stdin: req.stdin.clone(),
+                        stdout: req.stdout.clone(),
+                        stderr: req.stderr.clone(),
+                        terminal: req.terminal,
+                    },
+                    status: Status::Created,
+                    pid: 0,
+                    exit: None,
+                    child: None,
+                    stdin_closed: Arc::default(),
+                },
+            );
+            Ok(())
+        })?;
+        self.emit(TaskExecAdded {
+            container_id: req.id,
+            exec_id: req.exec_id,
+            ..Default::default()
+        });
+        Ok(api::Empty::default())
+    }
+
+    fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        if req.exec_id.is_empty() {
+            let vm = self.with(&req.id, |t| Ok(t.vm.clone()))?;
+            let (rows, cols) = (req.height.to_string(), req.width.to_string());
+            banger::run(
+                &req.id,
+                "session resize",
+                &["vm", "session", "resize", &vm, MAIN, &rows, &cols],
+            )
+            .map_err(err)?;
+        }
+        // An exec's terminal keeps its first size (its relay has no window).
+        Ok(api::Empty::default())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            self.with(&req.id, |t| {
+                let p = if req.exec_id.is_empty() {
+                    &t.main
+                } else {
+                    t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+                };
+                p.stdin_closed.store(true, Ordering::Relaxed);
+                Ok(())
+            })?;
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let pid = self.with(&req.id, |t| Ok(t.main.pid))?;
+        let mut info = containerd_shim::protos::api::ProcessInfo::new();
+        info.pid = pid;
+        Ok(api::PidsResponse {
+            processes: vec![info],
+            ..Default::default()
+        })
+    }
+
+    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+        let pid = self.with(&req.id, |t| Ok(t.main.pid)).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if self.tasks.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            self.exit.signal();
+        }
+        Ok(api::Empty::default())
+    }
+}
+
+impl Service {
+    /// Starts the task's process as the guest session `main`, with relays
+    /// for its output and input and a watcher for its end.
+    fn start_main(&self, id: &str, vm: &str, p: &Process, io: &Stdio3) -> TtrpcResult<()> {
+        let mut args: Vec<String> = vec!["vm".into(), "session".into(), "start".into(), vm.into()];
+        args.extend(["--name".into(), MAIN.into()]);
+        if p.terminal {
+            args.push("--tty".into());
+        }
+        if let Some(c) = &p.cwd {
+            args.extend(["--cwd".into(), c.clone()]);
+        }
+        for (k, v) in &p.env {
+            args.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        args.push("--".into());
+        args.extend(p.args.iter().cloned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        banger::run(id, "session start", &argv).map_err(err)?;
+        // Output from the first byte, into containerd's FIFOs.
+        let (mut c, _) = banger::command(id, "session logs", &["vm", "session", "logs", "-f", vm, MAIN]);
+        c.stdout(open_out(&io.stdout).map_err(err)?)
+            .stderr(open_out(&io.stderr).map_err(err)?);
+        let follower = Arc::new(Mutex::new(c.spawn().map_err(err)?));
+        if !io.stdin.is_empty() {
+            let closed = self.with(id, |t| Ok(t.main.stdin_closed.clone()))?;
+            let (mut c, _) =
+                banger::command(id, "session send", &["vm", "session", "send", "--eof", vm, MAIN]);
+            c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
+            let mut sender = c.spawn().map_err(err)?;
+            std::thread::spawn(move || sender.wait());
+        }
+        self.with(id, |t| {
+            t.main.status = Status::Running;
+            t.main.child = Some(follower.clone());
+            Ok(())
+        })?;
+        let (svc, id, vm) = (self.clone(), id.to_string(), vm.to_string());
+        std::thread::spawn(move || {
+            // The follower ends when the session does.
+            loop {
+                let done = follower.lock().unwrap_or_else(|p| p.into_inner()).try_wait();
+                match done {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            }
+            let code = session_exit(&id, &vm);
+            svc.exited(&id, "", code);
+        });
+        Ok(())
+    }
+
+    /// Runs an exec as `banger vm exec` with containerd's FIFOs as stdio.
+    fn start_exec(&self, id: &str, exec_id: &str, vm: &str, p: &Process, io: &Stdio3) -> TtrpcResult<u32> {
+        let mut args: Vec<String> = vec!["vm".into(), "exec".into(), vm.into()];
+        if !io.stdin.is_empty() {
+            args.push("-i".into());
+        }
+        if p.terminal {
+            args.push("-t".into());
+        }
+        if let Some(c) = &p.cwd {
+            args.extend(["--cwd".into(), c.clone()]);
+        }
+        args.push("--".into());
+        if !p.env.is_empty() {
+            args.push("env".into());
+            args.extend(p.env.iter().map(|(k, v)| format!("{k}={v}")));
+        }
+        args.extend(p.args.iter().cloned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut c, _) = banger::command(id, "vm exec", &argv);
+        c.stdout(open_out(&io.stdout).map_err(err)?)
+            .stderr(open_out(&io.stderr).map_err(err)?);
+        if !io.stdin.is_empty() {
+            let closed = self.with(id, |t| {
+                Ok(t.execs
+                    .get(exec_id)
+                    .ok_or_else(|| not_found(exec_id))?
+                    .stdin_closed
+                    .clone())
+            })?;
+            c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
+        }
+        let child = c.spawn().map_err(err)?;
+        let pid = child.id();
+        let child = Arc::new(Mutex::new(child));
+        self.with(id, |t| {
+            let e = t.execs.get_mut(exec_id).ok_or_else(|| not_found(exec_id))?;
+            e.status = Status::Running;
+            e.pid = pid;
+            e.child = Some(child.clone());
+            Ok(())
+        })?;
+        let (svc, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());
+        std::thread::spawn(move || {
+            let status = loop {
+                let done = child.lock().unwrap_or_else(|p| p.into_inner()).try_wait();
+                match done {
+                    Ok(Some(st)) => break Some(st),
+                    Err(_) => break None,
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            };
+            use std::os::unix::process::ExitStatusExt;
+            let code = match status {
+                Some(st) => st
+                    .code()
+                    .map(|c| c as u32)
+                    .unwrap_or_else(|| 128 + st.signal().unwrap_or(9) as u32),
+                None => 255,
+            };
+            svc.exited(&id, &exec_id, code);
+        });
+        Ok(pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_task_has_a_stable_dns_label_for_a_vm() {
+        let a = super::vm_name("default", "t1");
+        assert_eq!(a, super::vm_name("default", "t1"));
+        assert_ne!(a, super::vm_name("k8s.io", "t1"));
+        assert!(
+            a.len() <= 63
+                && a.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! What the OCI runtime spec (the bundle's config.json, or an exec's
+//! process) asks for, in banger's terms.
+
+use serde_json::Value;
+
+/// A process to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub terminal: bool,
+}
+
+/// The VM's size, from the spec's Linux resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Size {
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+}
+
+/// An OCI `process` object.
+pub fn process(p: &Value) -> Process {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    Process {
+        args: strings(&p["args"]),
+        env: strings(&p["env"])
+            .into_iter()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect(),
+        cwd: p["cwd"]
+            .as_str()
+            .filter(|c| !c.is_empty() && *c != "/")
+            .map(String::from),
+        terminal: p["terminal"].as_bool().unwrap_or(false),
+    }
+}
+
+/// CPU quota and memory limit as a VM size: vCPUs rounded up from
+/// quota/period, memory in MiB (at least 128).
+pub fn size(spec: &Value) -> Size {
+    let r = &spec["linux"]["resources"];
+    let vcpus = match (r["cpu"]["quota"].as_i64(), r["cpu"]["period"].as_u64()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some(((q as u64).div_ceil(p)).clamp(1, 64) as u32),
+        _ => None,
+    };
+    let memory_mib = r["memory"]["limit"]
+        .as_i64()
+        .filter(|l| *l > 0)
+        .map(|l| ((l as u64) >> 20).clamp(128, 1 << 20) as u32);
+    Size { vcpus, memory_mib }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_spec_becomes_a_process_and_a_size() {
+        let spec = json!({
+            "process": {"args": ["sh", "-c", "exit 3"], "env": ["PATH=/bin", "A=b=c", "junk"],
+                        "cwd": "/work", "terminal": true},
+            "linux": {"resources": {"cpu": {"quota": 150000, "period": 100000},
+                                    "memory": {"limit": 536870912}}}
+        });
+        let p = process(&spec["process"]);
+        assert_eq!(p.args, ["sh", "-c", "exit 3"]);
+        assert_eq!(
+            p.env,
+            [("PATH".into(), "/bin".into()), ("A".into(), "b=c".into())]
+        );
+        assert_eq!(p.cwd.as_deref(), Some("/work"));
+        assert!(p.terminal);
+        assert_eq!(
+            size(&spec),
+            Size {
+                vcpus: Some(2),
+                memory_mib: Some(512)
+            }
+        );
+        assert_eq!(size(&json!({})), Size::default());
+        assert_eq!(process(&json!({"cwd": "/"})).cwd, None);
+    }
+}
