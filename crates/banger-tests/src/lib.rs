@@ -6,6 +6,8 @@
 //! The binaries must be built first (`cargo build --workspace`); the test
 //! command in the README does that.
 
+pub mod containerd;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -17,11 +19,13 @@ use std::time::{Duration, Instant};
 /// The directory holding the workspace's binaries (next to `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    // A test runs from `deps/`; a benchmark binary sits beside banger's.
+    let here = exe.parent().expect("exe dir");
+    let dir = if here.join("banger").exists() {
+        here.to_path_buf()
+    } else {
+        here.parent().expect("target dir").to_path_buf()
+    };
     for b in ["banger", "bangerd", "banger-helper"] {
         assert!(
             dir.join(b).exists(),
@@ -217,6 +221,18 @@ impl Env {
     }
 
     /// A command for one of the binaries with this environment applied.
+    /// The variables that point a banger process at this environment.
+    pub fn banger_env(&self) -> Vec<(String, String)> {
+        let p = |p: PathBuf| p.display().to_string();
+        vec![
+            ("BANGER_HOME".into(), p(self.home())),
+            ("BANGER_RUNTIME_DIR".into(), p(self.runtime())),
+            ("BANGER_HELPER_SOCKET".into(), p(self.helper_socket())),
+            ("BANGER_HELPER_AUTOSTART".into(), "0".into()),
+            ("BANGER_DNS_LISTEN".into(), "127.0.0.1:0".into()),
+        ]
+    }
+
     pub fn cmd(&self, bin_name: &str) -> Command {
         let mut c = self.netns_cmd(bin(bin_name).as_os_str());
         c.env("BANGER_HOME", self.home())

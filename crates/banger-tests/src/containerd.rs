@@ -1,0 +1,185 @@
+//! containerd for tests and benchmarks: a private instance (its own root,
+//! state and socket) and an OCI image archive to import into it.
+
+use crate::{bin_dir, wait_for};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// The runtime name containerd maps to `containerd-shim-banger-v2`.
+pub const RUNTIME: &str = "io.containerd.banger.v2";
+
+fn sha(b: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(b))
+}
+
+fn entry(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, mode: u32, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+/// An OCI image archive (what `ctr image import` takes): a busybox
+/// userland in one layer, named `name`.
+pub fn oci_archive(name: &str) -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/install-deps installs it)");
+    let mut l = tar::Builder::new(Vec::new());
+    entry(&mut l, tar::EntryType::Directory, "bin", 0o755, b"");
+    entry(&mut l, tar::EntryType::Regular, "bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "uname", "echo", "sleep", "cat", "env", "true"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        l.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    for d in ["etc", "tmp", "root"] {
+        entry(&mut l, tar::EntryType::Directory, d, 0o755, b"");
+    }
+    entry(
+        &mut l,
+        tar::EntryType::Regular,
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+    );
+    let layer = l.into_inner().unwrap();
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha(&layer)]}})
+    .to_string();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha(config.as_bytes()), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(&layer), "size": layer.len()}]
+    })
+    .to_string();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(manifest.as_bytes()),
+         "size": manifest.len(), "platform": {"architecture": "amd64", "os": "linux"},
+         "annotations": {"io.containerd.image.name": name}}]})
+    .to_string();
+    let mut a = tar::Builder::new(Vec::new());
+    entry(
+        &mut a,
+        tar::EntryType::Regular,
+        "oci-layout",
+        0o644,
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    );
+    entry(
+        &mut a,
+        tar::EntryType::Regular,
+        "index.json",
+        0o644,
+        index.as_bytes(),
+    );
+    entry(&mut a, tar::EntryType::Directory, "blobs", 0o755, b"");
+    entry(&mut a, tar::EntryType::Directory, "blobs/sha256", 0o755, b"");
+    for blob in [layer.as_slice(), config.as_bytes(), manifest.as_bytes()] {
+        let path = format!("blobs/sha256/{}", sha(blob).trim_start_matches("sha256:"));
+        entry(&mut a, tar::EntryType::Regular, &path, 0o644, blob);
+    }
+    a.into_inner().unwrap()
+}
+
+/// A private containerd, killed on drop.
+pub struct Containerd {
+    child: Child,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Containerd {
+    /// Started with banger's environment (`banger_env`), so the shims it
+    /// starts reach that daemon, and the workspace's binaries first on PATH.
+    pub fn start(dir: &Path, banger_env: &[(String, String)]) -> Containerd {
+        let sock = dir.join("containerd.sock");
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{r}\"\nstate = \"{s}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+                 [debug]\n  level = \"debug\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{o}\"\n",
+                r = dir.join("root").display(),
+                s = dir.join("state").display(),
+                o = dir.join("opt").display(),
+                sock = sock.display(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("containerd.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .env("PATH", path)
+            .envs(banger_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("containerd (scripts/install-deps installs it)");
+        wait_for("containerd's socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).ok()
+        });
+        Containerd { child, sock, log }
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(["-n", "default"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let o = self.ctr(args);
+        assert!(
+            o.status.success(),
+            "ctr {args:?}: {}\n{}",
+            text(&o),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().rev().take(40).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
