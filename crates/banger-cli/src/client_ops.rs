@@ -41,6 +41,9 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
         op_id: begun.op_id.clone(),
     };
     let mut cancelled = false;
+    // Polled quickly at first (a create without a boot is done in
+    // milliseconds), then every 100 ms.
+    let mut pause = Duration::from_millis(2);
     loop {
         // Ctrl-C asks the daemon to cancel (it cleans up what it made) and
         // keeps following the operation to its end.
@@ -79,7 +82,8 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
                 .vm
                 .ok_or_else(|| anyhow::anyhow!("the VM vanished after creation ({})", begun.op_id));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 

@@ -168,13 +168,16 @@ impl VmService {
             op.stage("disks");
             let dir = Path::new(&vm.runtime.vm_dir);
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-            sys::make_ext4(
+            let templates = self.settings.vms_dir.with_file_name("disk-templates");
+            sys::make_ext4_from_template(
+                &templates,
                 Path::new(&vm.runtime.overlay_path),
                 OVERLAY_BYTES,
                 "banger-overlay",
             )
             .await?;
-            sys::make_ext4(
+            sys::make_ext4_from_template(
+                &templates,
                 Path::new(&vm.runtime.work_disk_path),
                 vm.spec.work_disk_bytes,
                 "banger-work",
