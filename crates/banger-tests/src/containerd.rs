@@ -94,12 +94,19 @@ pub struct Containerd {
     child: Child,
     pub sock: PathBuf,
     pub log: PathBuf,
+    cfg: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its shims outlive it by design; a failed test must not leave them.
+        for pid in self.shims("") {
+            // SAFETY: a shim of this containerd (its -address names our socket).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
@@ -130,11 +137,12 @@ impl Containerd {
             bin_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        let mut env = banger_env.to_vec();
+        env.push(("PATH".into(), path));
         let child = Command::new("containerd")
             .arg("--config")
             .arg(&cfg)
-            .env("PATH", path)
-            .envs(banger_env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -143,7 +151,47 @@ impl Containerd {
         wait_for("containerd's socket", Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&sock).ok()
         });
-        Containerd { child, sock, log }
+        Containerd {
+            child,
+            sock,
+            log,
+            cfg,
+            env,
+        }
+    }
+
+    /// Kills containerd with SIGKILL and starts it again on the same
+    /// root, state and socket (its shims run on).
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+        let out = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&self.cfg)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        self.child = cmd.spawn().expect("containerd");
+        let sock = self.sock.clone();
+        wait_for("containerd's socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).ok()
+        });
+    }
+
+    /// The pids of this containerd's shims, of task `id` (all when empty).
+    pub fn shims(&self, id: &str) -> Vec<u32> {
+        let address = format!("-address\0{}\0", self.sock.display());
+        crate::processes_mentioning(&address)
+            .into_iter()
+            .filter(|pid| {
+                id.is_empty()
+                    || std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("-id\0{id}\0")))
+            })
+            .collect()
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {

@@ -7,7 +7,7 @@
 //! call it made, and the daemon's log has those op ids.
 
 use banger_tests::containerd::{oci_archive, text, Containerd, RUNTIME};
-use banger_tests::{processes_mentioning, wait_for, Env};
+use banger_tests::{wait_for, Env};
 use std::time::Duration;
 
 const IMAGE: &str = "docker.io/banger/busybox:test";
@@ -74,10 +74,9 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
         .flatten()
         .collect();
     assert!(left.is_empty(), "VM directories left: {left:?}");
-    assert!(
-        processes_mentioning("containerd-shim-banger-v2").is_empty(),
-        "a shim outlived its tasks"
-    );
+    wait_for("the shims to exit", Duration::from_secs(10), || {
+        ctrd.shims("").is_empty().then_some(())
+    });
 
     // One grep joins the task id and banger's op ids: the shim names both
     // on one line, and the daemon logged those op ids.
@@ -94,4 +93,89 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
         records.iter().any(|r| r["op_id"] == op.as_str()),
         "the daemon logged nothing under {op}"
     );
+}
+
+/// A crash on either side of the shim. containerd killed with SIGKILL and
+/// started again finds the task still running (the shim and the VM ran
+/// on), execs into it, and learns its real exit code. A shim killed with
+/// SIGKILL is a dead task to containerd (as for runc): it runs the shim's
+/// `delete`, which removes the VM, and nothing is left.
+#[test]
+fn a_crash_of_containerd_or_the_shim_loses_nothing_and_leaks_nothing() {
+    let env = Env::with_image();
+    let d = tempfile::Builder::new().prefix("banger-ctrd").tempdir().unwrap();
+    let mut ctrd = Containerd::start(d.path(), &env.banger_env());
+    let archive = d.path().join("image.tar");
+    std::fs::write(&archive, oci_archive(IMAGE)).unwrap();
+    ctrd.ctr_ok(&["image", "import", archive.to_str().unwrap()]);
+
+    // containerd dies and comes back.
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t3",
+        "sh",
+        "-c",
+        "read x; exit 5",
+    ]);
+    ctrd.crash_and_restart();
+    assert!(
+        ctrd.ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with("t3") && l.contains("RUNNING")),
+        "t3 is not running after containerd's restart:\n{}",
+        ctrd.log_tail()
+    );
+    let hi = ctrd.ctr_ok(&["task", "exec", "--exec-id", "e1", "t3", "echo", "still here"]);
+    assert_eq!(hi, "still here\n");
+    // Its stdin is gone with the old containerd: `read` ends, the script exits 5.
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", "t3"]);
+    wait_for("t3 to stop", Duration::from_secs(30), || {
+        ctrd.ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with("t3") && l.contains("STOPPED"))
+            .then_some(())
+    });
+    let del = ctrd.ctr(&["task", "delete", "t3"]);
+    assert!(del.status.success(), "{}", text(&del));
+    let said = String::from_utf8_lossy(&del.stderr);
+    assert!(
+        said.contains("exit code 143") || said.contains("exit code 5"),
+        "no real exit code: {said}"
+    );
+    ctrd.ctr_ok(&["container", "rm", "t3"]);
+
+    // The shim dies.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t4", "sleep", "1000"]);
+    let shims = ctrd.shims("t4");
+    assert_eq!(shims.len(), 1, "one shim for t4: {shims:?}");
+    // SAFETY: the shim process this test's containerd started.
+    unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
+    wait_for("containerd to see t4 end", Duration::from_secs(30), || {
+        (!ctrd
+            .ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with("t4") && l.contains("RUNNING")))
+        .then_some(())
+    });
+    let _ = ctrd.ctr(&["task", "delete", "t4"]);
+    ctrd.ctr_ok(&["container", "rm", "t4"]);
+    wait_for(
+        "the shim's delete to remove the VM",
+        Duration::from_secs(30),
+        || {
+            let vms: serde_json::Value =
+                serde_json::from_str(&env.banger_ok(&["vm", "list", "--json"])).unwrap();
+            vms.as_array().unwrap().is_empty().then_some(())
+        },
+    );
+    wait_for("the VMs' processes to end", Duration::from_secs(10), || {
+        env.vm_processes().is_empty().then_some(())
+    });
+    wait_for("the shims to exit", Duration::from_secs(10), || {
+        ctrd.shims("").is_empty().then_some(())
+    });
 }
