@@ -684,6 +684,30 @@ impl containerd_shim::Task for Service {
         })
     }
 
+    /// The VM's figures (`vm stats`) as cgroup v2 metrics: memory in use
+    /// and its limit (the guest's own view), and the network counters.
+    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        use containerd_shim::protos::cgroups_v2::metrics::{MemoryStat, Metrics, NetworkStat};
+        let vm = self.with(&req.id, |t| Ok(t.vm.clone()))?;
+        let s = banger::json(&req.id, "vm stats", &["vm", "stats", &vm, "--json"]).map_err(err)?;
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        let mut m = Metrics::new();
+        let mut mem = MemoryStat::new();
+        mem.usage = n("memory_total_bytes").saturating_sub(n("memory_available_bytes"));
+        mem.usage_limit = n("memory_total_bytes");
+        m.memory = MessageField::some(mem);
+        let mut net = NetworkStat::new();
+        net.name = s["net_interface"].as_str().unwrap_or("eth0").to_string();
+        net.rx_bytes = n("net_rx_bytes");
+        net.tx_bytes = n("net_tx_bytes");
+        m.network.push(net);
+        let any = containerd_shim::util::convert_to_any(Box::new(m)).map_err(err)?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
     fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
         let pid = self.with(&req.id, |t| Ok(t.main.pid)).unwrap_or(0);
         Ok(api::ConnectResponse {

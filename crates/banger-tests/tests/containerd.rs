@@ -55,6 +55,12 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
     let code = ctrd.ctr(&["task", "exec", "--exec-id", "e2", "t2", "sh", "-c", "exit 7"]);
     assert_eq!(code.status.code(), Some(7), "{}", text(&code));
     assert!(ctrd.ctr_ok(&["task", "ls"]).contains("RUNNING"));
+    // Metrics are the VM's, as cgroup v2 figures.
+    let m: serde_json::Value =
+        serde_json::from_str(&ctrd.ctr_ok(&["task", "metrics", "--format", "json", "t2"])).unwrap();
+    let used = m["memory"]["usage"].as_u64().unwrap_or(0);
+    let limit = m["memory"]["usage_limit"].as_u64().unwrap_or(0);
+    assert!(used > 0 && used < limit, "memory figures: {m}");
     ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "t2"]);
     wait_for("t2 to stop", Duration::from_secs(30), || {
         ctrd.ctr_ok(&["task", "ls"]).contains("STOPPED").then_some(())
