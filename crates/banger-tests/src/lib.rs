@@ -369,6 +369,20 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 /// Starts a root helper serving `owner_uid` on `socket`, in a network
 /// namespace of its own (so its bridge, taps and rules touch nothing
 /// else), and waits until it accepts connections.
+/// Makes `cmd` start in a network namespace of its own, so bridges and
+/// taps it makes never touch the host's network and vanish with it.
+pub fn in_private_netns(cmd: &mut Command) {
+    // SAFETY: unshare is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn spawn_helper(socket: &Path, owner_uid: u32, log: &Path) -> std::process::Child {
     let mut cmd = Command::new(bin("banger-helper"));
     cmd.arg("serve")
@@ -379,16 +393,7 @@ pub fn spawn_helper(socket: &Path, owner_uid: u32, log: &Path) -> std::process::
         .arg("--log-file")
         .arg(log)
         .stdin(Stdio::null());
-    // SAFETY: unshare is async-signal-safe; the child gets a private
-    // network namespace before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    in_private_netns(&mut cmd);
     let child = cmd.spawn().expect("spawn banger-helper");
     wait_for("the helper socket", Duration::from_secs(10), || {
         UnixStream::connect(socket).ok()

@@ -10,7 +10,7 @@
 //! `ExecStart` lines itself, with their `User=`, `Group=` and
 //! `Environment=`, as systemd would.
 
-use banger_tests::{bin, processes_mentioning, wait_for, Env};
+use banger_tests::{bin, in_private_netns, processes_mentioning, wait_for, Env};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -161,15 +161,7 @@ fn start_helper(unit_file: &Path, socket: &Path) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: unshare is async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    in_private_netns(&mut c);
     let child = c.spawn().expect("start the helper");
     wait_for("the helper socket", Duration::from_secs(10), || {
         std::os::unix::net::UnixStream::connect(socket).ok()

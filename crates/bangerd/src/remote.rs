@@ -225,13 +225,18 @@ fn fetch_err(url: &str) -> impl Fn(reqwest::Error) -> RemoteError + '_ {
     }
 }
 
-async fn get_small(url: &str, max: u64) -> Result<Vec<u8>, RemoteError> {
-    let mut resp = client()?
+/// A GET whose answer is a success, or an error that says why not.
+async fn get(url: &str) -> Result<reqwest::Response, RemoteError> {
+    client()?
         .get(url)
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(fetch_err(url))?;
+        .map_err(fetch_err(url))
+}
+
+async fn get_small(url: &str, max: u64) -> Result<Vec<u8>, RemoteError> {
+    let mut resp = get(url).await?;
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(fetch_err(url))? {
         out.extend_from_slice(&chunk);
@@ -269,12 +274,7 @@ async fn download_in(
 ) -> Result<(), RemoteError> {
     use std::io::Write;
     let limit = size.unwrap_or(MAX_BUNDLE);
-    let mut resp = client()?
-        .get(url)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(fetch_err(url))?;
+    let mut resp = get(url).await?;
     if let Some(len) = resp.content_length() {
         if len > limit || size.is_some_and(|s| s != len) {
             return Err(RemoteError::Fetch {
