@@ -277,7 +277,7 @@ async fn default_image(a: &InstallArgs, m: &InstallManifest) -> Result<Option<St
     let (client, mut temp) = if running.call::<d::Ping>(&Empty {}, None).await.is_ok() {
         (running, None)
     } else {
-        let scratch = tempfile_dir()?;
+        let scratch = scratch_dir()?;
         let (child, client) = daemon::start_private(
             &m.libexec_dir.join("bangerd"),
             &[
@@ -342,8 +342,10 @@ async fn default_image(a: &InstallArgs, m: &InstallManifest) -> Result<Option<St
     Ok(Some(info.rootfs))
 }
 
-/// A private scratch directory under /run (root's), removed by the caller.
-fn tempfile_dir() -> Result<PathBuf> {
+/// A scratch directory of root's (mode 0700) under the temporary directory,
+/// for the socket of the bangerd that makes the default image; removed by
+/// the caller.
+fn scratch_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("banger-install-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     own_dir(&dir, 0o700, 0, 0)?;
