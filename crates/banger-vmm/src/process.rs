@@ -217,6 +217,12 @@ mod tests {
         let mut ours = tokio::process::Command::new("sleep");
         ours.arg("30");
         let pid = spawn_detached(&mut ours, &log, &marker).unwrap();
+        // Its environment is readable as the new program's only once the
+        // exec is through, which a loaded machine can delay past the spawn.
+        let end = Instant::now() + Duration::from_secs(10);
+        while !alive(pid, &marker) && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(alive(pid, &marker));
         assert!(!alive(pid, &format!("{marker}-other")));
         assert!(
