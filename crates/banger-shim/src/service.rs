@@ -305,6 +305,19 @@ fn stdin_pipe(path: &str, closed: Arc<AtomicBool>) -> std::io::Result<Stdio> {
     Ok(rd.into())
 }
 
+/// Waits for a child that `Kill` and `Delete` may also reach (so it is
+/// shared behind a lock, polled rather than waited on while holding it).
+fn wait_shared(child: &Mutex<Child>) -> Option<std::process::ExitStatus> {
+    loop {
+        match child.lock().unwrap_or_else(|p| p.into_inner()).try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Err(_) => return None,
+            Ok(None) => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A guest session's exit as a shell would report it.
 fn session_exit(task: &str, vm: &str) -> u32 {
     for _ in 0..100 {
@@ -766,13 +779,7 @@ impl Service {
         let (svc, id, vm) = (self.clone(), id.to_string(), vm.to_string());
         std::thread::spawn(move || {
             // The follower ends when the session does.
-            loop {
-                let done = follower.lock().unwrap_or_else(|p| p.into_inner()).try_wait();
-                match done {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
-                }
-            }
+            wait_shared(&follower);
             let code = session_exit(&id, &vm);
             svc.exited(&id, "", code);
         });
@@ -823,14 +830,7 @@ impl Service {
         })?;
         let (svc, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());
         std::thread::spawn(move || {
-            let status = loop {
-                let done = child.lock().unwrap_or_else(|p| p.into_inner()).try_wait();
-                match done {
-                    Ok(Some(st)) => break Some(st),
-                    Err(_) => break None,
-                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
-                }
-            };
+            let status = wait_shared(&child);
             use std::os::unix::process::ExitStatusExt;
             let code = match status {
                 Some(st) => st

@@ -157,6 +157,17 @@ macro_rules! vm_operation {
     };
 }
 
+/// What `image export` and `kernel export` report of the bundle written.
+fn bundle_info(path: &str, m: &crate::bundle::Manifest) -> d::BundleInfo {
+    d::BundleInfo {
+        path: path.to_string(),
+        name: m.name.clone(),
+        kernel_version: m.kernel_version.clone(),
+        members: m.members.len(),
+        bytes: m.members.iter().map(|x| x.size).sum(),
+    }
+}
+
 pub fn router(app: &Arc<App>) -> Router {
     Router::new("daemon")
         .method::<d::Ping, _, _>(handler!(app, |_, _| Ok(app.info())))
@@ -310,25 +321,13 @@ pub fn router(app: &Arc<App>) -> Router {
             .images
             .export(&p.name, &p.path)
             .await
-            .map(|m| d::BundleInfo {
-                path: p.path.clone(),
-                name: m.name.clone(),
-                kernel_version: m.kernel_version.clone(),
-                members: m.members.len(),
-                bytes: m.members.iter().map(|x| x.size).sum(),
-            })
+            .map(|m| bundle_info(&p.path, &m))
             .map_err(RpcError::from)))
         .method::<d::KernelExportM, _, _>(handler!(app, |_, p| app
             .images
             .export_kernel(&p.name, &p.path)
             .await
-            .map(|m| d::BundleInfo {
-                path: p.path.clone(),
-                name: m.name.clone(),
-                kernel_version: m.kernel_version.clone(),
-                members: m.members.len(),
-                bytes: m.members.iter().map(|x| x.size).sum(),
-            })
+            .map(|m| bundle_info(&p.path, &m))
             .map_err(RpcError::from)))
         .method::<d::KernelPullM, _, _>(handler!(app, |_, p| {
             let version = app
