@@ -341,13 +341,6 @@ fn session_exit(task: &str, vm: &str) -> u32 {
     255
 }
 
-fn vm_pid(task: &str, vm: &str) -> u32 {
-    banger::json(task, "vm show", &["vm", "show", vm, "--json"])
-        .ok()
-        .and_then(|v| v["pid"].as_u64())
-        .unwrap_or(0) as u32
-}
-
 impl containerd_shim::Task for Service {
     fn create(
         &self,
@@ -391,8 +384,9 @@ impl containerd_shim::Task for Service {
             args.extend(["--memory".into(), m.to_string()]);
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        banger::run(&id, "vm create", &argv).map_err(err)?;
-        let pid = vm_pid(&id, &vm);
+        // `vm create --json` answers with the started VM: its VMM's pid.
+        let info = banger::json(&id, "vm create", &argv).map_err(err)?;
+        let pid = info["pid"].as_u64().unwrap_or(0) as u32;
         let io = Stdio3 {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

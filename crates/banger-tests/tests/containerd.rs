@@ -55,6 +55,17 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
     let code = ctrd.ctr(&["task", "exec", "--exec-id", "e2", "t2", "sh", "-c", "exit 7"]);
     assert_eq!(code.status.code(), Some(7), "{}", text(&code));
     assert!(ctrd.ctr_ok(&["task", "ls"]).contains("RUNNING"));
+    // Its pid is the VMM's, a live process on the host.
+    let ls = ctrd.ctr_ok(&["task", "ls"]);
+    let pid: u32 = ls
+        .lines()
+        .find(|l| l.starts_with("t2"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "task pid: {ls}"
+    );
     // Metrics are the VM's, as cgroup v2 figures.
     let m: serde_json::Value =
         serde_json::from_str(&ctrd.ctr_ok(&["task", "metrics", "--format", "json", "t2"])).unwrap();
