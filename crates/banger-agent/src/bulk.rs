@@ -216,32 +216,31 @@ async fn untar<R: AsyncRead + Unpin>(h: &BulkHeader, rd: &mut R) -> BulkResult {
     if let Err(e) = tokio::fs::create_dir_all(&h.dest).await {
         return fail(format!("creating {}: {e}", h.dest));
     }
-    let mut child = match tokio::process::Command::new("tar")
-        // Files belong to the guest's root, whoever owned them on the host.
-        .args(["-x", "--no-same-owner", "-f", "-", "-C", &h.dest])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => return fail(format!("running tar: {e}")),
+    // Unpacked here, not by the guest's tar, which a container image may
+    // lack. Files belong to the guest's root, whoever owned them on the host.
+    let (mut w, r) = tokio::io::duplex(BULK_CHUNK);
+    let bridge = tokio_util::io::SyncIoBridge::new(r);
+    let dest = std::path::PathBuf::from(&h.dest);
+    let unpack = tokio::task::spawn_blocking(move || {
+        let mut archive = tar::Archive::new(bridge);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        let r = archive.unpack(&dest);
+        // What follows the archive's end (padding) is read and dropped, so
+        // the sender is never cut off.
+        let _ = std::io::copy(&mut archive.into_inner(), &mut std::io::sink());
+        r
+    });
+    let copied = copy_chunks(rd, &mut w).await;
+    drop(w);
+    let unpacked = match unpack.await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("unpacking: {e}")),
     };
-    let mut stdin = child.stdin.take().expect("piped");
-    let copied = copy_chunks(rd, &mut stdin).await;
-    drop(stdin);
-    let out = match child.wait_with_output().await {
-        Ok(o) => o,
-        Err(e) => return fail(format!("waiting for tar: {e}")),
-    };
-    match copied {
-        Err(e) => fail(format!("receiving: {e}")),
-        Ok(_) if !out.status.success() => fail(format!(
-            "tar failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(n) => {
+    match (copied, unpacked) {
+        (_, Err(e)) => fail(format!("unpacking into {}: {e}", h.dest)),
+        (Err(e), _) => fail(format!("receiving: {e}")),
+        (Ok(n), Ok(())) => {
             tracing::info!(bytes = n, "unpacked");
             BulkResult {
                 ok: true,

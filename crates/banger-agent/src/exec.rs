@@ -45,15 +45,8 @@ pub async fn run(ctx: Ctx, req: ExecRequest) -> Result<ExitStatus, RpcError> {
         .stderr(Stdio::piped())
         // The host hung up: the call's future is dropped and the command dies.
         .kill_on_drop(true);
-    if let Some(cwd) = &req.cwd {
-        if !std::path::Path::new(cwd).is_dir() {
-            return Err(RpcError::not_found(format!(
-                "working directory {cwd} does not exist in the guest"
-            )));
-        }
-        cmd.current_dir(cwd);
-    }
-    tracing::info!(argv = ?req.argv, cwd = ?req.cwd, "exec");
+    crate::rootdir::place(&mut cmd, req.root.as_deref(), req.cwd.as_deref())?;
+    tracing::info!(argv = ?req.argv, cwd = ?req.cwd, root = ?req.root, "exec");
     let mut child = cmd
         .spawn()
         .map_err(|e| RpcError::failed(format!("cannot run {prog:?}: {e}")))?;

@@ -9,6 +9,7 @@ mod exec;
 mod init;
 mod inspect;
 mod procfs;
+mod rootdir;
 mod seed;
 mod sessions;
 mod stream;
@@ -85,7 +86,11 @@ fn router(sessions: Arc<sessions::Sessions>) -> Router {
             Ok(a::AgentInfo {
                 version: env!("CARGO_PKG_VERSION").into(),
                 protocol: 2,
-                features: vec![a::FEATURE_EXEC_STREAM.into(), a::FEATURE_SESSIONS.into()],
+                features: vec![
+                    a::FEATURE_EXEC_STREAM.into(),
+                    a::FEATURE_SESSIONS.into(),
+                    a::FEATURE_ROOT.into(),
+                ],
             })
         })
         .method::<a::SessionStartM, _, _>(move |_, spec| {

@@ -111,20 +111,10 @@ where
     let Some((prog, args)) = open.argv.split_first() else {
         return Err(RpcError::bad_request("argv is empty"));
     };
-    if let Some(cwd) = &open.cwd {
-        if !std::path::Path::new(cwd).is_dir() {
-            return Err(RpcError::not_found(format!(
-                "working directory {cwd} does not exist in the guest"
-            )));
-        }
-    }
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args)
         .envs(open.env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true);
-    if let Some(cwd) = &open.cwd {
-        cmd.current_dir(cwd);
-    }
     let pty = match open.tty {
         Some(size) => Some(open_pty(size).map_err(|e| RpcError::failed(format!("opening a terminal: {e}")))?),
         None => None,
@@ -155,7 +145,9 @@ where
                 .process_group(0);
         }
     }
-    tracing::info!(argv = ?open.argv, cwd = ?open.cwd, tty = open.tty.is_some(), stdin = open.stdin, "exec (stream)");
+    // After the terminal's pre-exec: the root is entered last.
+    crate::rootdir::place(&mut cmd, open.root.as_deref(), open.cwd.as_deref())?;
+    tracing::info!(argv = ?open.argv, cwd = ?open.cwd, root = ?open.root, tty = open.tty.is_some(), stdin = open.stdin, "exec (stream)");
     let mut child = cmd
         .spawn()
         .map_err(|e| RpcError::failed(format!("cannot run {prog:?}: {e}")))?;

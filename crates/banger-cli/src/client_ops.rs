@@ -96,6 +96,15 @@ pub struct ExecIo {
     pub tty: bool,
 }
 
+/// Where in the guest `vm exec`'s command runs.
+#[derive(Debug, Clone, Default)]
+pub struct Place {
+    /// Its working directory (inside `root` when that is given).
+    pub cwd: Option<String>,
+    /// A guest directory it runs chrooted into, as a container's tree.
+    pub root: Option<String>,
+}
+
 /// Writes a piece of the command's output here. Err when our stdout is
 /// closed (`| head`): the exec ends as a program killed by SIGPIPE would.
 pub fn write_output(ev: ExecOutput) -> std::io::Result<()> {
@@ -116,17 +125,18 @@ pub fn write_output(ev: ExecOutput) -> std::io::Result<()> {
 pub const BROKEN_PIPE: i32 = 141;
 
 /// Runs `cmd` in `name`, streaming output; returns the shell-style code.
-pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, cwd: Option<String>) -> Result<i32> {
+pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, at: Place) -> Result<i32> {
     if io.stdin || io.tty {
-        return exec_streaming(c, name, cmd, io, cwd).await;
+        return exec_streaming(c, name, cmd, io, at).await;
     }
     let req = d::VmExec {
         name: name.to_string(),
         exec: ExecRequest {
             argv: cmd,
             env: vec![],
-            cwd,
+            cwd: at.cwd,
             stdin_b64: None,
+            root: at.root,
         },
         stream_input: false,
         tty: None,
@@ -276,13 +286,7 @@ pub async fn call_streaming<M: banger_proto::Method>(
 }
 
 /// `vm exec -i` / `-t`: stdin (and the terminal's size) streamed.
-async fn exec_streaming(
-    c: &Client,
-    name: &str,
-    cmd: Vec<String>,
-    io: ExecIo,
-    cwd: Option<String>,
-) -> Result<i32> {
+async fn exec_streaming(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, at: Place) -> Result<i32> {
     use banger_proto::stream::WinSize;
     let size = io
         .tty
@@ -299,8 +303,9 @@ async fn exec_streaming(
         exec: ExecRequest {
             argv: cmd,
             env,
-            cwd,
+            cwd: at.cwd,
             stdin_b64: None,
+            root: at.root,
         },
         stream_input: true,
         tty: size,

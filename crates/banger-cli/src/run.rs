@@ -2,7 +2,7 @@
 //! are refused before any VM exists.
 
 use crate::args::{check_name, RunArgs};
-use crate::client_ops::{create, exec, ssh_command, ExecIo};
+use crate::client_ops::{create, exec, ssh_command, ExecIo, Place};
 use crate::output::untracked_notice;
 use anyhow::{bail, Result};
 use banger_proto::methods::daemon as d;
@@ -122,7 +122,7 @@ async fn session(c: &Client, r: &RunArgs, v: &d::VmInfo, plan: Option<&d::Worksp
                 &v.name,
                 vec!["sh".into(), "-c".into(), script.into()],
                 ExecIo::default(),
-                None,
+                Place::default(),
             )
             .await;
         }
@@ -142,7 +142,7 @@ async fn session(c: &Client, r: &RunArgs, v: &d::VmInfo, plan: Option<&d::Worksp
         return Ok(st.code().unwrap_or(255));
     }
     tokio::select! {
-        code = exec(c, &v.name, r.cmd.clone(), ExecIo::default(), None) => code,
+        code = exec(c, &v.name, r.cmd.clone(), ExecIo::default(), Place::default()) => code,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted");
             Ok(130)

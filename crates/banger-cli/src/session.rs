@@ -38,6 +38,10 @@ pub enum SessionCmd {
         tty: bool,
         #[arg(long)]
         cwd: Option<String>,
+        /// Run chrooted into this guest directory (a container's tree), in
+        /// a mount namespace of its own; `--cwd` is then inside it.
+        #[arg(long)]
+        root: Option<String>,
         /// KEY=VALUE, repeatable.
         #[arg(long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -229,6 +233,7 @@ pub async fn run(c: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             name,
             tty,
             cwd,
+            root,
             env,
             log_max,
             cmd,
@@ -251,6 +256,7 @@ pub async fn run(c: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
                         cwd,
                         tty,
                         log_max,
+                        root,
                     },
                     None,
                 )

@@ -3,7 +3,7 @@
 //! own; `main` routes each subcommand to its module.
 
 use crate::args::{check_name, CreateArgs};
-use crate::client_ops::{create, exec, follow, ExecIo};
+use crate::client_ops::{create, exec, follow, ExecIo, Place};
 use crate::output::{bytes, escape, print, untracked_notice};
 use anyhow::{bail, Result};
 use banger_proto::methods::agent::{ExecOutput, StreamName};
@@ -92,6 +92,11 @@ pub enum MachineCmd {
         /// Working directory in the guest.
         #[arg(long)]
         cwd: Option<String>,
+        /// Run chrooted into this guest directory (a container's tree), in
+        /// a mount namespace of its own with /proc, /sys and /dev; `--cwd`
+        /// is then inside it.
+        #[arg(long)]
+        root: Option<String>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -341,10 +346,11 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
             stdin,
             tty,
             cwd,
+            root,
             cmd,
         } => {
             check_name(&name)?;
-            return exec(c, &name, cmd, ExecIo { stdin, tty }, cwd).await;
+            return exec(c, &name, cmd, ExecIo { stdin, tty }, Place { cwd, root }).await;
         }
         MachineCmd::Session { cmd } => return crate::session::run(c, cmd, json).await,
         MachineCmd::Ports { name } => {

@@ -121,6 +121,10 @@ pub struct Open {
     /// Not a new process: a stream of an existing session (`argv` empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<SessionOpen>,
+    /// Run inside this guest directory as its root (see
+    /// `methods::agent::ExecRequest::root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// What a session stream does.

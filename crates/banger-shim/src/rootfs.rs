@@ -161,13 +161,9 @@ pub fn ensure_image(task: &str, layers: &[String], cache: &Path) -> Result<Strin
         return Ok(name);
     }
     let file = cache.join(format!("{name}.ext4"));
-    let mnt: PathBuf = cache.join(format!("{name}.mnt"));
-    let _ = std::fs::create_dir_all(&mnt);
-    mount_ro(layers, &mnt)?;
-    let made = make_ext4(&mnt, &file);
-    unmount(&mnt);
-    let _ = std::fs::remove_dir(&mnt);
-    made?;
+    with_tree(layers, &cache.join(format!("{name}.mnt")), |dir| {
+        make_ext4(dir, &file)
+    })??;
     let kernel = kernel(task)?;
     let rootfs = file.display().to_string();
     let r = banger::run(
@@ -181,6 +177,20 @@ pub fn ensure_image(task: &str, layers: &[String], cache: &Path) -> Result<Strin
         let _ = std::fs::remove_file(&file);
     }
     r.map(|_| name)
+}
+
+/// Runs `f` on the layers' merged tree, mounted read-only at `at` (made
+/// and removed here) for as long as `f` runs.
+pub fn with_tree<T>(layers: &[String], at: &Path, f: impl FnOnce(&Path) -> T) -> Result<T, Failed> {
+    std::fs::create_dir_all(at).map_err(|e| Failed(format!("creating {}: {e}", at.display())))?;
+    if let Err(e) = mount_ro(layers, at) {
+        let _ = std::fs::remove_dir(at);
+        return Err(e);
+    }
+    let r = f(at);
+    unmount(at);
+    let _ = std::fs::remove_dir(at);
+    Ok(r)
 }
 
 /// An ext4 file holding `dir`'s tree (owners and modes kept), with room

@@ -28,10 +28,15 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// The session that is a task's process.
+/// The session that is the process of a task with a VM of its own.
 const MAIN: &str = "main";
 /// The bundle file that names the task's VM (read by `delete` after a crash).
 const VM_FILE: &str = "banger-vm";
+/// The bundle file of a pod's later container: its session in the pod's
+/// VM (which `delete` after a crash ends, leaving the VM to the pod).
+const SESSION_FILE: &str = "banger-session";
+/// Where a pod's later containers' trees go in the pod's VM (the work disk).
+const GUEST_TREES: &str = "/root/.containers";
 
 pub fn config() -> containerd_shim::Config {
     containerd_shim::Config {
@@ -65,6 +70,15 @@ fn now() -> Timestamp {
     t.seconds = d.as_secs() as i64;
     t.nanos = d.subsec_nanos() as i32;
     t
+}
+
+/// A pod container's name in its pod's VM (session and tree): a session
+/// id, the same for the same container.
+pub fn member_key(id: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = h.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("c-{hex}")
 }
 
 /// The VM's name for a task: a DNS label, the same for the same task.
@@ -108,6 +122,12 @@ struct TaskState {
     id: String,
     bundle: String,
     vm: String,
+    /// The guest session that is the task's process.
+    session: String,
+    /// The guest directory it runs chrooted into (a pod's later container).
+    root: Option<String>,
+    /// Whether the VM is the task's (deleted with it) or its pod's.
+    owns_vm: bool,
     main: Proc,
     execs: HashMap<String, Proc>,
 }
@@ -140,7 +160,13 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let grouping = opts.id.clone();
+        // containerd starts `start` in the bundle: a pod's containers all
+        // go to the shim of its sandbox.
+        let grouping = std::fs::read_to_string("config.json")
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|spec| spec::grouping(&spec, &opts.id))
+            .unwrap_or_else(|| opts.id.clone());
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         // containerd reads it back to reconnect after a restart.
         containerd_shim::util::write_address(&address)?;
@@ -157,8 +183,15 @@ impl containerd_shim::Shim for Shim {
         let vm = std::fs::read_to_string(bundle.join(VM_FILE))
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| vm_name(&self.namespace, &self.id));
-        let _ = banger::run(&self.id, "vm delete", &["vm", "kill", &vm]);
-        let _ = banger::run(&self.id, "vm delete", &["vm", "delete", &vm]);
+        if let Ok(session) = std::fs::read_to_string(bundle.join(SESSION_FILE)) {
+            // A pod's later container: its process goes, the pod's VM stays.
+            let session = session.trim();
+            let _ = banger::run(&self.id, "session kill", &["vm", "session", "kill", &vm, session]);
+            let _ = banger::run(&self.id, "session rm", &["vm", "session", "rm", &vm, session]);
+        } else {
+            let _ = banger::run(&self.id, "vm delete", &["vm", "kill", &vm]);
+            let _ = banger::run(&self.id, "vm delete", &["vm", "delete", &vm]);
+        }
         let mut r = DeleteResponse::new();
         r.exit_status = 137;
         r.exited_at = MessageField::some(now());
@@ -319,12 +352,12 @@ fn wait_shared(child: &Mutex<Child>) -> Option<std::process::ExitStatus> {
 }
 
 /// A guest session's exit as a shell would report it.
-fn session_exit(task: &str, vm: &str) -> u32 {
+fn session_exit(task: &str, vm: &str, session: &str) -> u32 {
     for _ in 0..100 {
         if let Ok(v) = banger::json(
             task,
             "session show",
-            &["vm", "session", "show", vm, MAIN, "--json"],
+            &["vm", "session", "show", vm, session, "--json"],
         ) {
             if v["state"] == "exited" || v["state"] == "lost" {
                 if let Some(c) = v["code"].as_i64() {
@@ -351,7 +384,6 @@ impl containerd_shim::Task for Service {
         let spec_text = std::fs::read_to_string(Path::new(&req.bundle).join("config.json")).map_err(err)?;
         let spec: serde_json::Value = serde_json::from_str(&spec_text).map_err(err)?;
         let process = spec::process(&spec["process"]);
-        let size = spec::size(&spec);
         let mounts: Vec<rootfs::Mount> = req
             .rootfs
             .iter()
@@ -362,31 +394,12 @@ impl containerd_shim::Task for Service {
             })
             .collect();
         let layers = rootfs::layers(&mounts).map_err(err)?;
-        let image = rootfs::ensure_image(&id, &layers, &Self::cache()).map_err(err)?;
-        let vm = vm_name(&self.namespace, &id);
-        std::fs::write(Path::new(&req.bundle).join(VM_FILE), &vm).map_err(err)?;
-        let mut args: Vec<String> = [
-            "vm",
-            "create",
-            "--name",
-            &vm,
-            "--image",
-            &image,
-            "--no-network",
-            "--json",
-        ]
-        .map(String::from)
-        .to_vec();
-        if let Some(v) = size.vcpus {
-            args.extend(["--vcpus".into(), v.to_string()]);
-        }
-        if let Some(m) = size.memory_mib {
-            args.extend(["--memory".into(), m.to_string()]);
-        }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        // `vm create --json` answers with the started VM: its VMM's pid.
-        let info = banger::json(&id, "vm create", &argv).map_err(err)?;
-        let pid = info["pid"].as_u64().unwrap_or(0) as u32;
+        let bundle = Path::new(&req.bundle);
+        let placed = match spec::role(&spec) {
+            spec::Role::Member { sandbox } => self.place_member(&id, &sandbox, &layers, bundle)?,
+            spec::Role::Alone | spec::Role::Sandbox => self.boot_vm(&id, &spec, &layers, bundle)?,
+        };
+        let pid = placed.pid;
         let io = Stdio3 {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -398,7 +411,10 @@ impl containerd_shim::Task for Service {
             TaskState {
                 id: id.clone(),
                 bundle: req.bundle.clone(),
-                vm,
+                vm: placed.vm,
+                session: placed.session,
+                root: placed.root,
+                owns_vm: placed.owns_vm,
                 main: Proc {
                     process,
                     io: io.clone(),
@@ -433,17 +449,17 @@ impl containerd_shim::Task for Service {
 
     fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let id = req.id.clone();
-        let (vm, proc_, pid) = self.with(&id, |t| {
+        let (at, proc_, pid) = self.with(&id, |t| {
             let p = if req.exec_id.is_empty() {
                 &t.main
             } else {
                 t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
             };
-            Ok((t.vm.clone(), (p.process.clone(), p.io.clone()), p.pid))
+            Ok((t.target(), (p.process.clone(), p.io.clone()), p.pid))
         })?;
         let (process, io) = proc_;
         if req.exec_id.is_empty() {
-            self.start_main(&id, &vm, &process, &io)?;
+            self.start_main(&id, &at, &process, &io)?;
             self.emit(TaskStart {
                 container_id: id,
                 pid,
@@ -454,7 +470,7 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             })
         } else {
-            let pid = self.start_exec(&id, &req.exec_id, &vm, &process, &io)?;
+            let pid = self.start_exec(&id, &req.exec_id, &at, &process, &io)?;
             self.emit(TaskExecStarted {
                 container_id: id,
                 exec_id: req.exec_id,
@@ -522,13 +538,13 @@ impl containerd_shim::Task for Service {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (vm, child, running) = self.with(&req.id, |t| {
+        let (at, child, running) = self.with(&req.id, |t| {
             let p = if req.exec_id.is_empty() {
                 &t.main
             } else {
                 t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
             };
-            Ok((t.vm.clone(), p.child.clone(), p.status == Status::Running))
+            Ok((t.target(), p.child.clone(), p.status == Status::Running))
         })?;
         if !running {
             return Err(not_found(&format!("a running process in {}", req.id)));
@@ -537,9 +553,9 @@ impl containerd_shim::Task for Service {
             // SIGKILL kills at once; any other signal asks the session to
             // stop (SIGTERM, then SIGKILL after its grace).
             let args: Vec<&str> = if req.signal == 9 {
-                vec!["vm", "session", "kill", &vm, MAIN]
+                vec!["vm", "session", "kill", &at.vm, &at.session]
             } else {
-                vec!["vm", "session", "stop", &vm, MAIN]
+                vec!["vm", "session", "stop", &at.vm, &at.session]
             };
             banger::run(&req.id, "session kill", &args).map_err(err)?;
             if req.all {
@@ -589,8 +605,18 @@ impl containerd_shim::Task for Service {
                 let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
             }
         }
-        let _ = banger::run(&t.id, "vm kill", &["vm", "kill", &t.vm]);
-        banger::run(&t.id, "vm delete", &["vm", "delete", &t.vm]).map_err(err)?;
+        if t.owns_vm {
+            let _ = banger::run(&t.id, "vm kill", &["vm", "kill", &t.vm]);
+            banger::run(&t.id, "vm delete", &["vm", "delete", &t.vm]).map_err(err)?;
+        } else {
+            // A pod's later container: its process goes, the pod's VM stays.
+            let _ = banger::run(
+                &t.id,
+                "session kill",
+                &["vm", "session", "kill", &t.vm, &t.session],
+            );
+            let _ = banger::run(&t.id, "session rm", &["vm", "session", "rm", &t.vm, &t.session]);
+        }
         let (code, at) = t.main.exit.clone().unwrap_or((137, now()));
         self.emit(TaskDelete {
             container_id: t.id.clone(),
@@ -653,12 +679,12 @@ impl containerd_shim::Task for Service {
 
     fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
         if req.exec_id.is_empty() {
-            let vm = self.with(&req.id, |t| Ok(t.vm.clone()))?;
+            let at = self.with(&req.id, |t| Ok(t.target()))?;
             let (rows, cols) = (req.height.to_string(), req.width.to_string());
             banger::run(
                 &req.id,
                 "session resize",
-                &["vm", "session", "resize", &vm, MAIN, &rows, &cols],
+                &["vm", "session", "resize", &at.vm, &at.session, &rows, &cols],
             )
             .map_err(err)?;
         }
@@ -733,12 +759,118 @@ impl containerd_shim::Task for Service {
     }
 }
 
+/// Where a task's processes run: its VM, its session there, its root.
+#[derive(Clone)]
+struct Target {
+    vm: String,
+    session: String,
+    root: Option<String>,
+}
+
+impl TaskState {
+    fn target(&self) -> Target {
+        Target {
+            vm: self.vm.clone(),
+            session: self.session.clone(),
+            root: self.root.clone(),
+        }
+    }
+}
+
+/// Where a new task's process will run.
+struct Placed {
+    vm: String,
+    session: String,
+    root: Option<String>,
+    owns_vm: bool,
+    /// The VMM's host pid.
+    pid: u32,
+}
+
 impl Service {
+    /// A container alone, or a pod's sandbox: a VM of its own, booted from
+    /// the image made of its layers, sized and networked as the spec says.
+    fn boot_vm(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        layers: &[String],
+        bundle: &Path,
+    ) -> TtrpcResult<Placed> {
+        let image = rootfs::ensure_image(id, layers, &Self::cache()).map_err(err)?;
+        let vm = vm_name(&self.namespace, id);
+        std::fs::write(bundle.join(VM_FILE), &vm).map_err(err)?;
+        let mut args: Vec<String> = ["vm", "create", "--name", &vm, "--image", &image, "--json"]
+            .map(String::from)
+            .to_vec();
+        match spec::network(spec) {
+            spec::Network::Host => {}
+            spec::Network::Isolated => args.push("--no-network".into()),
+            spec::Network::Namespace(ns) => {
+                // The engine's (CNI's) namespace is not yet where the VM's
+                // link goes: the VM gets none rather than the host's.
+                log::warn!("task={id} network namespace {ns} is not joined: the VM has no network");
+                args.push("--no-network".into());
+            }
+        }
+        let size = spec::size(spec);
+        if let Some(v) = size.vcpus {
+            args.extend(["--vcpus".into(), v.to_string()]);
+        }
+        if let Some(m) = size.memory_mib {
+            args.extend(["--memory".into(), m.to_string()]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        // `vm create --json` answers with the started VM: its VMM's pid.
+        let info = banger::json(id, "vm create", &argv).map_err(err)?;
+        Ok(Placed {
+            vm,
+            session: MAIN.into(),
+            root: None,
+            owns_vm: true,
+            pid: info["pid"].as_u64().unwrap_or(0) as u32,
+        })
+    }
+
+    /// A pod's later container: its image's tree is copied into the pod's
+    /// VM (on its work disk), where its process will run chrooted.
+    fn place_member(&self, id: &str, sandbox: &str, layers: &[String], bundle: &Path) -> TtrpcResult<Placed> {
+        let vm = vm_name(&self.namespace, sandbox);
+        let info = banger::json(id, "vm show", &["vm", "show", &vm, "--json"])
+            .map_err(|e| err(format!("the pod's VM for sandbox {sandbox}: {e}")))?;
+        let key = member_key(id);
+        let guest = format!("{GUEST_TREES}/{key}");
+        let scratch = Self::cache()
+            .parent()
+            .map(|p| p.join("trees").join(&key))
+            .ok_or_else(|| err("no cache directory"))?;
+        let dest = format!("{vm}:{guest}");
+        rootfs::with_tree(layers, &scratch, |dir| {
+            let src = dir.display().to_string();
+            banger::run(id, "vm cp", &["vm", "cp", &src, &dest])
+        })
+        .and_then(|r| r)
+        .map_err(err)?;
+        std::fs::write(bundle.join(VM_FILE), &vm).map_err(err)?;
+        std::fs::write(bundle.join(SESSION_FILE), &key).map_err(err)?;
+        Ok(Placed {
+            vm,
+            session: key,
+            root: Some(guest),
+            owns_vm: false,
+            pid: info["pid"].as_u64().unwrap_or(0) as u32,
+        })
+    }
+
     /// Starts the task's process as the guest session `main`, with relays
     /// for its output and input and a watcher for its end.
-    fn start_main(&self, id: &str, vm: &str, p: &Process, io: &Stdio3) -> TtrpcResult<()> {
+    fn start_main(&self, id: &str, at: &Target, p: &Process, io: &Stdio3) -> TtrpcResult<()> {
+        let (vm, session) = (at.vm.as_str(), at.session.as_str());
         let mut args: Vec<String> = vec!["vm".into(), "session".into(), "start".into(), vm.into()];
-        args.extend(["--name".into(), MAIN.into()]);
+        args.extend(["--name".into(), session.into()]);
+        if let Some(r) = &at.root {
+            args.extend(["--root".into(), r.clone()]);
+        }
         if p.terminal {
             args.push("--tty".into());
         }
@@ -753,14 +885,17 @@ impl Service {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         banger::run(id, "session start", &argv).map_err(err)?;
         // Output from the first byte, into containerd's FIFOs.
-        let (mut c, _) = banger::command(id, "session logs", &["vm", "session", "logs", "-f", vm, MAIN]);
+        let (mut c, _) = banger::command(id, "session logs", &["vm", "session", "logs", "-f", vm, session]);
         c.stdout(open_out(&io.stdout).map_err(err)?)
             .stderr(open_out(&io.stderr).map_err(err)?);
         let follower = Arc::new(Mutex::new(c.spawn().map_err(err)?));
         if !io.stdin.is_empty() {
             let closed = self.with(id, |t| Ok(t.main.stdin_closed.clone()))?;
-            let (mut c, _) =
-                banger::command(id, "session send", &["vm", "session", "send", "--eof", vm, MAIN]);
+            let (mut c, _) = banger::command(
+                id,
+                "session send",
+                &["vm", "session", "send", "--eof", vm, session],
+            );
             c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
             let mut sender = c.spawn().map_err(err)?;
             std::thread::spawn(move || sender.wait());
@@ -770,19 +905,22 @@ impl Service {
             t.main.child = Some(follower.clone());
             Ok(())
         })?;
-        let (svc, id, vm) = (self.clone(), id.to_string(), vm.to_string());
+        let (svc, id, at) = (self.clone(), id.to_string(), at.clone());
         std::thread::spawn(move || {
             // The follower ends when the session does.
             wait_shared(&follower);
-            let code = session_exit(&id, &vm);
+            let code = session_exit(&id, &at.vm, &at.session);
             svc.exited(&id, "", code);
         });
         Ok(())
     }
 
     /// Runs an exec as `banger vm exec` with containerd's FIFOs as stdio.
-    fn start_exec(&self, id: &str, exec_id: &str, vm: &str, p: &Process, io: &Stdio3) -> TtrpcResult<u32> {
-        let mut args: Vec<String> = vec!["vm".into(), "exec".into(), vm.into()];
+    fn start_exec(&self, id: &str, exec_id: &str, at: &Target, p: &Process, io: &Stdio3) -> TtrpcResult<u32> {
+        let mut args: Vec<String> = vec!["vm".into(), "exec".into(), at.vm.clone()];
+        if let Some(r) = &at.root {
+            args.extend(["--root".into(), r.clone()]);
+        }
         if !io.stdin.is_empty() {
             args.push("-i".into());
         }

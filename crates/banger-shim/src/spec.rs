@@ -55,6 +55,64 @@ pub fn size(spec: &Value) -> Size {
     Size { vcpus, memory_mib }
 }
 
+/// The annotations the CRI plugin puts on a pod's containers.
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// What a container is to its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not in a pod (`ctr run`, Nomad): a VM of its own.
+    Alone,
+    /// A pod's sandbox (pause) container: the pod's VM.
+    Sandbox,
+    /// A later container of pod `sandbox`: a process in the pod's VM.
+    Member { sandbox: String },
+}
+
+pub fn role(spec: &Value) -> Role {
+    let a = &spec["annotations"];
+    match (a[CONTAINER_TYPE].as_str(), a[SANDBOX_ID].as_str()) {
+        (Some("sandbox"), _) => Role::Sandbox,
+        (Some("container"), Some(s)) if !s.is_empty() => Role::Member {
+            sandbox: s.to_string(),
+        },
+        _ => Role::Alone,
+    }
+}
+
+/// Which shim serves container `id`: one per pod (its sandbox's id), as
+/// containerd expects of a runtime that groups, else one per container.
+pub fn grouping(spec: &Value, id: &str) -> String {
+    match role(spec) {
+        Role::Member { sandbox } => sandbox,
+        _ => id.to_string(),
+    }
+}
+
+/// The network the spec gives the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// No network namespace in the spec: the host's network, which for a
+    /// VM is banger's own bridge.
+    Host,
+    /// A new, empty namespace: no network.
+    Isolated,
+    /// The engine's namespace (CNI set it up): the VM's link lives there.
+    Namespace(String),
+}
+
+pub fn network(spec: &Value) -> Network {
+    let ns = spec["linux"]["namespaces"].as_array();
+    match ns.and_then(|n| n.iter().find(|n| n["type"] == "network")) {
+        None => Network::Host,
+        Some(n) => match n["path"].as_str() {
+            Some(p) if !p.is_empty() => Network::Namespace(p.to_string()),
+            _ => Network::Isolated,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +143,33 @@ mod tests {
         );
         assert_eq!(size(&json!({})), Size::default());
         assert_eq!(process(&json!({"cwd": "/"})).cwd, None);
+    }
+
+    #[test]
+    fn annotations_say_what_a_container_is_to_its_pod() {
+        let sandbox = json!({"annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p1"}});
+        let member = json!({"annotations": {CONTAINER_TYPE: "container", SANDBOX_ID: "p1"}});
+        assert_eq!(role(&sandbox), Role::Sandbox);
+        assert_eq!(role(&member), Role::Member { sandbox: "p1".into() });
+        assert_eq!(role(&json!({})), Role::Alone);
+        assert_eq!(grouping(&member, "c1"), "p1");
+        assert_eq!(grouping(&sandbox, "p1"), "p1");
+        assert_eq!(grouping(&json!({}), "c1"), "c1");
+    }
+
+    #[test]
+    fn the_network_namespace_says_which_network() {
+        assert_eq!(
+            network(&json!({"linux": {"namespaces": [{"type": "pid"}]}})),
+            Network::Host
+        );
+        assert_eq!(
+            network(&json!({"linux": {"namespaces": [{"type": "network"}]}})),
+            Network::Isolated
+        );
+        assert_eq!(
+            network(&json!({"linux": {"namespaces": [{"type": "network", "path": "/run/netns/cni-1"}]}})),
+            Network::Namespace("/run/netns/cni-1".into())
+        );
     }
 }

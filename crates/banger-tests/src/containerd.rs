@@ -26,11 +26,19 @@ fn entry(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, mode: 
 /// An OCI image archive (what `ctr image import` takes): a busybox
 /// userland in one layer, named `name`.
 pub fn oci_archive(name: &str) -> Vec<u8> {
+    oci_archive_with(name, &["sh"], "busybox")
+}
+
+/// Like [`oci_archive`], with `cmd` as the image's command and `marker`
+/// in its `/etc/banger-image` (which image a process sees as its root).
+pub fn oci_archive_with(name: &str, cmd: &[&str], marker: &str) -> Vec<u8> {
     let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/install-deps installs it)");
     let mut l = tar::Builder::new(Vec::new());
     entry(&mut l, tar::EntryType::Directory, "bin", 0o755, b"");
     entry(&mut l, tar::EntryType::Regular, "bin/busybox", 0o755, &busybox);
-    for applet in ["sh", "uname", "echo", "sleep", "cat", "env", "true"] {
+    for applet in [
+        "sh", "uname", "echo", "sleep", "cat", "env", "true", "ls", "hostname", "ip",
+    ] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
@@ -47,9 +55,16 @@ pub fn oci_archive(name: &str) -> Vec<u8> {
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\n",
     );
+    entry(
+        &mut l,
+        tar::EntryType::Regular,
+        "etc/banger-image",
+        0o644,
+        format!("{marker}\n").as_bytes(),
+    );
     let layer = l.into_inner().unwrap();
     let config = serde_json::json!({"architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
+        "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [sha(&layer)]}})
     .to_string();
     let manifest = serde_json::json!({
@@ -113,20 +128,53 @@ impl Drop for Containerd {
 impl Containerd {
     /// Started with banger's environment (`banger_env`), so the shims it
     /// starts reach that daemon, and the workspace's binaries first on PATH.
+    /// Without its CRI plugin.
     pub fn start(dir: &Path, banger_env: &[(String, String)]) -> Containerd {
+        Self::start_with(dir, banger_env, None)
+    }
+
+    /// With its CRI plugin (on the same socket, as a kubelet finds it):
+    /// runtime handler `banger` is this shim, the pod sandbox image is
+    /// `sandbox_image` (imported here beforehand, never pulled), and CNI
+    /// configurations are read from `cni_conf` with Debian's plugins.
+    pub fn start_cri(
+        dir: &Path,
+        banger_env: &[(String, String)],
+        sandbox_image: &str,
+        cni_conf: &Path,
+    ) -> Containerd {
+        let cri = format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n\
+             \x20 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+             \x20 disable_apparmor = true\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"banger\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.banger]\n  runtime_type = \"{RUNTIME}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{c}\"\n",
+            c = cni_conf.display()
+        );
+        Self::start_with(dir, banger_env, Some(&cri))
+    }
+
+    fn start_with(dir: &Path, banger_env: &[(String, String)], cri: Option<&str>) -> Containerd {
         let sock = dir.join("containerd.sock");
         let cfg = dir.join("config.toml");
         std::fs::write(
             &cfg,
             format!(
-                "version = 2\nroot = \"{r}\"\nstate = \"{s}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{r}\"\nstate = \"{s}\"\n{disabled}\
                  [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
                  [debug]\n  level = \"debug\"\n\
-                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{o}\"\n",
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{o}\"\n{cri}",
                 r = dir.join("root").display(),
                 s = dir.join("state").display(),
                 o = dir.join("opt").display(),
                 sock = sock.display(),
+                disabled = if cri.is_some() {
+                    ""
+                } else {
+                    "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+                },
+                cri = cri.unwrap_or_default(),
             ),
         )
         .unwrap();
@@ -195,10 +243,15 @@ impl Containerd {
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in("default", args)
+    }
+
+    /// `ctr` in containerd namespace `ns` (the CRI plugin's is `k8s.io`).
+    pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Output {
         Command::new("ctr")
             .arg("-a")
             .arg(&self.sock)
-            .args(["-n", "default"])
+            .args(["-n", ns])
             .args(args)
             .stdin(Stdio::null())
             .output()

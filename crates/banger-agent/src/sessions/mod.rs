@@ -288,13 +288,6 @@ impl Sessions {
                 return Err(bad("a terminal needs rows and columns"));
             }
         }
-        if let Some(cwd) = &spec.cwd {
-            if !Path::new(cwd).is_dir() {
-                return Err(RpcError::not_found(format!(
-                    "working directory {cwd} does not exist in the guest"
-                )));
-            }
-        }
         {
             let m = self.map.lock().unwrap();
             if m.len() >= MAX_KEPT {
@@ -308,15 +301,9 @@ impl Sessions {
                 )));
             }
         }
-        let dir = self.root.join(&spec.id);
-        let log = log::Log::open(&dir, spec.log_max)
-            .map_err(|e| RpcError::failed(format!("session log in {}: {e}", dir.display())))?;
 
         let mut cmd = tokio::process::Command::new(prog);
         cmd.args(args).envs(spec.env.iter().map(|(k, v)| (k, v)));
-        if let Some(cwd) = &spec.cwd {
-            cmd.current_dir(cwd);
-        }
         let pty = match spec.tty {
             Some(size) => Some(
                 crate::tty::open_pty(size)
@@ -353,6 +340,11 @@ impl Sessions {
                 Ok(())
             });
         }
+        // After setsid and the terminal: the root is entered last.
+        crate::rootdir::place(&mut cmd, spec.root.as_deref(), spec.cwd.as_deref())?;
+        let dir = self.root.join(&spec.id);
+        let log = log::Log::open(&dir, spec.log_max)
+            .map_err(|e| RpcError::failed(format!("session log in {}: {e}", dir.display())))?;
         let mut child = cmd
             .spawn()
             .map_err(|e| RpcError::failed(format!("cannot run {prog:?}: {e}")))?;

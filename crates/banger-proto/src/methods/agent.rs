@@ -35,6 +35,11 @@ pub struct ExecRequest {
     /// Bytes fed to the command's stdin, then closed (base64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin_b64: Option<String>,
+    /// Run inside this guest directory as its root (a container's tree):
+    /// in a mount namespace of its own with /proc, /sys and /dev mounted
+    /// under it; `cwd` is then a path inside it. Needs [`FEATURE_ROOT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,6 +128,12 @@ pub struct AgentInfo {
 /// Exec over the stream port ([`crate::stream`]): stdin of any size,
 /// terminals, signals.
 pub const FEATURE_EXEC_STREAM: &str = "exec.stream";
+
+/// The agent runs processes inside a directory as their root (`root` on
+/// exec, stream and session requests). An agent without it would ignore
+/// the field and run the process in the guest's own root, so the daemon
+/// refuses `root` unless the agent names this.
+pub const FEATURE_ROOT: &str = "root";
 
 method!(
     /// The agent's version, protocol generation and features.
@@ -331,6 +342,11 @@ pub struct SessionSpec {
     pub tty: Option<crate::stream::WinSize>,
     /// The most output kept, in bytes (older output is dropped).
     pub log_max: u64,
+    /// Run inside this guest directory as its root (a container's tree):
+    /// in a mount namespace of its own with /proc, /sys and /dev mounted
+    /// under it; `cwd` is then a path inside it. Needs [`FEATURE_ROOT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -529,6 +529,9 @@ pub struct SessionStart {
     /// `session_log_max_kib` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_max: Option<u64>,
+    /// Run inside this guest directory as its root (a container's tree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// A session as the daemon shows it: its catalog row, settled with what

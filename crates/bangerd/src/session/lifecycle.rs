@@ -52,6 +52,9 @@ impl SessionService {
         }
         let vm = self.vms.record(&p.vm)?;
         let uds = self.agent(&vm)?;
+        if p.root.is_some() && !self.vms.agent_has(&vm, a::FEATURE_ROOT, op).await {
+            return Err(crate::vm::exec::too_old_for_root(&vm.name));
+        }
         let _busy = self.vms.busy(&vm.id);
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
@@ -77,6 +80,7 @@ impl SessionService {
             cwd: p.cwd.or_else(|| vm.runtime.workspace.clone()),
             tty: p.tty,
             log_max,
+            root: p.root,
         };
         match agent::call::<a::SessionStartM>(&uds, op, &spec, |_| ()).await {
             Ok(info) => {

@@ -8,6 +8,15 @@ use crate::sync::Locked;
 use banger_proto::methods::agent as a;
 use banger_proto::methods::daemon::VmExec;
 use banger_proto::{Ctx, RpcError};
+use banger_store::VmRecord;
+
+/// A root asked of an agent that would ignore it and run the command in
+/// the guest's own root.
+pub fn too_old_for_root(vm: &str) -> RpcError {
+    RpcError::failed(format!(
+        "the agent in VM {vm} is too old to run a command inside a root; restart the VM to update it"
+    ))
+}
 
 impl VmService {
     pub async fn exec(&self, ctx: &Ctx, p: VmExec) -> Result<a::ExitStatus, RpcError> {
@@ -30,7 +39,10 @@ impl VmService {
             req.cwd = vm.runtime.workspace.clone();
         }
         let uds = h.launched.vsock_uds.clone();
-        if self.agent_streams(&vm.id, h.launched.pid, &uds, ctx).await {
+        if req.root.is_some() && !self.agent_has(&vm, a::FEATURE_ROOT, &ctx.op_id).await {
+            return Err(too_old_for_root(&vm.name));
+        }
+        if self.agent_has(&vm, a::FEATURE_EXEC_STREAM, &ctx.op_id).await {
             let open = banger_proto::stream::Open {
                 op_id: Some(ctx.op_id.to_string()),
                 argv: req.argv,
@@ -39,6 +51,7 @@ impl VmService {
                 stdin: p.stream_input || req.stdin_b64.is_some(),
                 tty: p.tty,
                 session: None,
+                root: req.root,
             };
             return agent::exec_stream(&uds, ctx, open, req.stdin_b64, p.stream_input).await;
         }
@@ -52,22 +65,29 @@ impl VmService {
         agent::call::<a::Exec>(&uds, &ctx.op_id, &req, move |ev| ctx2.emit(&ev)).await
     }
 
-    /// Whether the VM's agent speaks the stream protocol, asked once per
-    /// VMM process (`agent.info`; an agent without it does not).
-    async fn agent_streams(&self, vm: &str, pid: u32, uds: &std::path::Path, ctx: &Ctx) -> bool {
-        if let Some((p, yes)) = self.agent_streams.locked().get(vm) {
+    /// Whether the VM's agent names `feature` in its `agent.info`, asked
+    /// once per VMM process (an agent without `agent.info` names none).
+    pub async fn agent_has(&self, vm: &VmRecord, feature: &str, op: &banger_proto::OpId) -> bool {
+        let Ok(h) = self.running_handles(vm) else {
+            return false;
+        };
+        let (pid, uds) = (h.launched.pid, h.launched.vsock_uds.clone());
+        if let Some((p, features)) = self.agent_features.locked().get(&vm.id) {
             if *p == pid {
-                return *yes;
+                return features.iter().any(|f| f == feature);
             }
         }
-        let yes =
-            match agent::call::<a::Info>(uds, &ctx.op_id, &banger_proto::methods::Empty {}, |_| ()).await {
-                Ok(info) => info.features.iter().any(|f| f == a::FEATURE_EXEC_STREAM),
-                Err(e) if e.code == banger_proto::ErrorCode::UnknownMethod => false,
-                // Unreachable now: ask again next time.
-                Err(_) => return false,
-            };
-        self.agent_streams.locked().insert(vm.to_string(), (pid, yes));
+        let features = match agent::call::<a::Info>(&uds, op, &banger_proto::methods::Empty {}, |_| ()).await
+        {
+            Ok(info) => info.features,
+            Err(e) if e.code == banger_proto::ErrorCode::UnknownMethod => Vec::new(),
+            // Unreachable now: ask again next time.
+            Err(_) => return false,
+        };
+        let yes = features.iter().any(|f| f == feature);
+        self.agent_features
+            .locked()
+            .insert(vm.id.clone(), (pid, features));
         yes
     }
 }

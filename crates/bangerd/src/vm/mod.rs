@@ -33,7 +33,7 @@ mod console;
 mod copy_ops;
 mod create;
 mod delete;
-mod exec;
+pub mod exec;
 mod guest;
 mod idle;
 pub use idle::SAMPLE_EVERY as IDLE_SAMPLE_EVERY;
@@ -103,7 +103,7 @@ pub struct VmService {
     idle_since: Mutex<HashMap<String, std::time::Instant>>,
     /// Per VM id: the VMM pid its agent was asked about, and whether that
     /// agent speaks the stream protocol (`agent.info`).
-    agent_streams: Mutex<HashMap<String, (u32, bool)>>,
+    agent_features: Mutex<HashMap<String, (u32, Vec<String>)>>,
 }
 
 impl VmService {
@@ -130,7 +130,7 @@ impl VmService {
             unclean: Mutex::new(Default::default()),
             busy: Mutex::new(HashMap::new()),
             idle_since: Mutex::new(HashMap::new()),
-            agent_streams: Mutex::new(HashMap::new()),
+            agent_features: Mutex::new(HashMap::new()),
         }
     }
 
