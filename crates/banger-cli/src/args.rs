@@ -23,6 +23,11 @@ pub struct CreateArgs {
     /// No network interface: reach the guest over vsock only.
     #[arg(long)]
     pub no_network: bool,
+    /// Put the VM's link in this container engine's network namespace
+    /// (one CNI set up, under /run/netns): the guest takes the address,
+    /// gateway and MAC the engine gave it.
+    #[arg(long, conflicts_with_all = ["no_network", "nat", "peers"])]
+    pub netns: Option<String>,
     /// Give the VM outbound network access (NAT).
     #[arg(long)]
     pub nat: bool,

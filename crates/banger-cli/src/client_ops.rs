@@ -31,6 +31,7 @@ pub async fn create(c: &Client, a: &CreateArgs, start: bool) -> Result<d::VmInfo
                 nat: a.nat,
                 peers: a.peers,
                 no_network: a.no_network,
+                netns: a.netns.clone(),
                 auto_stop_idle_secs: a.auto_stop_idle,
             },
             None,

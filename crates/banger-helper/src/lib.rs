@@ -6,6 +6,7 @@ pub mod error;
 pub mod firewall;
 pub mod net;
 pub mod netns;
+pub mod podnet;
 pub mod service;
 pub mod validate;
 

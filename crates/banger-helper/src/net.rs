@@ -74,6 +74,18 @@ pub trait NetOps: Send + Sync + 'static {
         tap: &str,
         peer: &str,
     ) -> impl Future<Output = Result<bool, NetError>> + Send;
+    /// Makes or completes a VM's tap in an engine's namespace (checked by
+    /// `podnet::engine_namespace`) joined to its interface: what the guest
+    /// is to wear, the open tap, and whether anything was made.
+    fn ensure_pod_net(
+        &self,
+        netns: &Path,
+        tap: &str,
+        owner_uid: u32,
+    ) -> impl Future<Output = Result<(crate::podnet::PodAddress, std::os::fd::OwnedFd, bool), NetError>> + Send;
+    /// Removes the tap and its redirects from an engine's namespace; false
+    /// when there was no tap.
+    fn delete_pod_net(&self, netns: &Path, tap: &str) -> impl Future<Output = Result<bool, NetError>> + Send;
 }
 
 /// A jailed VM's network, validated: in namespace `netns`, the tap `tap`
@@ -107,6 +119,10 @@ impl LinuxNet {
         })?;
         tokio::spawn(conn);
         Ok(LinuxNet { handle })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
     }
 }
 
@@ -144,7 +160,7 @@ fn describe(msg: &LinkMessage) -> Link {
 }
 
 impl LinuxNet {
-    async fn dump_addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, rtnetlink::Error> {
+    pub(crate) async fn dump_addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, rtnetlink::Error> {
         use rtnetlink::packet_route::address::AddressAttribute;
         let mut found = Vec::new();
         let mut msgs = self.handle.address().get().set_link_index_filter(index).execute();
@@ -306,6 +322,24 @@ impl NetOps for LinuxNet {
         }
         Ok(crate::netns::remove(netns)? || changed)
     }
+
+    async fn ensure_pod_net(
+        &self,
+        netns: &Path,
+        tap: &str,
+        owner_uid: u32,
+    ) -> Result<(crate::podnet::PodAddress, std::os::fd::OwnedFd, bool), NetError> {
+        let tap = tap.to_string();
+        crate::netns::run_in(netns, move || crate::podnet::ensure_inside(&tap, owner_uid)).await
+    }
+
+    async fn delete_pod_net(&self, netns: &Path, tap: &str) -> Result<bool, NetError> {
+        if !crate::podnet::still_there(netns) {
+            return Ok(false);
+        }
+        let tap = tap.to_string();
+        crate::netns::run_in(netns, move || crate::podnet::delete_inside(&tap)).await
+    }
 }
 
 /// Inside a jailed VM's namespace (on the thread that entered it): the
@@ -358,7 +392,7 @@ fn inside_jail(tap: &str, peer: &str, owner_uid: u32) -> Result<bool, NetError> 
 }
 
 /// The TUN/TAP ioctls: netlink cannot create a tap.
-mod tun {
+pub(crate) mod tun {
     use super::*;
 
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;

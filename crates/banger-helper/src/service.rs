@@ -6,7 +6,7 @@ use crate::net::{JailLink, Link, LinkKind, NetOps};
 use crate::validate::{self, Invalid};
 use banger_proto::methods::helper::{
     self as m, BridgeEnsure, Changed, GuestNet, GuestRef, GuestRules, HelperInfo, JailNet, JailNetReady,
-    JailNetRef, LinkName, TapCreate,
+    JailNetRef, LinkName, PodNet, PodNetReady, PodNetRef, TapCreate,
 };
 use banger_proto::{handler, Router, RpcError, PROTOCOL_VERSION};
 use std::sync::Arc;
@@ -224,6 +224,49 @@ impl<N: NetOps> PrivService<N> {
         Ok(Changed { changed })
     }
 
+    /// A VM's tap in a container engine's namespace, joined to the
+    /// engine's interface (see `podnet`), and its open descriptor.
+    pub async fn pod_net_ensure(
+        &self,
+        p: PodNet,
+        caller: u32,
+    ) -> Result<(PodNetReady, std::os::fd::OwnedFd), RpcError> {
+        validate::tap_name(&p.tap).map_err(invalid)?;
+        let ns = crate::podnet::engine_namespace(&p.netns).map_err(RpcError::bad_request)?;
+        may_own(caller, p.owner_uid)?;
+        let (a, fd, changed) = self
+            .net
+            .ensure_pod_net(&ns, &p.tap, p.owner_uid)
+            .await
+            .map_err(|e| failed("joining the VM to the engine's network", e))?;
+        Ok((
+            PodNetReady {
+                changed,
+                address: format!("{}/{}", a.ip, a.prefix),
+                gateway: a.gateway.map(|g| g.to_string()),
+                mac: mac_string(&a.mac),
+                mtu: a.mtu,
+            },
+            fd,
+        ))
+    }
+
+    pub async fn pod_net_delete(&self, p: PodNetRef) -> Result<Changed, RpcError> {
+        validate::tap_name(&p.tap).map_err(invalid)?;
+        crate::podnet::engine_namespace_name(&p.netns).map_err(RpcError::bad_request)?;
+        if std::fs::symlink_metadata(&p.netns).is_err() {
+            // The engine removed its namespace first: the tap went with it.
+            return Ok(Changed { changed: false });
+        }
+        let ns = crate::podnet::engine_namespace(&p.netns).map_err(RpcError::bad_request)?;
+        let changed = self
+            .net
+            .delete_pod_net(&ns, &p.tap)
+            .await
+            .map_err(|e| failed("removing the VM's link from the engine's network", e))?;
+        Ok(Changed { changed })
+    }
+
     pub async fn tap_open(&self, p: LinkName) -> Result<std::os::fd::OwnedFd, RpcError> {
         validate::tap_name(&p.name).map_err(invalid)?;
         match self
@@ -421,6 +464,12 @@ pub fn router<N: NetOps>(svc: Arc<PrivService<N>>, owner_uid: u32) -> Router {
         .method::<m::GuestListM, _, _>(handler!(svc, |_, _| svc.guest_list().await))
         .method::<m::JailNetEnsureM, _, _>(handler!(svc, |ctx, p| svc.jail_net_ensure(p, ctx.peer_uid).await))
         .method::<m::JailNetDeleteM, _, _>(handler!(svc, |_, p| svc.jail_net_delete(p).await))
+        .method::<m::PodNetEnsureM, _, _>(handler!(svc, |ctx, p| {
+            let (ready, fd) = svc.pod_net_ensure(p, ctx.peer_uid).await?;
+            ctx.attach_fd(fd);
+            Ok(ready)
+        }))
+        .method::<m::PodNetDeleteM, _, _>(handler!(svc, |_, p| svc.pod_net_delete(p).await))
 }
 
 #[cfg(test)]
@@ -570,6 +619,27 @@ mod tests {
                 l.remove(tap);
             }
             Ok(had)
+        }
+        async fn ensure_pod_net(
+            &self,
+            netns: &std::path::Path,
+            tap: &str,
+            owner_uid: u32,
+        ) -> Result<(crate::podnet::PodAddress, std::os::fd::OwnedFd, bool), NetError> {
+            self.calls.lock().unwrap().push(format!(
+                "ensure_pod_net {} {tap} uid={owner_uid}",
+                netns.display()
+            ));
+            Err(NetError::NoLink(format!(
+                "{tap} (no engine namespaces in the fake)"
+            )))
+        }
+        async fn delete_pod_net(&self, netns: &std::path::Path, tap: &str) -> Result<bool, NetError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("delete_pod_net {} {tap}", netns.display()));
+            Ok(false)
         }
     }
 

@@ -806,12 +806,9 @@ impl Service {
         match spec::network(spec) {
             spec::Network::Host => {}
             spec::Network::Isolated => args.push("--no-network".into()),
-            spec::Network::Namespace(ns) => {
-                // The engine's (CNI's) namespace is not yet where the VM's
-                // link goes: the VM gets none rather than the host's.
-                log::warn!("task={id} network namespace {ns} is not joined: the VM has no network");
-                args.push("--no-network".into());
-            }
+            // The engine's (CNI's) namespace: the VM's link goes there and
+            // the guest takes the pod's address.
+            spec::Network::Namespace(ns) => args.extend(["--netns".into(), ns]),
         }
         let size = spec::size(spec);
         if let Some(v) = size.vcpus {

@@ -51,6 +51,12 @@ pub struct VmSpec {
     /// Stop after this long idle; `None`: the daemon's setting, `Some(0)`: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_stop_idle_secs: Option<u64>,
+    /// A container engine's network namespace (CNI set it up): the VM's
+    /// tap is made there, joined to the engine's interface, and the guest
+    /// wears that interface's address and MAC instead of a lease on
+    /// banger's bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 fn yes() -> bool {
@@ -66,6 +72,12 @@ pub struct VmRuntime {
     pub vm_dir: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_ip: Option<String>,
+    /// The guest's gateway and MAC when they are not banger's own (a VM
+    /// in an engine's namespace wears what the engine gave it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_gw: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
     #[serde(default)]
     pub vsock_cid: u32,
     #[serde(default)]

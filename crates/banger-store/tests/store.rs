@@ -27,6 +27,7 @@ fn vm(name: &str) -> VmRecord {
             peers: false,
             network: false,
             auto_stop_idle_secs: None,
+            netns: None,
         },
         runtime: VmRuntime::default(),
         created_at: banger_store::now(),

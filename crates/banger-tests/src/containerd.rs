@@ -107,6 +107,9 @@ pub fn oci_archive_with(name: &str, cmd: &[&str], marker: &str) -> Vec<u8> {
 /// A private containerd, killed on drop.
 pub struct Containerd {
     child: Child,
+    /// Run inside the network namespace of this process (nsenter), so
+    /// what CNI makes on the engine's side stays out of the host's.
+    netns_of: Option<u32>,
     pub sock: PathBuf,
     pub log: PathBuf,
     cfg: PathBuf,
@@ -130,18 +133,20 @@ impl Containerd {
     /// starts reach that daemon, and the workspace's binaries first on PATH.
     /// Without its CRI plugin.
     pub fn start(dir: &Path, banger_env: &[(String, String)]) -> Containerd {
-        Self::start_with(dir, banger_env, None)
+        Self::start_with(dir, banger_env, None, None)
     }
 
     /// With its CRI plugin (on the same socket, as a kubelet finds it):
     /// runtime handler `banger` is this shim, the pod sandbox image is
     /// `sandbox_image` (imported here beforehand, never pulled), and CNI
     /// configurations are read from `cni_conf` with Debian's plugins.
+    /// With `netns_of`, containerd runs in that process's network namespace.
     pub fn start_cri(
         dir: &Path,
         banger_env: &[(String, String)],
         sandbox_image: &str,
         cni_conf: &Path,
+        netns_of: Option<u32>,
     ) -> Containerd {
         let cri = format!(
             "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n\
@@ -152,10 +157,32 @@ impl Containerd {
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{c}\"\n",
             c = cni_conf.display()
         );
-        Self::start_with(dir, banger_env, Some(&cri))
+        Self::start_with(dir, banger_env, Some(&cri), netns_of)
     }
 
-    fn start_with(dir: &Path, banger_env: &[(String, String)], cri: Option<&str>) -> Containerd {
+    /// containerd with its configuration, in its namespace.
+    fn command(cfg: &Path, env: &[(String, String)], netns_of: Option<u32>) -> Command {
+        let mut c = match netns_of {
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", &pid.to_string(), "-n", "--", "containerd"]);
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        c.arg("--config")
+            .arg(cfg)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn start_with(
+        dir: &Path,
+        banger_env: &[(String, String)],
+        cri: Option<&str>,
+        netns_of: Option<u32>,
+    ) -> Containerd {
         let sock = dir.join("containerd.sock");
         let cfg = dir.join("config.toml");
         std::fs::write(
@@ -187,11 +214,7 @@ impl Containerd {
         );
         let mut env = banger_env.to_vec();
         env.push(("PATH".into(), path));
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+        let child = Self::command(&cfg, &env, netns_of)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -201,6 +224,7 @@ impl Containerd {
         });
         Containerd {
             child,
+            netns_of,
             sock,
             log,
             cfg,
@@ -215,13 +239,8 @@ impl Containerd {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
         let out = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config")
-            .arg(&self.cfg)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
+        let mut cmd = Self::command(&self.cfg, &self.env, self.netns_of);
+        cmd.stdout(out.try_clone().unwrap()).stderr(out);
         self.child = cmd.spawn().expect("containerd");
         let sock = self.sock.clone();
         wait_for("containerd's socket", Duration::from_secs(20), || {

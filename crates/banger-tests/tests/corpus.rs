@@ -228,6 +228,57 @@ fn helper_cases() -> Vec<Case> {
             json!({"vm": name, "tap": "bgtcorpus"}),
             BAD,
         ));
+        v.push(case(
+            format!("pod net tap {name:?}"),
+            "priv.podnet.ensure",
+            json!({"netns": "/run/netns/corpus-missing", "tap": name, "owner_uid": 0}),
+            BAD,
+        ));
+        v.push(case(
+            format!("pod net delete tap {name:?}"),
+            "priv.podnet.delete",
+            json!({"netns": "/run/netns/corpus-missing", "tap": name}),
+            BAD,
+        ));
+        v.push(case(
+            format!("pod net namespace {name:?}"),
+            "priv.podnet.ensure",
+            json!({"netns": name, "tap": "bgtcorpus", "owner_uid": 0}),
+            BAD,
+        ));
+    }
+    // Namespaces that are not an engine's: the host's and the helper's
+    // own (through /proc), banger's own, escapes from /run/netns, files
+    // that are no namespace, and one that does not exist.
+    for ns in [
+        "/proc/1/ns/net",
+        "/proc/self/ns/net",
+        "/proc/thread-self/ns/net",
+        "/run/netns/../../proc/1/ns/net",
+        "/var/run/netns/../../proc/self/ns/net",
+        "/run/netns",
+        "/run/netns/",
+        "/run/netns/.",
+        "/run/netns/banger-corpusvm",
+        "/etc/passwd",
+        "/dev/null",
+        "/run/netns/corpus-missing",
+        "relative/netns",
+    ] {
+        v.push(case(
+            format!("pod net in {ns:?}"),
+            "priv.podnet.ensure",
+            json!({"netns": ns, "tap": "bgtcorpus", "owner_uid": 0}),
+            BAD,
+        ));
+        if ns != "/run/netns/corpus-missing" {
+            v.push(case(
+                format!("pod net delete in {ns:?}"),
+                "priv.podnet.delete",
+                json!({"netns": ns, "tap": "bgtcorpus"}),
+                BAD,
+            ));
+        }
     }
     for other in ["eth0", "lo", "docker0", "virbr0", "br0", "veth0"] {
         v.push(case(
@@ -568,6 +619,16 @@ fn daemon_cases() -> Vec<Case> {
             vec![json!("../default"), json!("no such image"), json!(""), json!(7)],
         ),
         ("nat", vec![json!("yes"), json!(2)]),
+        (
+            "netns",
+            vec![
+                json!("relative/ns"),
+                json!(""),
+                json!(7),
+                json!("/x\u{0}y"),
+                json!([]),
+            ],
+        ),
     ] {
         for value in values {
             let mut p = json!({"name": "corpusvm"});
@@ -579,6 +640,24 @@ fn daemon_cases() -> Vec<Case> {
                 BAD_OR_MISSING,
             ));
         }
+    }
+    // An engine's namespace gives the engine's network: nothing of
+    // banger's own network goes with it.
+    for extra in [
+        json!({"nat": true}),
+        json!({"peers": true}),
+        json!({"no_network": true}),
+    ] {
+        let mut p = json!({"name": "corpusvm", "netns": "/run/netns/cni-corpus"});
+        for (k, val) in extra.as_object().unwrap() {
+            p[k] = val.clone();
+        }
+        v.push(case(
+            format!("create netns with {extra}"),
+            "vm.create.begin",
+            p,
+            BAD,
+        ));
     }
     for p in [
         json!({"vm": "nosuchthing", "argv": []}),
@@ -902,6 +981,30 @@ fn the_helper_refuses_the_whole_corpus_as_root_owner_and_stranger_and_changes_no
         if let Some(bad) = judge(c, &raw_exchange(&sock, &c.frame), "root") {
             complaints.push(bad);
         }
+    }
+    // The helper's own namespace, mounted under /run/netns as an engine's
+    // would be: redirects there would reach the host's interfaces.
+    let own = PathBuf::from(format!("/run/netns/corpus-own-{helper}"));
+    std::fs::create_dir_all("/run/netns").unwrap();
+    std::fs::write(&own, "").unwrap();
+    let bound = Command::new("mount")
+        .arg("--bind")
+        .arg(format!("/proc/{helper}/ns/net"))
+        .arg(&own)
+        .status()
+        .unwrap();
+    assert!(bound.success());
+    let c = case(
+        "pod net in the helper's own namespace",
+        "priv.podnet.ensure",
+        json!({"netns": own, "tap": "bgtcorpus", "owner_uid": 0}),
+        BAD,
+    );
+    let answer = raw_exchange(&sock, &c.frame);
+    let _ = Command::new("umount").arg(&own).status();
+    let _ = std::fs::remove_file(&own);
+    if let Some(bad) = judge(&c, &answer, "root") {
+        complaints.push(bad);
     }
 
     // The uid the helper serves, through a helper of its own.

@@ -31,15 +31,16 @@ async fn connect(sock: &Path) -> RuntimeServiceClient<Channel> {
     RuntimeServiceClient::new(channel)
 }
 
-/// The host's network, as a kubelet asks for it with `hostNetwork: true`.
-fn node_network() -> Option<cri::NamespaceOption> {
+/// A pod's network: `Node` is the host's (a kubelet's `hostNetwork:
+/// true`), `Pod` one of its own that CNI sets up.
+fn network(mode: cri::NamespaceMode) -> Option<cri::NamespaceOption> {
     Some(cri::NamespaceOption {
-        network: cri::NamespaceMode::Node as i32,
+        network: mode as i32,
         ..Default::default()
     })
 }
 
-fn pod_config(logs: &Path) -> cri::PodSandboxConfig {
+fn pod_config(logs: &Path, mode: cri::NamespaceMode) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: "sandbox".into(),
@@ -51,7 +52,7 @@ fn pod_config(logs: &Path) -> cri::PodSandboxConfig {
         log_directory: logs.display().to_string(),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: node_network(),
+                namespace_options: network(mode),
                 ..Default::default()
             }),
             ..Default::default()
@@ -70,28 +71,92 @@ fn vms(env: &Env) -> Vec<String> {
         .collect()
 }
 
+/// A containerd with its CRI plugin for `env`, with the pause and app
+/// images imported; CNI configurations in `<dir>/cni`.
+struct Cluster {
+    dir: tempfile::TempDir,
+    ctrd: Containerd,
+    logs: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn new(env: &Env, cni_conflist: Option<&str>, netns_of: Option<u32>) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("banger-cri").tempdir().unwrap();
+        let cni = dir.path().join("cni");
+        std::fs::create_dir_all(&cni).unwrap();
+        if let Some(c) = cni_conflist {
+            std::fs::write(cni.join("10-banger-pods.conflist"), c).unwrap();
+        }
+        let ctrd = Containerd::start_cri(dir.path(), &env.banger_env(), PAUSE, &cni, netns_of);
+        for (name, cmd, marker) in [
+            (PAUSE, &["sleep", "100000000"][..], "pause"),
+            (APP, &["sh"][..], "app"),
+        ] {
+            let archive = dir.path().join(format!("{marker}.tar"));
+            std::fs::write(&archive, oci_archive_with(name, cmd, marker)).unwrap();
+            let o = ctrd.ctr_in("k8s.io", &["image", "import", archive.to_str().unwrap()]);
+            assert!(
+                o.status.success(),
+                "import: {}",
+                banger_tests::containerd::text(&o)
+            );
+        }
+        let logs = dir.path().join("pod-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        Cluster { dir, ctrd, logs }
+    }
+}
+
+/// A container of the app image running `command`, in `network` mode.
+fn app_container(command: &[&str], network: cri::NamespaceMode) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "app".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: APP.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        envs: vec![cri::KeyValue {
+            key: "GREETING".into(),
+            value: "hello".into(),
+        }],
+        log_path: "app.log".into(),
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: network as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn exec_sync(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (i32, String) {
+    let r = c
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
+        .into_inner();
+    (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+}
+
 #[test]
 fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
     let env = Env::with_image_in_netns();
-    let d = tempfile::Builder::new().prefix("banger-cri").tempdir().unwrap();
-    let cni = d.path().join("cni");
-    std::fs::create_dir_all(&cni).unwrap();
-    let ctrd = Containerd::start_cri(d.path(), &env.banger_env(), PAUSE, &cni);
-    for (name, cmd, marker) in [
-        (PAUSE, &["sleep", "100000000"][..], "pause"),
-        (APP, &["sh"][..], "app"),
-    ] {
-        let archive = d.path().join(format!("{marker}.tar"));
-        std::fs::write(&archive, oci_archive_with(name, cmd, marker)).unwrap();
-        let o = ctrd.ctr_in("k8s.io", &["image", "import", archive.to_str().unwrap()]);
-        assert!(
-            o.status.success(),
-            "import: {}",
-            banger_tests::containerd::text(&o)
-        );
-    }
-    let logs = d.path().join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let cluster = Cluster::new(&env, None, None);
+    let (ctrd, logs) = (&cluster.ctrd, &cluster.logs);
+    let _keep = &cluster.dir;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -107,7 +172,7 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         assert_eq!(v.runtime_name, "containerd");
 
         // RunPodSandbox with handler `banger`: the pod is a VM.
-        let config = pod_config(&logs);
+        let config = pod_config(logs, cri::NamespaceMode::Node);
         let pod = c
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
@@ -127,31 +192,10 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         let created = c
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
-                config: Some(cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: "app".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: APP.into(),
-                        ..Default::default()
-                    }),
-                    command: vec!["sh".into()],
-                    args: vec!["-c".into(), "echo app says $GREETING; exec sleep 100000".into()],
-                    envs: vec![cri::KeyValue {
-                        key: "GREETING".into(),
-                        value: "hello".into(),
-                    }],
-                    log_path: "app.log".into(),
-                    linux: Some(cri::LinuxContainerConfig {
-                        security_context: Some(cri::LinuxContainerSecurityContext {
-                            namespace_options: node_network(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
+                config: Some(app_container(
+                    &["sh", "-c", "echo app says $GREETING; exec sleep 100000"],
+                    cri::NamespaceMode::Node,
+                )),
                 sandbox_config: Some(config.clone()),
             })
             .await
@@ -163,7 +207,11 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         })
         .await
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctrd.log_tail()));
-        assert_eq!(vms(&env), std::slice::from_ref(&vm), "the container joined the pod's VM");
+        assert_eq!(
+            vms(&env),
+            std::slice::from_ref(&vm),
+            "the container joined the pod's VM"
+        );
         let status = c
             .container_status(cri::ContainerStatusRequest {
                 container_id: created.clone(),
@@ -273,4 +321,144 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         "taps left: {}",
         String::from_utf8_lossy(&taps.stdout)
     );
+}
+
+/// A bridge network for pods with addresses from 10.77.0.0/24, as a
+/// cluster's CNI configuration would give (host-local keeps its leases
+/// under `ipam`).
+fn bridge_conflist(ipam: &Path) -> String {
+    serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "banger-pods",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": "cnibanger0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.77.0.0/24"}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": ipam.display().to_string()
+            }
+        }]
+    })
+    .to_string()
+}
+
+#[test]
+fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
+    // containerd (and so CNI's bridge) in the same private namespace as
+    // banger's helper and daemon: nothing is made on the host's network.
+    let env = Env::with_image_in_netns();
+    let ipam = tempfile::Builder::new().prefix("banger-ipam").tempdir().unwrap();
+    let cluster = Cluster::new(&env, Some(&bridge_conflist(ipam.path())), Some(env.helper_pid()));
+    let (ctrd, logs) = (&cluster.ctrd, &cluster.logs);
+    let namespaces = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir("/run/netns")
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    let before = namespaces();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = connect(&ctrd.sock).await;
+        let config = pod_config(logs, cri::NamespaceMode::Pod);
+        let pod = c
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: "banger".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail()))
+            .into_inner()
+            .pod_sandbox_id;
+        // The address CNI gave the pod is the guest's.
+        let status = c
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        let pod_ip = status.network.map(|n| n.ip).unwrap_or_default();
+        assert!(pod_ip.starts_with("10.77.0."), "pod address: {pod_ip:?}");
+        let vm = vms(&env).pop().expect("the pod's VM");
+        assert_eq!(
+            env.guest_ip(&vm),
+            pod_ip,
+            "the guest does not wear the pod's address"
+        );
+
+        let created = c
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(app_container(
+                    &["busybox", "httpd", "-f", "-p", "8080", "-h", "/etc"],
+                    cri::NamespaceMode::Pod,
+                )),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctrd.log_tail()))
+            .into_inner()
+            .container_id;
+        c.start_container(cri::StartContainerRequest {
+            container_id: created.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctrd.log_tail()));
+
+        // From the engine's side of the network, the pod's address reaches
+        // the container's server in the guest.
+        // (bash's /dev/tcp: the host's static busybox wget cannot resolve.)
+        let get = format!(
+            "exec 3<>/dev/tcp/{pod_ip}/8080 && printf 'GET /banger-image HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        let reply = wait_for("the pod's server at its address", Duration::from_secs(60), || {
+            let o = env.in_helper_ns("timeout", &["5", "bash", "-c", &get]);
+            let r = String::from_utf8_lossy(&o.stdout).to_string();
+            r.contains("200 OK").then_some(r)
+        });
+        assert_eq!(reply.lines().last().map(str::trim), Some("app"), "{reply}");
+        // And the guest reaches the pod's gateway (the CNI bridge).
+        let (code, out) = exec_sync(
+            &mut c,
+            &created,
+            &["busybox", "ping", "-c", "1", "-W", "5", "10.77.0.1"],
+        )
+        .await;
+        assert_eq!(code, 0, "ping of the gateway from the pod: {out}");
+
+        c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.log_tail()));
+        c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.log_tail()));
+    });
+    wait_for("the pod's VM to go", Duration::from_secs(30), || {
+        vms(&env).is_empty().then_some(())
+    });
+    wait_for("the pod's shim to exit", Duration::from_secs(30), || {
+        ctrd.shims("").is_empty().then_some(())
+    });
+    assert!(env.vm_processes().is_empty(), "VMM processes left");
+    // No tap anywhere: not in the helper's namespace, and the pod's
+    // namespace itself is gone with the pod.
+    let taps = env.ip_in_helper_ns(&["-o", "link", "show", "type", "tun"]);
+    assert!(String::from_utf8_lossy(&taps.stdout).trim().is_empty());
+    let left: Vec<_> = namespaces().into_iter().filter(|n| !before.contains(n)).collect();
+    assert!(left.is_empty(), "pod namespaces left: {left:?}");
 }

@@ -177,6 +177,45 @@ impl NetworkService {
         Ok(())
     }
 
+    /// The VM's tap in a container engine's namespace, joined to the
+    /// engine's interface: what the guest is to wear, and the open tap.
+    pub async fn attach_pod(
+        &self,
+        op: &OpId,
+        netns: &str,
+        tap: &str,
+        owner_uid: u32,
+    ) -> Result<(m::PodNetReady, std::os::fd::OwnedFd), NetworkError> {
+        let (ready, fd) = self
+            .helper
+            .call_with_fd::<m::PodNetEnsureM>(
+                op,
+                &m::PodNet {
+                    netns: netns.to_string(),
+                    tap: tap.to_string(),
+                    owner_uid,
+                },
+            )
+            .await?;
+        let fd = fd.ok_or_else(|| NetworkError::NoTapDescriptor { tap: tap.to_string() })?;
+        Ok((ready, fd))
+    }
+
+    /// Removes what `attach_pod` made; a namespace the engine already
+    /// removed took it along.
+    pub async fn detach_pod(&self, op: &OpId, netns: &str, tap: &str) -> Result<(), NetworkError> {
+        self.helper
+            .call::<m::PodNetDeleteM>(
+                op,
+                &m::PodNetRef {
+                    netns: netns.to_string(),
+                    tap: tap.to_string(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn detach(&self, op: &OpId, tap: &str) -> Result<(), NetworkError> {
         self.helper
             .call::<m::TapDeleteM>(

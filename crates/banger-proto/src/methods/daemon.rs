@@ -80,6 +80,11 @@ pub struct VmCreate {
     /// No tap, no address: the guest is reachable over vsock only.
     #[serde(default)]
     pub no_network: bool,
+    /// A container engine's network namespace (under /run/netns, set up
+    /// by CNI): the VM's link lives there and the guest takes the
+    /// engine's address, gateway and MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     /// Stop the VM after this long idle (seconds); 0: never; none: the
     /// daemon's `auto_stop_idle`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -138,6 +138,51 @@ method!(
     /// the bridge; idempotent.
     JailNetEnsureM = "priv.netns.ensure", JailNet => JailNetReady
 );
+/// A VM's link in a network namespace a container engine made (its CNI
+/// plugins gave it an interface, an address and routes): a tap there,
+/// joined to that interface by traffic-control redirects both ways, so the
+/// guest, wearing the interface's MAC and address, is the pod on the
+/// engine's network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodNet {
+    /// The namespace's path, as the engine gave it (under /run/netns).
+    pub netns: String,
+    pub tap: String,
+    pub owner_uid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodNetRef {
+    pub netns: String,
+    pub tap: String,
+}
+
+/// What the guest is to wear: the engine's interface's address, MAC and
+/// MTU, and its default gateway. The open tap comes with the answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodNetReady {
+    pub changed: bool,
+    /// `a.b.c.d/len`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    pub mac: String,
+    pub mtu: u32,
+}
+
+method!(
+    /// Makes (or completes) a VM's tap in an engine's namespace and the
+    /// redirects joining it to the namespace's interface; answers with
+    /// the tap's descriptor attached. Idempotent.
+    PodNetEnsureM = "priv.podnet.ensure", PodNet => PodNetReady
+);
+method!(
+    /// Removes the redirects and the tap from an engine's namespace; a
+    /// namespace already gone (the engine removed it) succeeds with
+    /// `changed: false`.
+    PodNetDeleteM = "priv.podnet.delete", PodNetRef => Changed
+);
+
 method!(
     /// Removes a VM's namespace and its veth pair (the tap goes with the
     /// namespace); removing what is absent succeeds with `changed: false`.

@@ -50,6 +50,10 @@ pub fn mac_for(id: &str) -> String {
 /// address, NAT and peers as its spec says. `None` without a tap or an
 /// address.
 pub fn guest_net(vm: &VmRecord) -> Option<GuestNet> {
+    // In an engine's namespace the engine's own rules apply, not banger's.
+    if vm.spec.netns.is_some() {
+        return None;
+    }
     Some(GuestNet {
         vm: vm.id.clone(),
         tap: vm.runtime.tap.clone()?,
@@ -161,6 +165,7 @@ mod tests {
                 peers: false,
                 network: ip.is_some(),
                 auto_stop_idle_secs: None,
+                netns: None,
             },
             runtime: VmRuntime {
                 guest_ip: ip.map(String::from),
@@ -187,6 +192,7 @@ mod tests {
                 peers: false,
                 network: true,
                 auto_stop_idle_secs: None,
+                netns: None,
             },
             runtime: VmRuntime {
                 guest_ip: Some("10.0.0.7/24".into()),

@@ -93,6 +93,44 @@ impl VmService {
         Ok(vm)
     }
 
+    /// A VM in a container engine's namespace: its tap made there and
+    /// joined to the engine's interface; the guest takes the engine's
+    /// address, gateway and MAC, recorded before the VMM starts.
+    async fn join_engine_net(
+        &self,
+        vm: &mut VmRecord,
+        op: &OpId,
+        ns: &str,
+        tap: String,
+        spec: &mut LaunchSpec,
+    ) -> Result<(), (RpcError, bool)> {
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let (ready, fd) = match self.network.attach_pod(op, ns, &tap, uid).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.teardown(vm, None).await;
+                return Err((e.into(), false));
+            }
+        };
+        tracing::info!(vm = %vm.name, netns = %ns, address = %ready.address, mac = %ready.mac, "joined the engine's network");
+        vm.runtime.guest_ip = Some(ready.address);
+        vm.runtime.guest_gw = ready.gateway;
+        vm.runtime.guest_mac = Some(ready.mac.clone());
+        if let Err(e) = self.save(vm) {
+            self.teardown(vm, None).await;
+            return Err((e, false));
+        }
+        spec.cmdline = super::vmm::cmdline(vm, None);
+        spec.net = Some(banger_vmm::NetSpec {
+            tap,
+            fd: Some(Arc::new(fd)),
+            mac: ready.mac,
+            netns: None,
+        });
+        Ok(())
+    }
+
     /// One boot: network, VMM, wait for the agent. On error everything it
     /// made is torn down; the flag says whether booting again may help.
     async fn boot_once(
@@ -104,48 +142,52 @@ impl VmService {
     ) -> Result<Launched, (RpcError, bool)> {
         if let Some(tap) = vm.runtime.tap.clone() {
             crate::ops::stage("network");
-            // A jailed Firecracker runs in a network namespace of its own,
-            // where its tap is, and opens the tap as the VM's own uid.
-            let jailed_uid = match (&self.settings.jail, VmmKind::parse(&vm.spec.vmm)) {
-                (Some(j), Some(VmmKind::Firecracker)) => Some(j.uid(spec.vsock_cid)),
-                _ => None,
-            };
-            let attached = match jailed_uid {
-                Some(uid) => self
-                    .network
-                    .attach_jailed(op, &vm.id, &tap, uid)
-                    .await
-                    .map(|ns| (None, Some(ns))),
-                // SAFETY: getuid cannot fail.
-                None => self
-                    .network
-                    .attach(op, &tap, unsafe { libc::getuid() })
-                    .await
-                    .map(|fd| (Some(fd), None)),
-            };
-            let (fd, netns) = match attached {
-                Ok(a) => a,
-                Err(e) => {
-                    self.teardown(vm, None).await;
-                    return Err((e.into(), false));
-                }
-            };
-            // QEMU gets the open tap (it cannot open one unprivileged);
-            // Firecracker opens it by name itself, which fails while
-            // another descriptor is attached, so ours is closed.
-            let fd = fd.filter(|_| VmmKind::parse(&vm.spec.vmm) == Some(VmmKind::Qemu));
-            spec.net = Some(banger_vmm::NetSpec {
-                tap,
-                fd: fd.map(Arc::new),
-                mac: mac_for(&vm.id),
-                netns,
-            });
-            // The tap drops every frame until the guest's rules are in:
-            // only its MAC and address, NAT and peers as the spec says.
-            if let Some(g) = alloc::guest_net(vm) {
-                if let Err(e) = self.network.guest_allow(op, &g).await {
-                    self.teardown(vm, None).await;
-                    return Err((e.into(), false));
+            if let Some(ns) = vm.spec.netns.clone() {
+                self.join_engine_net(vm, op, &ns, tap, &mut spec).await?;
+            } else {
+                // A jailed Firecracker runs in a network namespace of its own,
+                // where its tap is, and opens the tap as the VM's own uid.
+                let jailed_uid = match (&self.settings.jail, VmmKind::parse(&vm.spec.vmm)) {
+                    (Some(j), Some(VmmKind::Firecracker)) => Some(j.uid(spec.vsock_cid)),
+                    _ => None,
+                };
+                let attached = match jailed_uid {
+                    Some(uid) => self
+                        .network
+                        .attach_jailed(op, &vm.id, &tap, uid)
+                        .await
+                        .map(|ns| (None, Some(ns))),
+                    // SAFETY: getuid cannot fail.
+                    None => self
+                        .network
+                        .attach(op, &tap, unsafe { libc::getuid() })
+                        .await
+                        .map(|fd| (Some(fd), None)),
+                };
+                let (fd, netns) = match attached {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.teardown(vm, None).await;
+                        return Err((e.into(), false));
+                    }
+                };
+                // QEMU gets the open tap (it cannot open one unprivileged);
+                // Firecracker opens it by name itself, which fails while
+                // another descriptor is attached, so ours is closed.
+                let fd = fd.filter(|_| VmmKind::parse(&vm.spec.vmm) == Some(VmmKind::Qemu));
+                spec.net = Some(banger_vmm::NetSpec {
+                    tap,
+                    fd: fd.map(Arc::new),
+                    mac: mac_for(&vm.id),
+                    netns,
+                });
+                // The tap drops every frame until the guest's rules are in:
+                // only its MAC and address, NAT and peers as the spec says.
+                if let Some(g) = alloc::guest_net(vm) {
+                    if let Err(e) = self.network.guest_allow(op, &g).await {
+                        self.teardown(vm, None).await;
+                        return Err((e.into(), false));
+                    }
                 }
             }
         }

@@ -139,7 +139,10 @@ impl VmService {
             let cid = alloc::next_cid(all.iter().map(|v| v.runtime.vsock_cid));
             let id = alloc::vm_id(kernel::rand_u32(), kernel::rand_u32());
             let dir = self.settings.vms_dir.join(&id);
-            let (guest_ip, tap) = if spec.network {
+            let (guest_ip, tap) = if spec.netns.is_some() {
+                // The engine's address, learnt when the link is made.
+                (None, Some(alloc::tap_name(&id)))
+            } else if spec.network {
                 let lease = self.network.allocate(&alloc::used_addresses(&all))?;
                 (
                     Some(alloc::guest_cidr(lease.ip, lease.prefix)),

@@ -63,6 +63,9 @@ pub fn validate(
             "--peers needs networking: drop --no-network",
         ));
     }
+    if let Some(ns) = &p.netns {
+        check_netns(ns, p, vmm)?;
+    }
     if p.auto_stop_idle_secs
         .is_some_and(|s| s > banger_config::MAX_IDLE_SECS)
     {
@@ -80,8 +83,30 @@ pub fn validate(
             peers: p.peers,
             network: !p.no_network,
             auto_stop_idle_secs: p.auto_stop_idle_secs,
+            netns: p.netns.clone(),
         },
     })
+}
+
+/// An engine's namespace: a path the helper will check for real; here,
+/// what it cannot be combined with.
+fn check_netns(ns: &str, p: &VmCreate, vmm: VmmKind) -> Result<(), RpcError> {
+    if !ns.starts_with('/') || ns.len() > 4096 || ns.contains('\0') {
+        return Err(RpcError::bad_request(format!(
+            "--netns {ns:?} must be the absolute path of a network namespace"
+        )));
+    }
+    if p.no_network || p.nat || p.peers {
+        return Err(RpcError::bad_request(
+            "--netns gives the VM the engine's network: drop --no-network, --nat and --peers",
+        ));
+    }
+    if vmm != VmmKind::Qemu {
+        return Err(RpcError::bad_request(
+            "--netns needs the QEMU back-end: Firecracker opens its tap by name in its own namespace",
+        ));
+    }
+    Ok(())
 }
 
 fn check_vcpus(vcpus: u32) -> Result<u32, RpcError> {
@@ -185,6 +210,7 @@ mod tests {
                 peers: false,
                 network: true,
                 auto_stop_idle_secs: None,
+                netns: None,
             }
         );
         let r = validate(
@@ -339,5 +365,38 @@ mod tests {
             },
             "--peers needs networking",
         );
+    }
+
+    #[test]
+    fn an_engines_namespace_takes_the_engines_network_on_qemu_only() {
+        let ns = || Some("/run/netns/cni-1".to_string());
+        for (p, why) in [
+            (
+                VmCreate {
+                    netns: ns(),
+                    nat: true,
+                    ..Default::default()
+                },
+                "drop --no-network, --nat and --peers",
+            ),
+            (
+                VmCreate {
+                    netns: Some("cni-1".into()),
+                    ..Default::default()
+                },
+                "absolute path",
+            ),
+        ] {
+            refused(p, why);
+        }
+        let d = DEFAULTS;
+        let fc = VmCreate {
+            netns: ns(),
+            ..Default::default()
+        };
+        let e = validate(&fc, "a".into(), &d, VmmKind::Firecracker).unwrap_err();
+        assert!(e.message.contains("needs the QEMU back-end"), "{}", e.message);
+        let ok = validate(&fc, "a".into(), &d, VmmKind::Qemu).unwrap();
+        assert!(ok.spec.network && ok.spec.netns == ns());
     }
 }

@@ -71,15 +71,23 @@ impl VmService {
             // and the namespace go first (the tap goes with them), or the
             // veth named like the tap would be refused as not a tap.
             let jailable = banger_vmm::VmmKind::parse(&vm.spec.vmm) == Some(banger_vmm::VmmKind::Firecracker);
-            if jailable {
+            if let Some(ns) = &vm.spec.netns {
+                // The tap is in the engine's namespace, not on the host.
+                if let Err(e) = self.network.detach_pod(&op, ns, tap).await {
+                    tracing::warn!(vm = %vm.name, tap = %tap, netns = %ns, error = %e, "could not remove the VM's link from the engine's namespace; will retry");
+                    network_clean = false;
+                }
+            } else if jailable {
                 if let Err(e) = self.network.detach_jailed(&op, &vm.id, tap).await {
                     tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not remove the VM's network namespace; will retry");
                     network_clean = false;
                 }
             }
-            if let Err(e) = self.network.detach(&op, tap).await {
-                tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not delete the tap; will retry");
-                network_clean = false;
+            if vm.spec.netns.is_none() {
+                if let Err(e) = self.network.detach(&op, tap).await {
+                    tracing::warn!(vm = %vm.name, tap = %tap, error = %e, "could not delete the tap; will retry");
+                    network_clean = false;
+                }
             }
         }
         let mut unclean = self.unclean.locked();

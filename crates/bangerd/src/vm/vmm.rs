@@ -132,7 +132,7 @@ impl VmService {
 
 /// The kernel command line: console, hostname, static network, and the
 /// boot-time savings (no crypto self-tests, no kprobe tracer set-up).
-fn cmdline(vm: &VmRecord, cidr: Option<(std::net::Ipv4Addr, u8)>) -> String {
+pub(super) fn cmdline(vm: &VmRecord, cidr: Option<(std::net::Ipv4Addr, u8)>) -> String {
     // BANGER_GUEST_DEBUG=1 keeps the kernel's boot messages in `vm logs`.
     let quiet = if std::env::var("BANGER_GUEST_DEBUG").is_ok_and(|v| v == "1") {
         ""
@@ -143,7 +143,12 @@ fn cmdline(vm: &VmRecord, cidr: Option<(std::net::Ipv4Addr, u8)>) -> String {
         "console=ttyS0{quiet} panic=-1 cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace banger.hostname={}",
         vm.name
     );
-    if let (Some(ip), Some((gw, _))) = (&vm.runtime.guest_ip, cidr) {
+    // A VM in an engine's namespace has the engine's gateway, else banger's.
+    let gw = match &vm.runtime.guest_gw {
+        Some(g) => Some(g.clone()),
+        None => cidr.map(|(gw, _)| gw.to_string()),
+    };
+    if let (Some(ip), Some(gw)) = (&vm.runtime.guest_ip, gw) {
         c.push_str(&format!(" banger.ip={ip} banger.gw={gw}"));
     }
     c
