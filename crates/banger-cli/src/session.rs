@@ -23,6 +23,32 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A signal by number (1-64) or name, with or without `SIG`.
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("signal {n} is not 1-64"))
+        };
+    }
+    let name = s.strip_prefix("SIG").unwrap_or(s).to_ascii_uppercase();
+    let n = match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "WINCH" => libc::SIGWINCH,
+        _ => return Err(format!("unknown signal {s:?}")),
+    };
+    Ok(n)
+}
+
 #[derive(Subcommand)]
 pub enum SessionCmd {
     /// Start a session: CMD runs in the VM until it ends or is stopped,
@@ -124,6 +150,16 @@ pub enum SessionCmd {
         /// Seconds before SIGKILL.
         #[arg(long, default_value_t = 10)]
         grace: u64,
+    },
+    /// A signal for the session's whole process group (TERM, SIGHUP, 10…);
+    /// the session decides what it does with it.
+    Signal {
+        #[arg(add = crate::complete::vms())]
+        vm: String,
+        #[arg(add = crate::complete::sessions())]
+        session: String,
+        #[arg(value_parser = parse_signal)]
+        signal: i32,
     },
     /// SIGKILL to the session's whole process group.
     Kill {
@@ -282,6 +318,11 @@ pub async fn run(c: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             let v = c.call::<d::VmSessionStopM>(&p, None).await?;
             print(json, &v, |v| println!("{} {}", v.name, v.state));
         }
+        SessionCmd::Signal { vm, session, signal } => {
+            let p = d::SessionSignalReq { vm, session, signal };
+            let v = c.call::<d::VmSessionSignalM>(&p, None).await?;
+            print(json, &v, |v| println!("{} {}", v.name, v.state));
+        }
         SessionCmd::Kill { vm, session } => {
             let v = c
                 .call::<d::VmSessionKillM>(&reference(&vm, &session), None)
@@ -407,4 +448,19 @@ pub async fn run(c: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_signal;
+
+    #[test]
+    fn signals_by_number_or_name() {
+        assert_eq!(parse_signal("15"), Ok(libc::SIGTERM));
+        assert_eq!(parse_signal("TERM"), Ok(libc::SIGTERM));
+        assert_eq!(parse_signal("SIGhup"), Ok(libc::SIGHUP));
+        for bad in ["0", "65", "-9", "BOGUS", ""] {
+            assert!(parse_signal(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -550,12 +550,14 @@ impl containerd_shim::Task for Service {
             return Err(not_found(&format!("a running process in {}", req.id)));
         }
         if req.exec_id.is_empty() {
-            // SIGKILL kills at once; any other signal asks the session to
-            // stop (SIGTERM, then SIGKILL after its grace).
+            // SIGKILL kills the session's whole group at once; any other
+            // signal goes to its group as it is (a CRI stop sends the
+            // stop signal, then SIGKILL after its timeout).
+            let signal = req.signal.to_string();
             let args: Vec<&str> = if req.signal == 9 {
                 vec!["vm", "session", "kill", &at.vm, &at.session]
             } else {
-                vec!["vm", "session", "stop", &at.vm, &at.session]
+                vec!["vm", "session", "signal", &at.vm, &at.session, &signal]
             };
             banger::run(&req.id, "session kill", &args).map_err(err)?;
             if req.all {

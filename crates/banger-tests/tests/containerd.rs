@@ -72,6 +72,40 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
     let used = m["memory"]["usage"].as_u64().unwrap_or(0);
     let limit = m["memory"]["usage_limit"].as_u64().unwrap_or(0);
     assert!(used > 0 && used < limit, "memory figures: {m}");
+    // A signal other than SIGKILL reaches the process as it is: its trap
+    // decides how it ends (sent once the trap is set).
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t3",
+        "sh",
+        "-c",
+        "trap 'exit 42' USR1; : > /tmp/trapped; while true; do sleep 1; done",
+    ]);
+    wait_for("t3's trap", Duration::from_secs(30), || {
+        ctrd.ctr(&["task", "exec", "--exec-id", "probe", "t3", "cat", "/tmp/trapped"])
+            .status
+            .success()
+            .then_some(())
+    });
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGUSR1", "t3"]);
+    wait_for("t3 to stop", Duration::from_secs(30), || {
+        ctrd.ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with("t3") && l.contains("STOPPED"))
+            .then_some(())
+    });
+    // ctr reports a task's non-zero exit code as it deletes it.
+    let deleted = ctrd.ctr(&["task", "delete", "t3"]);
+    assert!(
+        String::from_utf8_lossy(&deleted.stderr).contains("exit code 42"),
+        "t3's exit: {}",
+        text(&deleted)
+    );
+    ctrd.ctr_ok(&["container", "rm", "t3"]);
     ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "t2"]);
     wait_for("t2 to stop", Duration::from_secs(30), || {
         ctrd.ctr_ok(&["task", "ls"]).contains("STOPPED").then_some(())

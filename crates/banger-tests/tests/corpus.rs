@@ -676,6 +676,22 @@ fn daemon_cases() -> Vec<Case> {
         ));
     }
     for p in [
+        json!({"vm": "nosuchthing", "session": "s", "signal": 0}),
+        json!({"vm": "nosuchthing", "session": "s", "signal": 65}),
+        json!({"vm": "nosuchthing", "session": "s", "signal": -9}),
+        json!({"vm": "nosuchthing", "session": "s", "signal": "TERM"}),
+        json!({"vm": "nosuchthing", "session": "s", "signal": 15}),
+        json!({"vm": "nosuchthing", "session": "s"}),
+        json!({"vm": "../x", "session": "s", "signal": 15}),
+    ] {
+        v.push(case(
+            format!("session signal {p}"),
+            "vm.session.signal",
+            p,
+            BAD_OR_MISSING,
+        ));
+    }
+    for p in [
         json!({"vm": "nosuchthing", "session": "s", "mode": "attach"}),
         json!({"vm": "nosuchthing", "session": "s", "mode": "delete", "input": true}),
         json!({"vm": "nosuchthing", "session": "s", "mode": "logs", "follow": "yes"}),

@@ -241,6 +241,10 @@ pub fn router(app: &Arc<App>) -> Router {
             .sessions
             .stop(&ctx.op_id, &p.vm, &p.session, None, true)
             .await))
+        .method::<d::VmSessionSignalM, _, _>(handler!(app, |ctx, p| app
+            .sessions
+            .signal(&ctx.op_id, &p.vm, &p.session, p.signal)
+            .await))
         .method::<d::VmSessionRmM, _, _>(handler!(app, |ctx, p| app
             .sessions
             .remove(&ctx.op_id, &p.vm, &p.session)

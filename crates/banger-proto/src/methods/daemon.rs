@@ -581,6 +581,13 @@ pub struct SessionRef {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionSignalReq {
+    pub vm: String,
+    pub session: String,
+    pub signal: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionStopReq {
     pub vm: String,
     pub session: String,
@@ -623,6 +630,11 @@ method!(VmSessionListM = "vm.session.list", VmRef => SessionViews);
 method!(VmSessionShowM = "vm.session.show", SessionRef => SessionView);
 method!(VmSessionStopM = "vm.session.stop", SessionStopReq => SessionView);
 method!(VmSessionKillM = "vm.session.kill", SessionRef => SessionView);
+method!(
+    /// A signal (1-64) for the session's whole process group; the session
+    /// decides what it does with it.
+    VmSessionSignalM = "vm.session.signal", SessionSignalReq => SessionView
+);
 method!(VmSessionRmM = "vm.session.rm", SessionRef => Empty);
 method!(VmSessionResizeM = "vm.session.resize", SessionResizeReq => SessionView);
 method!(

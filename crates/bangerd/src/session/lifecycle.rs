@@ -241,6 +241,29 @@ impl SessionService {
         Ok(view(&vm, &row, Some(&info)))
     }
 
+    /// A signal for the session's process group, as the caller chose it.
+    pub async fn signal(
+        &self,
+        op: &OpId,
+        vm: &str,
+        name: &str,
+        signal: i32,
+    ) -> Result<SessionView, RpcError> {
+        if !(1..=64).contains(&signal) {
+            return Err(RpcError::bad_request(format!("signal {signal} is not 1-64")));
+        }
+        let (vm, row) = self.find(vm, name)?;
+        let uds = self.agent(&vm)?;
+        let _busy = self.vms.busy(&vm.id);
+        let p = a::SessionSignal {
+            id: row.id.clone(),
+            signal,
+        };
+        let info = agent::call::<a::SessionSignalM>(&uds, op, &p, |_| ()).await?;
+        tracing::info!(vm = %vm.name, session = %row.name, signal, "session signalled");
+        Ok(view(&vm, &row, Some(&info)))
+    }
+
     pub async fn resize(
         &self,
         op: &OpId,
