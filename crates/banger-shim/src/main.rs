@@ -10,6 +10,7 @@
 //! task names too.
 
 mod banger;
+mod pty;
 mod rootfs;
 mod service;
 mod spec;

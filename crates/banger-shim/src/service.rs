@@ -116,6 +116,8 @@ struct Proc {
     child: Option<Arc<Mutex<Child>>>,
     /// Set by `CloseIO`: the stdin relay ends.
     stdin_closed: Arc<AtomicBool>,
+    /// An exec's terminal (its master), which `ResizePty` resizes.
+    pty: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 struct TaskState {
@@ -292,19 +294,30 @@ fn open_out(path: &str) -> std::io::Result<Stdio> {
     Ok(OpenOptions::new().write(true).open(path)?.into())
 }
 
-/// A pipe fed from containerd's stdin FIFO, for a child's stdin. The FIFO
-/// is opened without waiting for the client (which may open its end late,
-/// or never) and polled: data is copied, the client closing its end (or
-/// `CloseIO`, which sets `closed`) ends the pipe, so the child sees EOF.
+/// A pipe fed from containerd's stdin FIFO, for a child's stdin.
 fn stdin_pipe(path: &str, closed: Arc<AtomicBool>) -> std::io::Result<Stdio> {
-    use std::io::{Read, Write};
+    let (rd, wr) = std::io::pipe()?;
+    feed_stdin(path, closed, wr)?;
+    Ok(rd.into())
+}
+
+/// Copies containerd's stdin FIFO into `to` on a thread of its own. The
+/// FIFO is opened without waiting for the client (which may open its end
+/// late, or never) and polled: data is copied, the client closing its end
+/// (or `CloseIO`, which sets `closed`) ends the copy and drops `to`.
+fn feed_stdin(
+    path: &str,
+    closed: Arc<AtomicBool>,
+    to: impl std::io::Write + Send + 'static,
+) -> std::io::Result<()> {
+    use std::io::Read;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let mut fifo = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    let (rd, mut wr) = std::io::pipe()?;
+    let mut wr = to;
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         while !closed.load(Ordering::Relaxed) {
@@ -335,7 +348,7 @@ fn stdin_pipe(path: &str, closed: Arc<AtomicBool>) -> std::io::Result<Stdio> {
             }
         }
     });
-    Ok(rd.into())
+    Ok(())
 }
 
 /// Waits for a child that `Kill` and `Delete` may also reach (so it is
@@ -423,6 +436,7 @@ impl containerd_shim::Task for Service {
                     exit: None,
                     child: None,
                     stdin_closed: Arc::default(),
+                    pty: None,
                 },
                 execs: HashMap::new(),
             },
@@ -667,6 +681,7 @@ impl containerd_shim::Task for Service {
                     exit: None,
                     child: None,
                     stdin_closed: Arc::default(),
+                    pty: None,
                 },
             );
             Ok(())
@@ -680,7 +695,18 @@ impl containerd_shim::Task for Service {
     }
 
     fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
-        if req.exec_id.is_empty() {
+        if !req.exec_id.is_empty() {
+            let pty = self.with(&req.id, |t| {
+                Ok(t.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.exec_id))?
+                    .pty
+                    .clone())
+            })?;
+            if let Some(m) = pty {
+                crate::pty::resize(&m, req.height as u16, req.width as u16).map_err(err)?;
+            }
+        } else {
             let at = self.with(&req.id, |t| Ok(t.target()))?;
             let (rows, cols) = (req.height.to_string(), req.width.to_string());
             banger::run(
@@ -690,7 +716,6 @@ impl containerd_shim::Task for Service {
             )
             .map_err(err)?;
         }
-        // An exec's terminal keeps its first size (its relay has no window).
         Ok(api::Empty::default())
     }
 
@@ -937,19 +962,46 @@ impl Service {
         args.extend(p.args.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let (mut c, _) = banger::command(id, "vm exec", &argv);
-        c.stdout(open_out(&io.stdout).map_err(err)?)
-            .stderr(open_out(&io.stderr).map_err(err)?);
-        if !io.stdin.is_empty() {
-            let closed = self.with(id, |t| {
-                Ok(t.execs
-                    .get(exec_id)
-                    .ok_or_else(|| not_found(exec_id))?
-                    .stdin_closed
-                    .clone())
-            })?;
-            c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
+        let closed = self.with(id, |t| {
+            Ok(t.execs
+                .get(exec_id)
+                .ok_or_else(|| not_found(exec_id))?
+                .stdin_closed
+                .clone())
+        })?;
+        let mut pty = None;
+        if p.terminal {
+            // The CLI's terminal is a pty the shim holds: its output and
+            // input go through the master, and ResizePty sizes it.
+            let (master, slave) = crate::pty::open(24, 80).map_err(err)?;
+            let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(err);
+            c.stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
+            // SAFETY: only setsid and an ioctl between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut c, || crate::pty::take_as_terminal());
+            }
+            let out = if io.stdout.is_empty() {
+                None
+            } else {
+                Some(OpenOptions::new().write(true).open(&io.stdout).map_err(err)?)
+            };
+            crate::pty::relay_out(std::fs::File::from(dup(&master)?), out);
+            if !io.stdin.is_empty() {
+                feed_stdin(&io.stdin, closed, std::fs::File::from(dup(&master)?)).map_err(err)?;
+            }
+            pty = Some(Arc::new(master));
+        } else {
+            c.stdout(open_out(&io.stdout).map_err(err)?)
+                .stderr(open_out(&io.stderr).map_err(err)?);
+            if !io.stdin.is_empty() {
+                c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
+            }
         }
         let child = c.spawn().map_err(err)?;
+        // The command's copies of the slave go, so the master sees the end.
+        drop(c);
         let pid = child.id();
         let child = Arc::new(Mutex::new(child));
         self.with(id, |t| {
@@ -957,6 +1009,7 @@ impl Service {
             e.status = Status::Running;
             e.pid = pid;
             e.child = Some(child.clone());
+            e.pty = pty;
             Ok(())
         })?;
         let (svc, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());

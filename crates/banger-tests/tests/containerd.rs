@@ -55,6 +55,24 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
     let code = ctrd.ctr(&["task", "exec", "--exec-id", "e2", "t2", "sh", "-c", "exit 7"]);
     assert_eq!(code.status.code(), Some(7), "{}", text(&code));
     assert!(ctrd.ctr_ok(&["task", "ls"]).contains("RUNNING"));
+    // An exec with a terminal takes ctr's terminal size (ResizePty), here
+    // a 33x111 pty that `script` gives ctr.
+    let wait_size = "i=0; while [ $i -lt 150 ]; do s=$(stty size); [ \"$s\" = \"33 111\" ] && break; \
+                     i=$((i+1)); sleep 0.1; done; echo \"size $s\"";
+    let inner = format!(
+        "stty rows 33 cols 111; ctr -a {} -n default task exec -t --exec-id tty1 t2 sh -c '{wait_size}'",
+        ctrd.sock.display()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("size 33 111"),
+        "the exec's terminal was not resized: {}",
+        text(&o)
+    );
     // Its pid is the VMM's, a live process on the host.
     let ls = ctrd.ctr_ok(&["task", "ls"]);
     let pid: u32 = ls
