@@ -409,7 +409,7 @@ impl containerd_shim::Task for Service {
         let layers = rootfs::layers(&mounts).map_err(err)?;
         let bundle = Path::new(&req.bundle);
         let placed = match spec::role(&spec) {
-            spec::Role::Member { sandbox } => self.place_member(&id, &sandbox, &layers, bundle)?,
+            spec::Role::Member { sandbox } => self.place_member(&id, &sandbox, &spec, &layers, bundle)?,
             spec::Role::Alone | spec::Role::Sandbox => self.boot_vm(&id, &spec, &layers, bundle)?,
         };
         let pid = placed.pid;
@@ -858,7 +858,14 @@ impl Service {
 
     /// A pod's later container: its image's tree is copied into the pod's
     /// VM (on its work disk), where its process will run chrooted.
-    fn place_member(&self, id: &str, sandbox: &str, layers: &[String], bundle: &Path) -> TtrpcResult<Placed> {
+    fn place_member(
+        &self,
+        id: &str,
+        sandbox: &str,
+        spec: &serde_json::Value,
+        layers: &[String],
+        bundle: &Path,
+    ) -> TtrpcResult<Placed> {
         let vm = vm_name(&self.namespace, sandbox);
         let info = banger::json(id, "vm show", &["vm", "show", &vm, "--json"])
             .map_err(|e| err(format!("the pod's VM for sandbox {sandbox}: {e}")))?;
@@ -875,6 +882,15 @@ impl Service {
         })
         .and_then(|r| r)
         .map_err(err)?;
+        // The pod's names and resolvers, which the engine would bind in:
+        // copied, as of now (bind mounts do not cross into a VM).
+        for (src, dest) in spec::etc_files(spec) {
+            let small = std::fs::metadata(&src).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20);
+            if small {
+                let to = format!("{vm}:{guest}{dest}");
+                banger::run(id, "vm cp", &["vm", "cp", &src, &to]).map_err(err)?;
+            }
+        }
         std::fs::write(bundle.join(VM_FILE), &vm).map_err(err)?;
         std::fs::write(bundle.join(SESSION_FILE), &key).map_err(err)?;
         Ok(Placed {

@@ -113,6 +113,24 @@ pub fn network(spec: &Value) -> Network {
     }
 }
 
+/// The files a CRI plugin binds into a pod's containers that are worth a
+/// copy in the guest: names and resolvers (the pod's DNS), as
+/// (host file, path in the container).
+pub fn etc_files(spec: &Value) -> Vec<(String, String)> {
+    const COPIED: [&str; 3] = ["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"];
+    spec["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let dest = m["destination"].as_str()?;
+            let src = m["source"].as_str()?;
+            (COPIED.contains(&dest) && m["type"].as_str().unwrap_or("bind") == "bind" && src.starts_with('/'))
+                .then(|| (src.to_string(), dest.to_string()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +188,24 @@ mod tests {
         assert_eq!(
             network(&json!({"linux": {"namespaces": [{"type": "network", "path": "/run/netns/cni-1"}]}})),
             Network::Namespace("/run/netns/cni-1".into())
+        );
+    }
+
+    #[test]
+    fn only_the_pods_names_and_resolvers_are_copied() {
+        let spec = json!({"mounts": [
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/s/resolv.conf"},
+            {"destination": "/etc/hosts", "source": "/s/hosts", "options": ["rbind"]},
+            {"destination": "/data", "type": "bind", "source": "/host/data"},
+            {"destination": "/etc/hostname", "type": "bind", "source": "relative"},
+            {"destination": "/proc", "type": "proc", "source": "proc"}
+        ]});
+        assert_eq!(
+            etc_files(&spec),
+            [
+                ("/s/resolv.conf".to_string(), "/etc/resolv.conf".to_string()),
+                ("/s/hosts".to_string(), "/etc/hosts".to_string())
+            ]
         );
     }
 }

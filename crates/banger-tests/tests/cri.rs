@@ -50,6 +50,11 @@ fn pod_config(logs: &Path, mode: cri::NamespaceMode) -> cri::PodSandboxConfig {
         }),
         hostname: "pod-one".into(),
         log_directory: logs.display().to_string(),
+        dns_config: Some(cri::DnsConfig {
+            servers: vec!["10.77.0.53".into()],
+            searches: vec!["svc.banger.test".into()],
+            options: vec![],
+        }),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: network(mode),
@@ -428,6 +433,12 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
             r.contains("200 OK").then_some(r)
         });
         assert_eq!(reply.lines().last().map(str::trim), Some("app"), "{reply}");
+        // The pod's resolvers, as the engine wrote them for it.
+        let (_, resolv) = exec_sync(&mut c, &created, &["cat", "/etc/resolv.conf"]).await;
+        assert!(
+            resolv.contains("nameserver 10.77.0.53") && resolv.contains("svc.banger.test"),
+            "{resolv}"
+        );
         // And the guest reaches the pod's gateway (the CNI bridge).
         let (code, out) = exec_sync(
             &mut c,
