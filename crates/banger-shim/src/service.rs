@@ -792,6 +792,8 @@ struct Target {
     vm: String,
     session: String,
     root: Option<String>,
+    /// The VM is the task's own (not its pod's).
+    owns_vm: bool,
 }
 
 impl TaskState {
@@ -800,6 +802,7 @@ impl TaskState {
             vm: self.vm.clone(),
             session: self.session.clone(),
             root: self.root.clone(),
+            owns_vm: self.owns_vm,
         }
     }
 }
@@ -951,6 +954,12 @@ impl Service {
             wait_shared(&follower);
             let code = session_exit(&id, &at.vm, &at.session);
             svc.exited(&id, "", code);
+            // A stopped container has no processes: its own VM stops with
+            // its process (Delete removes it), so a stopped task or pod
+            // holds no memory or CPU while the engine keeps it around.
+            if at.owns_vm {
+                let _ = banger::run(&id, "vm kill", &["vm", "kill", &at.vm]);
+            }
         });
         Ok(())
     }

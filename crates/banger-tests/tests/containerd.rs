@@ -128,6 +128,14 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
     wait_for("t2 to stop", Duration::from_secs(30), || {
         ctrd.ctr_ok(&["task", "ls"]).contains("STOPPED").then_some(())
     });
+    // A stopped task holds no VMM: its VM stopped with its process.
+    wait_for("t2's VM to stop", Duration::from_secs(30), || {
+        let list: serde_json::Value =
+            serde_json::from_str(&env.banger_ok(&["vm", "list", "--json"])).unwrap();
+        let vms = list.as_array().unwrap();
+        (vms.len() == 1 && vms[0]["state"] == "stopped").then_some(())
+    });
+    assert!(env.vm_processes().is_empty(), "a stopped task's VMM runs on");
     ctrd.ctr_ok(&["task", "delete", "t2"]);
     ctrd.ctr_ok(&["container", "rm", "t2"]);
 

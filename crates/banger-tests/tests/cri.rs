@@ -433,6 +433,20 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
             r.contains("200 OK").then_some(r)
         });
         assert_eq!(reply.lines().last().map(str::trim), Some("app"), "{reply}");
+        // bangerd killed with SIGKILL and started again adopts the pod's
+        // VM: its address still answers, and the shim reaches it.
+        env.kill_daemon();
+        assert_eq!(env.vm(&vm)["state"], "running");
+        let again = wait_for(
+            "the pod after the daemon's restart",
+            Duration::from_secs(30),
+            || {
+                let o = env.in_helper_ns("timeout", &["5", "bash", "-c", &get]);
+                let r = String::from_utf8_lossy(&o.stdout).to_string();
+                r.contains("200 OK").then_some(r)
+            },
+        );
+        assert!(again.ends_with("app\n"), "{again}");
         // The pod's resolvers, as the engine wrote them for it.
         let (_, resolv) = exec_sync(&mut c, &created, &["cat", "/etc/resolv.conf"]).await;
         assert!(
