@@ -49,6 +49,11 @@ enum Cmd {
     /// Host networking.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// The warm pool: VMs kept booted so that `vm create`/`vm run` of the
+    /// pool's spec (`warm_pool = { image = "default", size = 2 }` in the
+    /// configuration) take one instead of booting.
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -149,6 +154,20 @@ enum DaemonCmd {
     Stop,
     /// List asynchronous operations.
     Operations,
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// The pool's size, and its VMs ready and starting.
+    Status,
+    /// Refill the pool (and resume refilling after a drain).
+    Fill {
+        /// Return once every pool VM is ready.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete the pool's VMs and stop refilling until `pool fill`.
+    Drain,
 }
 
 #[derive(Subcommand)]
@@ -365,6 +384,41 @@ async fn run(cli: Cli) -> Result<i32> {
             return Ok(st.code().unwrap_or(1));
         }
         Cmd::System(cmd) => return system::run(cmd, json).await,
+        Cmd::Pool(cmd) => {
+            let c = daemon::connect(&cfg).await?;
+            let show = |s: &d::PoolStatus| {
+                println!(
+                    "pool of {} × {}{}: {} ready, {} starting",
+                    s.size,
+                    s.image,
+                    if s.paused {
+                        " (drained; `pool fill` resumes)"
+                    } else {
+                        ""
+                    },
+                    s.ready.len(),
+                    s.starting.len()
+                );
+                for n in &s.ready {
+                    println!("  {n} ready");
+                }
+                for n in &s.starting {
+                    println!("  {n} starting");
+                }
+            };
+            match cmd {
+                PoolCmd::Status => print(json, &c.call::<d::PoolStatusM>(&Empty {}, None).await?, show),
+                PoolCmd::Fill { wait } => print(
+                    json,
+                    &c.call::<d::PoolFillM>(&d::PoolFill { wait }, None).await?,
+                    show,
+                ),
+                PoolCmd::Drain => {
+                    let r = c.call::<d::PoolDrainM>(&Empty {}, None).await?;
+                    print(json, &r, |r| println!("removed {} pool VMs", r.removed.len()));
+                }
+            }
+        }
         Cmd::Network(NetworkCmd::Ensure) => {
             let c = daemon::connect(&cfg).await?;
             let st = c.call::<d::NetworkEnsure>(&Empty {}, None).await?;

@@ -41,7 +41,28 @@ pub struct FileConfig {
     pub auto_stop_idle: Option<String>,
     pub session_log_max_kib: Option<u64>,
     pub catalog: Option<String>,
+    /// `warm_pool = { image = "default", size = 2 }`.
+    pub warm_pool: Option<WarmPoolFile>,
 }
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmPoolFile {
+    pub image: Option<String>,
+    pub size: Option<u32>,
+}
+
+/// VMs the daemon keeps booted and unclaimed, so that a `vm create` or
+/// `vm run` whose spec is the pool's takes one instead of booting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPool {
+    pub image: String,
+    /// 0: no pool.
+    pub size: u32,
+}
+
+/// The largest pool kept (each member holds a booted VM's memory).
+pub const MAX_WARM_POOL: u32 = 16;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,6 +100,7 @@ pub struct Config {
     /// Where `image pull NAME` / `kernel pull NAME` look NAME up: a
     /// catalog file (absolute path) or an https URL.
     pub catalog: Option<String>,
+    pub warm_pool: WarmPool,
 }
 
 /// The longest idle limit accepted (30 days).
@@ -244,6 +266,24 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty())
                 .or(fc.catalog),
+            warm_pool: {
+                let file = fc.warm_pool.unwrap_or_default();
+                let size = match std::env::var("BANGER_WARM_POOL").ok().filter(|s| !s.is_empty()) {
+                    Some(s) => s.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("BANGER_WARM_POOL must be a number of VMs, not {s:?}"))
+                    })?,
+                    None => file.size.unwrap_or(0),
+                };
+                if size > MAX_WARM_POOL {
+                    return Err(ConfigError::Invalid(format!(
+                        "warm_pool size {size} is above {MAX_WARM_POOL}"
+                    )));
+                }
+                WarmPool {
+                    image: file.image.unwrap_or_else(|| "default".into()),
+                    size,
+                }
+            },
         })
     }
 
@@ -380,6 +420,11 @@ impl Config {
                 self.session_log_max_kib.to_string(),
             ),
             ("catalog", Some("BANGER_CATALOG"), shown(&self.catalog)),
+            (
+                "warm_pool",
+                Some("BANGER_WARM_POOL"),
+                format!("{} × {}", self.warm_pool.size, self.warm_pool.image),
+            ),
         ];
         let from_env =
             |env: Option<&str>| env.is_some_and(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty()));
@@ -451,6 +496,7 @@ mod settings_tests {
             "auto_stop_idle",
             "session_log_max_kib",
             "catalog",
+            "warm_pool",
         ] {
             assert!(keys.contains(&k), "{k} is not shown");
         }

@@ -113,6 +113,23 @@ impl Store {
         }
     }
 
+    /// Gives a VM a new name (a warm-pool VM claimed under the name its
+    /// taker asked for), and its runtime in the same statement.
+    pub fn rename_vm(&self, id: &str, name: &str, runtime: &VmRuntime) -> Result<()> {
+        let res = self.conn().execute(
+            "UPDATE vms SET name = ?2, state = ?3, runtime = ?4, updated_at = ?5 WHERE id = ?1",
+            params![id, name, runtime.state.as_str(), to_json(runtime), now()],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::AlreadyExists(format!("vm {name:?}")))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
     /// Replaces what a VM *is* (`vm set` on a stopped VM).
     pub fn update_vm_spec(&self, id: &str, spec: &VmSpec) -> Result<()> {
         self.conn().execute(

@@ -106,6 +106,10 @@ pub struct VmRuntime {
     /// file is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_rootfs: Option<String>,
+    /// A warm-pool VM: booted ahead of demand and not yet claimed. It is
+    /// shown as `pooled` and given away whole to a matching create.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -675,6 +675,9 @@ fn daemon_cases() -> Vec<Case> {
             BAD_OR_MISSING,
         ));
     }
+    for p in [json!({"wait": "yes"}), json!({"wait": 1}), json!([])] {
+        v.push(case(format!("pool fill {p}"), "pool.fill", p, BAD));
+    }
     for p in [
         json!({"vm": "nosuchthing", "session": "s", "signal": 0}),
         json!({"vm": "nosuchthing", "session": "s", "signal": 65}),

@@ -85,6 +85,7 @@ impl App {
             console_log_max_bytes: cfg.console_log_max_kib << 10,
             agent_binary: sibling("banger-agent"),
             auto_stop_idle_secs: cfg.auto_stop_idle_secs,
+            warm_pool: cfg.warm_pool.clone(),
             busybox: std::env::var_os("BANGER_BUSYBOX")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/bin/busybox".into()),
@@ -192,6 +193,9 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
         .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
         .method::<d::VmSetM, _, _>(handler!(app, |_, p| app.vms.set(p).await))
+        .method::<d::PoolStatusM, _, _>(handler!(app, |_, _| app.vms.pool_status()))
+        .method::<d::PoolFillM, _, _>(handler!(app, |_, p| app.vms.pool_fill(p.wait).await))
+        .method::<d::PoolDrainM, _, _>(handler!(app, |ctx, _| app.vms.pool_drain(&ctx.op_id).await))
         .method::<d::VmStart, _, _>(vm_operation!(app, "vm.start", |vms, _op, p| vms
             .start(&p.name)
             .await))

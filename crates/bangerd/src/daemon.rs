@@ -78,6 +78,17 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     }
+    // The warm pool, kept full in the background (after reconcile, which
+    // adopted or tore down the pool VMs a killed daemon left).
+    let keeper = app.vms.clone();
+    let keeper_stop = shutdown.clone();
+    supervise("warm pool", shutdown.clone(), move || {
+        let (keeper, stop) = (keeper.clone(), keeper_stop.clone());
+        async move {
+            keeper.pool_keeper(stop).await;
+            Ok(())
+        }
+    });
     let watcher = app.clone();
     let watch_stop = shutdown.clone();
     supervise("vm watcher", shutdown.clone(), move || {

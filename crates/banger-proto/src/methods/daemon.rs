@@ -580,6 +580,45 @@ pub struct SessionRef {
     pub session: String,
 }
 
+/// The warm pool: VMs booted ahead of demand for `vm create`/`vm run`
+/// of the pool's spec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub image: String,
+    /// How many the daemon keeps (0: no pool).
+    pub size: u32,
+    /// Booted and waiting to be taken.
+    pub ready: Vec<String>,
+    /// Being made or booted.
+    pub starting: Vec<String>,
+    /// `pool drain` stopped refilling (until `pool fill`).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolFill {
+    /// Answer once the pool is full (or after 10 minutes).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolDrained {
+    /// The pool VMs deleted.
+    pub removed: Vec<String>,
+}
+
+method!(PoolStatusM = "pool.status", crate::methods::Empty => PoolStatus);
+method!(
+    /// Refills the pool (and resumes refilling after a drain).
+    PoolFillM = "pool.fill", PoolFill => PoolStatus
+);
+method!(
+    /// Deletes the pool's VMs and stops refilling until `pool.fill`.
+    PoolDrainM = "pool.drain", crate::methods::Empty => PoolDrained
+);
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionSignalReq {
     pub vm: String,

@@ -61,7 +61,17 @@ impl VmService {
         // Detached: the operation runs to its end (or its own clean-up)
         // whether or not anyone polls it.
         drop(op.run(async move {
-            let res = svc.create(&handle, &vm_name, spec, start, &cancel).await;
+            // A started VM of the warm pool's spec is taken from the pool
+            // when one is ready; otherwise made and booted.
+            let claimed = if start {
+                svc.claim_pooled(handle.id(), &vm_name, &spec).await
+            } else {
+                None
+            };
+            let res = match claimed {
+                Some(vm) => Ok(vm),
+                None => svc.create(&handle, &vm_name, spec, start, &cancel, false).await,
+            };
             svc.cancels.locked().remove(handle.id());
             res.map(|_| ())
         }));
@@ -107,13 +117,14 @@ impl VmService {
         }
     }
 
-    async fn create(
+    pub(super) async fn create(
         self: &Arc<Self>,
         op: &OpHandle,
         name: &str,
         spec: VmSpec,
         start: bool,
         cancel: &CancellationToken,
+        pooled: bool,
     ) -> Result<VmRecord, RpcError> {
         let cancelled = || -> Result<(), RpcError> {
             if cancel.is_cancelled() {
@@ -152,6 +163,7 @@ impl VmService {
                 (None, None)
             };
             let mut runtime = alloc::creating_runtime(&dir, cid, guest_ip, tap);
+            runtime.pooled = pooled;
             // Pinned: this VM's overlay sits on exactly this file.
             runtime.base_rootfs = Some(image.rootfs.clone());
             let vm = VmRecord {

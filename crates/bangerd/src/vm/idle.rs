@@ -81,7 +81,11 @@ impl VmService {
             let Some(limit) = self.idle_limit(vm.spec.auto_stop_idle_secs) else {
                 continue;
             };
-            if vm.runtime.state != VmState::Running || self.busy.locked().contains_key(&vm.id) {
+            // A pool VM waits for its taker, idle by design.
+            if vm.runtime.state != VmState::Running
+                || vm.runtime.pooled
+                || self.busy.locked().contains_key(&vm.id)
+            {
                 self.idle_since.locked().remove(&vm.id);
                 continue;
             }

@@ -38,6 +38,7 @@ mod guest;
 mod idle;
 pub use idle::SAMPLE_EVERY as IDLE_SAMPLE_EVERY;
 mod observe;
+mod pool;
 mod query;
 mod reconcile;
 mod resize;
@@ -76,6 +77,8 @@ pub struct Settings {
     pub busybox: PathBuf,
     /// Stop VMs idle this long unless they say otherwise; 0: never.
     pub auto_stop_idle_secs: u64,
+    /// VMs kept booted for creates of the pool's spec.
+    pub warm_pool: banger_config::WarmPool,
 }
 
 pub struct VmService {
@@ -101,9 +104,13 @@ pub struct VmService {
     busy: Mutex<HashMap<String, usize>>,
     /// Since when each running VM has been seen idle.
     idle_since: Mutex<HashMap<String, std::time::Instant>>,
-    /// Per VM id: the VMM pid its agent was asked about, and whether that
-    /// agent speaks the stream protocol (`agent.info`).
+    /// Per VM id: the VMM pid its agent was asked about, and the
+    /// features that agent names (`agent.info`).
     agent_features: Mutex<HashMap<String, (u32, Vec<String>)>>,
+    /// Wakes the warm pool's keeper (a VM was taken, or a fill asked).
+    pool_kick: tokio::sync::Notify,
+    /// `pool drain` stopped refilling until `pool fill`.
+    pool_paused: std::sync::atomic::AtomicBool,
 }
 
 impl VmService {
@@ -131,6 +138,8 @@ impl VmService {
             busy: Mutex::new(HashMap::new()),
             idle_since: Mutex::new(HashMap::new()),
             agent_features: Mutex::new(HashMap::new()),
+            pool_kick: tokio::sync::Notify::new(),
+            pool_paused: Default::default(),
         }
     }
 

@@ -20,7 +20,11 @@ impl VmService {
         VmInfo {
             id: vm.id.clone(),
             name: vm.name.clone(),
-            state: vm.runtime.state.as_str().to_string(),
+            state: if vm.runtime.pooled && vm.runtime.state == banger_store::VmState::Running {
+                "pooled".to_string()
+            } else {
+                vm.runtime.state.as_str().to_string()
+            },
             image: vm.spec.image.clone(),
             vmm: vm.spec.vmm.clone(),
             vcpus: vm.spec.vcpus,

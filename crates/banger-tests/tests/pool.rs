@@ -1,0 +1,110 @@
+//! The warm pool, with real VMs: the daemon keeps `warm_pool` VMs booted;
+//! a `vm create` or `vm run` of the pool's spec takes one (the same VM,
+//! renamed, with the taker's hostname) and the pool refills; another spec
+//! boots its own; a daemon killed with SIGKILL adopts the pool VMs;
+//! `pool drain` removes them and nothing is left.
+
+use banger_tests::{wait_for, Env};
+use serde_json::Value;
+use std::time::Duration;
+
+fn status(env: &Env) -> Value {
+    serde_json::from_str(&env.banger_ok(&["pool", "status", "--json"])).unwrap()
+}
+
+fn ready(env: &Env) -> Vec<String> {
+    status(env)["ready"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
+    let env = Env::with_image_in_netns();
+    std::fs::write(env.home().join("config.toml"), "warm_pool = { size = 1 }\n").unwrap();
+    env.banger_ok(&["daemon", "stop"]);
+    let st: Value = serde_json::from_str(&env.banger_ok(&["pool", "fill", "--wait", "--json"])).unwrap();
+    assert_eq!(st["size"], 1, "{st}");
+    let member = ready(&env).pop().expect("a ready pool VM");
+    assert!(member.starts_with("pool-"), "{member}");
+    assert_eq!(env.vm(&member)["state"], "pooled");
+    let member_id = env.vm(&member)["id"].clone();
+
+    // A create of the pool's spec takes that very VM, under its own name.
+    env.banger_ok(&["vm", "create", "--name", "w1"]);
+    let w1 = env.vm("w1");
+    let log = std::fs::read_to_string(env.daemon_log()).unwrap_or_default();
+    let tail: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pool") || l.contains("w1"))
+        .collect();
+    assert_eq!(
+        w1["id"],
+        member_id,
+        "not the pool's VM: {w1}\n{}",
+        tail.join("\n")
+    );
+    assert_eq!(w1["state"], "running");
+    let hostname = env.banger_ok(&["vm", "exec", "w1", "--", "hostname"]);
+    assert_eq!(hostname.trim(), "w1");
+    assert!(
+        !env.banger(&["vm", "show", &member]).status.success(),
+        "the pool name lives on"
+    );
+    // The pool refills in the background with a VM of its own.
+    let refill = wait_for("the pool to refill", Duration::from_secs(120), || {
+        ready(&env).pop().filter(|n| *n != member)
+    });
+    assert_ne!(env.vm(&refill)["id"], member_id);
+
+    // Another spec is not the pool's: it boots its own VM, the pool keeps its.
+    env.banger_ok(&["vm", "create", "--name", "w2", "--memory", "512"]);
+    assert_ne!(env.vm("w2")["id"], env.vm(&refill)["id"]);
+    assert_eq!(ready(&env), std::slice::from_ref(&refill));
+
+    // `vm run` takes from the pool too, and `--rm` leaves nothing of it.
+    let out = env.banger_ok(&["vm", "run", "--rm", "--", "cat", "/etc/hostname"]);
+    assert!(!out.trim().is_empty() && !out.contains("pool-"), "{out}");
+    assert!(!env.banger(&["vm", "show", &refill]).status.success());
+    let refill = wait_for("the pool to refill again", Duration::from_secs(120), || {
+        ready(&env).pop()
+    });
+
+    // bangerd killed with SIGKILL: the pool VM is adopted, not remade.
+    env.kill_daemon();
+    let st = status(&env);
+    assert_eq!(st["ready"][0], refill.as_str(), "{st}");
+    assert_eq!(env.vm(&refill)["state"], "pooled");
+    // Three VMs (w1, w2, the pool's), three VMMs.
+    let running: Vec<Value> = serde_json::from_str::<Value>(&env.banger_ok(&["vm", "list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(running.len(), 3, "{running:?}");
+
+    // Drained: the pool's VMs go and it stays empty.
+    let d: Value = serde_json::from_str(&env.banger_ok(&["pool", "drain", "--json"])).unwrap();
+    assert_eq!(d["removed"][0], refill.as_str());
+    let st = status(&env);
+    assert!(
+        st["paused"].as_bool().unwrap() && st["ready"].as_array().unwrap().is_empty(),
+        "{st}"
+    );
+    for n in ["w1", "w2"] {
+        env.banger_ok(&["vm", "kill", n]);
+        env.banger_ok(&["vm", "delete", n]);
+    }
+    assert_eq!(env.banger_ok(&["vm", "list", "--json"]).trim(), "[]");
+    wait_for("every VMM to go", Duration::from_secs(20), || {
+        env.vm_processes().is_empty().then_some(())
+    });
+    let taps = env.ip_in_helper_ns(&["-o", "link", "show", "type", "tun"]);
+    assert!(
+        String::from_utf8_lossy(&taps.stdout).trim().is_empty(),
+        "taps left"
+    );
+}
