@@ -63,6 +63,17 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
     if !(978_307_200_000_000_000..4_102_444_800_000_000_000).contains(&req.unix_nanos) {
         return Err(RpcError::bad_request(format!("{} is not a time", req.unix_nanos)));
     }
+    if let Some(h) = &req.hostname {
+        let label = !h.is_empty()
+            && h.len() <= 63
+            && h.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !label {
+            return Err(RpcError::bad_request(format!(
+                "hostname {h:?} is not a DNS label"
+            )));
+        }
+    }
     let step = i128::from(req.unix_nanos) - realtime_nanos();
     set_clock(req.unix_nanos).map_err(|e| RpcError::failed(format!("setting the clock: {e}")))?;
     add_entropy(&entropy).map_err(|e| RpcError::failed(format!("adding entropy: {e}")))?;
@@ -72,6 +83,18 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
         entropy_bytes = entropy.len(),
         "clock and entropy seeded by the host"
     );
+    if let Some(h) = &req.hostname {
+        // SAFETY: a byte string of the length given.
+        if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
+            return Err(RpcError::failed(format!(
+                "setting the hostname: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // What a later boot (or a tool reading the file) sees.
+        let _ = std::fs::write("/etc/hostname", format!("{h}\n"));
+        tracing::info!(hostname = %h, "hostname set by the host");
+    }
     Ok(a::Seeded {
         clock_step_ms,
         entropy_bytes: entropy.len() as u32,

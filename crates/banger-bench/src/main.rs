@@ -13,6 +13,8 @@
 //!   banger-bench ctr-run       `ctr run --rm` through containerd and the
 //!                              banger shim vs `banger vm run --rm` of the
 //!                              same image (needs containerd and ctr)
+//!   banger-bench warm-run      `vm run --rm -- true` taking a VM from the
+//!                              warm pool vs booting one
 //!
 //! It drives the release or debug binaries next to itself with a private
 //! BANGER_HOME (default target/bench-home, kept so the image is built once).
@@ -41,6 +43,7 @@ struct Cli {
 enum Cmd {
     CreateFlat,
     RunVsQemu,
+    WarmRun,
     CtrRun,
     /// Workspace copy of a generated repo vs `git archive HEAD | ssh tar -x`.
     WorkspaceCopy {
@@ -340,6 +343,43 @@ async fn run_vs_qemu(b: &Bench, runs: usize) -> Result<()> {
         banger,
         "raw qemu to agent-ready",
         raw,
+    );
+    Ok(())
+}
+
+/// `vm run --rm -- true` from a warm pool of one against a cold one, in
+/// the same run. The pool is full before each warm run (its refill after
+/// the previous take is not timed), as it is for a user whose runs are
+/// further apart than a boot.
+fn warm_run(b: &mut Bench, runs: usize) -> Result<()> {
+    b.default_image()?;
+    let restart = |b: &mut Bench, pool: &str| -> Result<()> {
+        let _ = b.banger(&["daemon", "stop"]);
+        b.env = vec![("BANGER_WARM_POOL".into(), pool.into())];
+        b.banger(&["ping"])?;
+        Ok(())
+    };
+    restart(b, "0")?;
+    // Warm-up: the initramfs and the disk templates are made once.
+    b.banger(&["vm", "run", "--rm", "--", "true"])?;
+    let mut cold = vec![];
+    for _ in 0..runs {
+        cold.push(b.timed(&["vm", "run", "--rm", "--", "true"])?);
+    }
+    restart(b, "1")?;
+    let mut warm = vec![];
+    for _ in 0..runs {
+        b.banger(&["pool", "fill", "--wait"])?;
+        warm.push(b.timed(&["vm", "run", "--rm", "--", "true"])?);
+    }
+    b.banger(&["pool", "drain"])?;
+    restart(b, "0")?;
+    report(
+        "vm run --rm -- true, QEMU/TCG",
+        "from the warm pool",
+        warm,
+        "cold (a boot)",
+        cold,
     );
     Ok(())
 }
@@ -901,6 +941,7 @@ async fn main() -> Result<()> {
     match cli.cmd {
         Cmd::CreateFlat => create_flat(&b, cli.runs)?,
         Cmd::RunVsQemu => run_vs_qemu(&b, cli.runs).await?,
+        Cmd::WarmRun => warm_run(&mut b, cli.runs)?,
         Cmd::CtrRun => ctr_run(&b, cli.runs)?,
         Cmd::WorkspaceCopy {
             files,

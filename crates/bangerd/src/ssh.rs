@@ -83,6 +83,38 @@ impl SshService {
         write_atomic(&path, &out)
     }
 
+    /// Moves the VM's pins from `old` to `new` (a warm-pool VM given to its
+    /// taker keeps its host key); false when `old` had none.
+    pub fn rename(&self, old: &str, new: &str) -> Result<bool, SysError> {
+        let _g = self.lock.locked();
+        let path = self.known_hosts();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(false);
+        };
+        let (old, new) = (format!("{old}.vm"), format!("{new}.vm"));
+        let mut moved = false;
+        let out: String = text
+            .lines()
+            .map(|l| {
+                let (hosts, rest) = l.split_once(' ').unwrap_or((l, ""));
+                if hosts.split(',').any(|h| h == old) {
+                    moved = true;
+                    let hosts: Vec<&str> = hosts
+                        .split(',')
+                        .map(|h| if h == old { new.as_str() } else { h })
+                        .collect();
+                    format!("{} {rest}\n", hosts.join(","))
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        if moved {
+            write_atomic(&path, &out)?;
+        }
+        Ok(moved)
+    }
+
     /// Removes every pin of the VM (by name and by address).
     pub fn forget(&self, name: &str, ip: Option<&str>) -> Result<(), SysError> {
         let _g = self.lock.locked();
@@ -131,6 +163,26 @@ mod tests {
         s.forget("dev", Some("172.30.0.2")).unwrap();
         let text = std::fs::read_to_string(s.known_hosts()).unwrap();
         assert!(!text.contains("dev.vm") && text.contains("other.vm"), "{text}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rename_moves_the_pin_and_keeps_the_key() {
+        let dir = std::env::temp_dir().join(format!("banger-ssh-rename-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = SshService::new(dir.clone());
+        s.pin("pool-1", Some("172.30.0.9"), "ssh-ed25519 AAAApool")
+            .unwrap();
+        s.pin("poolside", Some("172.30.0.8"), "ssh-ed25519 AAAAside")
+            .unwrap();
+        assert!(s.rename("pool-1", "w1").unwrap());
+        assert!(!s.rename("pool-1", "w2").unwrap());
+        let text = std::fs::read_to_string(s.known_hosts()).unwrap();
+        assert!(text.contains("w1.vm,172.30.0.9 ssh-ed25519 AAAApool"), "{text}");
+        assert!(
+            !text.contains("pool-1.vm") && text.contains("poolside.vm"),
+            "{text}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

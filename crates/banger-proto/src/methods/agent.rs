@@ -82,13 +82,17 @@ impl ExitStatus {
 }
 
 /// What the host gives a guest as it comes up (and after a resume, when
-/// its clock stood still): the host's time and fresh entropy.
+/// its clock stood still, or when a warm-pool VM is given to its taker):
+/// the host's time and fresh entropy, and the name the guest now has.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Seed {
     /// The host's `CLOCK_REALTIME`, nanoseconds since the Unix epoch.
     pub unix_nanos: u64,
     /// Bytes from the host's `getrandom`, base64; at most [`MAX_SEED_BYTES`].
     pub entropy_b64: String,
+    /// The guest's hostname (a DNS label), set and written to /etc/hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// The most entropy one [`Seed`] carries (the agent refuses more).

@@ -16,6 +16,11 @@ impl VmService {
     /// host's entropy. A guest that cannot take them still runs (its clock
     /// is the VMM's RTC), so a failure is logged, not returned.
     pub(super) async fn seed(&self, vm: &VmRecord, uds: &Path, op: &OpId) {
+        self.seed_as(vm, uds, op, None).await;
+    }
+
+    /// Like `seed`, also naming the guest `hostname` (a claimed pool VM).
+    pub(super) async fn seed_as(&self, vm: &VmRecord, uds: &Path, op: &OpId, hostname: Option<&str>) {
         use base64::Engine;
         let mut entropy = [0u8; 64];
         // SAFETY: getrandom into a buffer we own, of that length.
@@ -27,6 +32,7 @@ impl VmService {
         let req = a::Seed {
             unix_nanos,
             entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
+            hostname: hostname.map(String::from),
         };
         match agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await {
             Ok(s) => tracing::info!(

@@ -133,23 +133,22 @@ impl VmService {
         }
     }
 
-    /// A claimed guest made its taker's: hostname, fresh entropy and clock,
-    /// and the ssh pin under its new name.
+    /// A claimed guest made its taker's, in one agent call: its hostname,
+    /// fresh entropy and clock; and the ssh pin moved to its new name (its
+    /// host key and banger's authorised key are the ones it booted with).
     async fn become_the_takers(&self, vm: &VmRecord, old: &str, op: &OpId) {
         let Some(h) = self.cached(&vm.id) else { return };
-        let uds = h.launched.vsock_uds.clone();
-        self.seed(vm, &uds, op).await;
-        // A validated DNS label: nothing in it the shell would read.
-        let script = format!("hostname {n} && echo {n} > /etc/hostname", n = vm.name);
-        if let Err(e) = self.guest_sh(&uds, op, script).await {
-            tracing::warn!(vm = %vm.name, error = %e.message, "could not set the claimed guest's hostname");
-        }
-        if let Some(cidr) = vm.runtime.guest_ip.as_deref() {
-            let ip = cidr.split('/').next();
-            let _ = self.ssh.forget(old, ip);
-            if let Err(e) = self.ssh_setup(vm, &uds, op).await {
-                tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up of the claimed VM failed");
+        self.seed_as(vm, &h.launched.vsock_uds, op, Some(&vm.name)).await;
+        match self.ssh.rename(old, &vm.name) {
+            Ok(true) => {}
+            Ok(false) if vm.runtime.guest_ip.is_some() => {
+                // Its boot could not pin it: try once more under the new name.
+                if let Err(e) = self.ssh_setup(vm, &h.launched.vsock_uds, op).await {
+                    tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up of the claimed VM failed");
+                }
             }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(vm = %vm.name, error = %e, "could not move the claimed VM's ssh pin"),
         }
     }
 
