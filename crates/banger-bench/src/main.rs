@@ -15,6 +15,8 @@
 //!                              same image (needs containerd and ctr)
 //!   banger-bench warm-run      `vm run --rm -- true` taking a VM from the
 //!                              warm pool vs booting one
+//!   banger-bench fc-parallel   50 tiny guests started at once (VMs/s) vs
+//!                              as many firecracker processes by hand
 //!
 //! It drives the release or debug binaries next to itself with a private
 //! BANGER_HOME (default target/bench-home, kept so the image is built once).
@@ -86,6 +88,14 @@ enum Cmd {
     FcStart {
         #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
         firecracker: PathBuf,
+    },
+    /// Many tiny Firecracker guests started at once (VMs per second)
+    /// against as many firecracker processes configured by hand at once.
+    FcParallel {
+        #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
+        firecracker: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        count: usize,
     },
 }
 
@@ -786,7 +796,9 @@ fn guest_output(b: &Bench, runs: usize, mb: usize) -> Result<()> {
     Ok(())
 }
 
-async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
+/// The tiny vsock guest as image `tiny` (its kernel, an empty rootfs):
+/// the guest and the rootfs paths.
+fn tiny_image(b: &Bench) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../banger-tests/fixtures/fc-tiny-guests");
     let guest = fixtures.join("vsockguest.elf");
     let kdir = b.home.join("tiny-kernel");
@@ -798,7 +810,6 @@ async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
     let rootfs = b.home.join("tiny-rootfs.ext4");
     run(Command::new("truncate").arg("-s").arg("16M").arg(&rootfs))?;
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&rootfs))?;
-    let _ = b.banger(&["vm", "delete", "fcbench"]);
     let _ = b.banger(&["image", "delete", "tiny"]);
     b.banger(&[
         "image",
@@ -809,6 +820,12 @@ async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
         "--kernel",
         kdir.to_str().unwrap(),
     ])?;
+    Ok((guest, kdir, rootfs))
+}
+
+async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
+    let _ = b.banger(&["vm", "delete", "fcbench"]);
+    let (guest, kdir, rootfs) = tiny_image(b)?;
     b.banger(&[
         "vm",
         "create",
@@ -851,7 +868,7 @@ async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
             .await?;
         banger.push(t.elapsed());
         b.banger(&["vm", "kill", "fcbench"])?;
-        raw.push(raw_fc(fc, &guest, &initrd, &rootfs, &vm_dir, &raw_dir).await?);
+        raw.push(raw_fc(fc, &guest, &initrd, &rootfs, &vm_dir, &raw_dir, 3).await?);
     }
     b.banger(&["vm", "delete", "fcbench"])?;
     report(
@@ -871,6 +888,7 @@ async fn raw_fc(
     rootfs: &Path,
     vm_dir: &Path,
     dir: &Path,
+    cid: u32,
 ) -> Result<Duration> {
     use banger_vmm::firecracker::request;
     let api = dir.join("api.sock");
@@ -909,7 +927,7 @@ async fn raw_fc(
             "/drives/work",
             serde_json::json!({"drive_id":"work","path_on_host":s(&vm_dir.join("work.ext4")),"is_root_device":false,"is_read_only":false}),
         ),
-        ("/vsock", serde_json::json!({"guest_cid":3,"uds_path":s(&vs)})),
+        ("/vsock", serde_json::json!({"guest_cid":cid,"uds_path":s(&vs)})),
         ("/actions", serde_json::json!({"action_type":"InstanceStart"})),
     ];
     for (path, body) in calls {
@@ -924,6 +942,102 @@ async fn raw_fc(
     let _ = child.wait();
     ready?;
     Ok(elapsed)
+}
+
+/// `count` tiny Firecracker guests started at once through the daemon
+/// (`vm.start` RPCs in flight together) against as many firecracker
+/// processes configured by hand at once: VMs per second to vsock-ready.
+async fn fc_parallel(b: &Bench, count: usize, fc: &Path) -> Result<()> {
+    let names: Vec<String> = (0..count).map(|i| format!("par-{i}")).collect();
+    for n in &names {
+        let _ = b.banger(&["vm", "delete", n]);
+    }
+    let (guest, kdir, rootfs) = tiny_image(b)?;
+    for n in &names {
+        b.banger(&[
+            "vm",
+            "create",
+            "--no-start",
+            "--name",
+            n,
+            "--image",
+            "tiny",
+            "--vcpus",
+            "1",
+            "--memory",
+            "128",
+            "--disk-size",
+            "64",
+            "--no-network",
+        ])?;
+    }
+    // Warm-up: the initramfs both sides load.
+    b.banger(&["vm", "start", &names[0]])?;
+    b.banger(&["vm", "kill", &names[0]])?;
+    let initrd = std::fs::read_dir(&kdir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cpio"))
+        .context("no initramfs")?;
+    let client = banger_proto::Client::new(b.home.join("run/bangerd.sock"));
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for n in names.clone() {
+        let c = client.clone();
+        set.spawn(async move {
+            c.call::<banger_proto::methods::daemon::VmStart>(
+                &banger_proto::methods::daemon::VmRef { name: n },
+                None,
+            )
+            .await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let banger = t.elapsed();
+    for n in &names {
+        b.banger(&["vm", "kill", n])?;
+    }
+    let mut dirs = vec![];
+    for n in &names {
+        let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", n, "--json"])?)?;
+        dirs.push(PathBuf::from(vm["vm_dir"].as_str().unwrap()));
+    }
+    let raw_root = b.home.join("raw-fc-parallel");
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, vm_dir) in dirs.into_iter().enumerate() {
+        let (fc, guest, initrd, rootfs) = (fc.to_path_buf(), guest.clone(), initrd.clone(), rootfs.clone());
+        let dir = raw_root.join(i.to_string());
+        std::fs::create_dir_all(&dir)?;
+        set.spawn(async move { raw_fc(&fc, &guest, &initrd, &rootfs, &vm_dir, &dir, 3 + i as u32).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let raw = t.elapsed();
+    let _ = std::fs::remove_dir_all(&raw_root);
+    for n in &names {
+        b.banger(&["vm", "delete", n])?;
+    }
+    let rate = |d: Duration| count as f64 / d.as_secs_f64();
+    println!("{count} tiny Firecracker guests started at once, to vsock-ready");
+    println!(
+        "  banger (vm.start RPCs together)  {:>8.1} ms  {:>6.1} VMs/s",
+        ms(banger),
+        rate(banger)
+    );
+    println!(
+        "  firecracker by hand, together    {:>8.1} ms  {:>6.1} VMs/s",
+        ms(raw),
+        rate(raw)
+    );
+    println!(
+        "  ratio banger / by hand = {:.3}",
+        banger.as_secs_f64() / raw.as_secs_f64()
+    );
+    Ok(())
 }
 
 #[tokio::main]
@@ -964,6 +1078,15 @@ async fn main() -> Result<()> {
             let _ = b.banger(&["daemon", "stop"]);
             tokio::time::sleep(Duration::from_millis(300)).await;
             fc_start(&b, cli.runs, &firecracker).await?
+        }
+        Cmd::FcParallel { firecracker, count } => {
+            b.env = vec![
+                ("BANGER_VMM".into(), "firecracker".into()),
+                ("BANGER_FIRECRACKER".into(), firecracker.display().to_string()),
+            ];
+            let _ = b.banger(&["daemon", "stop"]);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fc_parallel(&b, count, &firecracker).await?
         }
     }
     let _ = b.banger(&["daemon", "stop"]);

@@ -176,8 +176,35 @@ pub fn ensure(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
     Ok(path)
 }
 
+/// The agent as the guest gets it: without debug information when
+/// `objcopy` is at hand. A debug build's agent is mostly DWARF (44 MiB
+/// against 6); every boot would unpack and copy it under emulation.
+/// Symbols stay, so a panic in the guest still names its functions.
+fn agent_bytes(agent: &Path) -> Result<Vec<u8>, SysError> {
+    let tmp = std::env::temp_dir().join(format!(
+        "banger-agent-{}-{:x}",
+        std::process::id(),
+        crate::kernel::rand_u32()
+    ));
+    let Some(objcopy) = banger_vmm::which("objcopy") else {
+        return read(agent);
+    };
+    let stripped = std::process::Command::new(objcopy)
+        .arg("--strip-debug")
+        .arg(agent)
+        .arg(&tmp)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    let bytes = if stripped { read(&tmp) } else { read(agent) };
+    let _ = std::fs::remove_file(&tmp);
+    bytes
+}
+
 fn build(inputs: &Inputs<'_>) -> Result<PathBuf, SysError> {
-    let agent = read(inputs.agent)?;
+    let agent = agent_bytes(inputs.agent)?;
     let busybox = read(inputs.busybox)?;
     // The agent's libc and loader travel with it (the loader as `ld.so`).
     let libs = banger_vmm::shared_libs::of(inputs.agent)
