@@ -823,15 +823,14 @@ fn tiny_image(b: &Bench) -> Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((guest, kdir, rootfs))
 }
 
-async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
-    let _ = b.banger(&["vm", "delete", "fcbench"]);
-    let (guest, kdir, rootfs) = tiny_image(b)?;
+/// A stopped VM of the tiny image, as small as banger makes one.
+fn tiny_vm(b: &Bench, name: &str) -> Result<()> {
     b.banger(&[
         "vm",
         "create",
         "--no-start",
         "--name",
-        "fcbench",
+        name,
         "--image",
         "tiny",
         "--vcpus",
@@ -842,6 +841,13 @@ async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
         "64",
         "--no-network",
     ])?;
+    Ok(())
+}
+
+async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
+    let _ = b.banger(&["vm", "delete", "fcbench"]);
+    let (guest, kdir, rootfs) = tiny_image(b)?;
+    tiny_vm(b, "fcbench")?;
     let vm: Value = serde_json::from_str(&b.banger(&["vm", "show", "fcbench", "--json"])?)?;
     let vm_dir = PathBuf::from(vm["vm_dir"].as_str().unwrap());
     // The initramfs banger passes, so both sides load the same bytes.
@@ -954,22 +960,7 @@ async fn fc_parallel(b: &Bench, count: usize, fc: &Path) -> Result<()> {
     }
     let (guest, kdir, rootfs) = tiny_image(b)?;
     for n in &names {
-        b.banger(&[
-            "vm",
-            "create",
-            "--no-start",
-            "--name",
-            n,
-            "--image",
-            "tiny",
-            "--vcpus",
-            "1",
-            "--memory",
-            "128",
-            "--disk-size",
-            "64",
-            "--no-network",
-        ])?;
+        tiny_vm(b, n)?;
     }
     // Warm-up: the initramfs both sides load.
     b.banger(&["vm", "start", &names[0]])?;

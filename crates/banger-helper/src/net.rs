@@ -124,6 +124,24 @@ impl LinuxNet {
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
     }
+
+    /// Runs `f` with a netlink connection made on this thread, on a
+    /// runtime of the thread's own: a thread that entered a namespace
+    /// speaks for it, and no pool thread may be left in one.
+    pub(crate) fn here<T, F, Fut>(f: F) -> Result<T, NetError>
+    where
+        F: FnOnce(LinuxNet) -> Fut,
+        Fut: Future<Output = Result<T, NetError>>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| NetError::Os {
+                what: "starting a runtime in the namespace".into(),
+                source,
+            })?;
+        rt.block_on(async { f(LinuxNet::new()?).await })
+    }
 }
 
 fn describe(msg: &LinkMessage) -> Link {
@@ -346,15 +364,7 @@ impl NetOps for LinuxNet {
 /// loopback up, the VM's tap, and a bridge joining the tap to the veth.
 /// Its own netlink socket, made here, speaks for this namespace.
 fn inside_jail(tap: &str, peer: &str, owner_uid: u32) -> Result<bool, NetError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| NetError::Os {
-            what: "starting a runtime in the namespace".into(),
-            source,
-        })?;
-    rt.block_on(async {
-        let net = LinuxNet::new()?;
+    LinuxNet::here(|net| async move {
         let mut changed = false;
         if let Some(lo) = net.link("lo").await? {
             if !lo.up {

@@ -145,15 +145,7 @@ async fn engine_interface(
 /// (owned by `owner_uid`), the redirects, and an open descriptor of the
 /// tap. True when anything was made.
 pub fn ensure_inside(tap: &str, owner_uid: u32) -> Result<(PodAddress, OwnedFd, bool), NetError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| NetError::Os {
-            what: "starting a runtime in the namespace".into(),
-            source,
-        })?;
-    rt.block_on(async {
-        let net = LinuxNet::new()?;
+    LinuxNet::here(|net| async move {
         let h = net.handle().clone();
         let (name, link, ip, prefix) = engine_interface(&net, tap).await?;
         let mut mac = [0u8; 6];
@@ -227,15 +219,7 @@ pub fn ensure_inside(tap: &str, owner_uid: u32) -> Result<(PodAddress, OwnedFd, 
 /// In the engine's namespace: the redirects and the tap go; the engine's
 /// interface is left as the engine made it. False when there was no tap.
 pub fn delete_inside(tap: &str) -> Result<bool, NetError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| NetError::Os {
-            what: "starting a runtime in the namespace".into(),
-            source,
-        })?;
-    rt.block_on(async {
-        let net = LinuxNet::new()?;
+    LinuxNet::here(|net| async move {
         let h = net.handle().clone();
         let Some(tap) = net.link(tap).await? else {
             return Ok(false);

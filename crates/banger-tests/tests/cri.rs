@@ -143,6 +143,36 @@ fn app_container(command: &[&str], network: cri::NamespaceMode) -> cri::Containe
     }
 }
 
+/// RunPodSandbox with runtime handler `banger`: the pod's id.
+async fn run_pod(
+    c: &mut RuntimeServiceClient<Channel>,
+    ctrd: &Containerd,
+    config: &cri::PodSandboxConfig,
+) -> String {
+    c.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "banger".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail()))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// StopPodSandbox, then RemovePodSandbox, as a kubelet ends a pod.
+async fn stop_and_remove(c: &mut RuntimeServiceClient<Channel>, ctrd: &Containerd, pod: &str) {
+    c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.log_tail()));
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.log_tail()));
+}
+
 async fn exec_sync(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (i32, String) {
     let r = c
         .exec_sync(cri::ExecSyncRequest {
@@ -178,15 +208,7 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
 
         // RunPodSandbox with handler `banger`: the pod is a VM.
         let config = pod_config(logs, cri::NamespaceMode::Node);
-        let pod = c
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: "banger".into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail()))
-            .into_inner()
-            .pod_sandbox_id;
+        let pod = run_pod(&mut c, ctrd, &config).await;
         let pod_vms = vms(&env);
         assert_eq!(pod_vms.len(), 1, "one VM for the pod: {pod_vms:?}");
         let vm = pod_vms[0].clone();
@@ -295,16 +317,7 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         assert!(addrs.contains(&format!("inet {ip}/")), "{ip} not in {addrs}");
 
         // StopPodSandbox, RemovePodSandbox: nothing of the pod is left.
-        c.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.log_tail()));
-        c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.log_tail()));
+        stop_and_remove(&mut c, ctrd, &pod).await;
         let listed = c
             .list_pod_sandbox(cri::ListPodSandboxRequest::default())
             .await
@@ -373,15 +386,7 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
     rt.block_on(async {
         let mut c = connect(&ctrd.sock).await;
         let config = pod_config(logs, cri::NamespaceMode::Pod);
-        let pod = c
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: "banger".into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail()))
-            .into_inner()
-            .pod_sandbox_id;
+        let pod = run_pod(&mut c, ctrd, &config).await;
         // The address CNI gave the pod is the guest's.
         let status = c
             .pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -462,16 +467,7 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
         .await;
         assert_eq!(code, 0, "ping of the gateway from the pod: {out}");
 
-        c.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.log_tail()));
-        c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.log_tail()));
+        stop_and_remove(&mut c, ctrd, &pod).await;
     });
     wait_for("the pod's VM to go", Duration::from_secs(30), || {
         vms(&env).is_empty().then_some(())
