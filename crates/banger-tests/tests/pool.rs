@@ -12,6 +12,35 @@ fn status(env: &Env) -> Value {
     serde_json::from_str(&env.banger_ok(&["pool", "status", "--json"])).unwrap()
 }
 
+/// QEMU's own word on a VM's vCPUs (`running`, `paused`), over its QMP
+/// socket.
+fn qmp_status(vm_dir: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(s) = std::os::unix::net::UnixStream::connect(std::path::Path::new(vm_dir).join("qmp.sock")) else {
+        return String::new();
+    };
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let mut ask = |cmd: &str| -> Value {
+        writeln!(w, "{{\"execute\":\"{cmd}\"}}").unwrap();
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            let v: Value = serde_json::from_str(&l).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    };
+    ask("qmp_capabilities");
+    ask("query-status")["return"]["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn ready(env: &Env) -> Vec<String> {
     status(env)["ready"]
         .as_array()
@@ -32,6 +61,11 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
     assert!(member.starts_with("pool-"), "{member}");
     assert_eq!(env.vm(&member)["state"], "pooled");
     let member_id = env.vm(&member)["id"].clone();
+    // It waits with its vCPUs paused: no CPU spent on an idle guest.
+    let dir = env.vm(&member)["vm_dir"].as_str().unwrap().to_string();
+    wait_for("the pool VM to be paused", Duration::from_secs(20), || {
+        (qmp_status(&dir) == "paused").then_some(())
+    });
 
     // A create of the pool's spec takes that very VM, under its own name.
     env.banger_ok(&["vm", "create", "--name", "w1"]);
@@ -48,6 +82,7 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
         tail.join("\n")
     );
     assert_eq!(w1["state"], "running");
+    assert_eq!(qmp_status(&dir), "running");
     let hostname = env.banger_ok(&["vm", "exec", "w1", "--", "hostname"]);
     assert_eq!(hostname.trim(), "w1");
     assert!(
@@ -74,10 +109,14 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
     });
 
     // bangerd killed with SIGKILL: the pool VM is adopted, not remade.
+    let refill_id = env.vm(&refill)["id"].clone();
     env.kill_daemon();
-    let st = status(&env);
-    assert_eq!(st["ready"][0], refill.as_str(), "{st}");
+    // (The restarted keeper pauses it again, which briefly holds it.)
+    wait_for("the adopted pool VM", Duration::from_secs(20), || {
+        (ready(&env) == std::slice::from_ref(&refill)).then_some(())
+    });
     assert_eq!(env.vm(&refill)["state"], "pooled");
+    assert_eq!(env.vm(&refill)["id"], refill_id);
     // Three VMs (w1, w2, the pool's), three VMMs.
     let running: Vec<Value> = serde_json::from_str::<Value>(&env.banger_ok(&["vm", "list", "--json"]))
         .unwrap()

@@ -12,6 +12,7 @@
 
 pub mod firecracker;
 pub mod jailer;
+pub mod pause;
 pub mod process;
 pub mod qemu;
 pub mod shared_libs;

@@ -111,6 +111,8 @@ pub struct VmService {
     pool_kick: tokio::sync::Notify,
     /// `pool drain` stopped refilling until `pool fill`.
     pool_paused: std::sync::atomic::AtomicBool,
+    /// Pool VMs whose vCPUs this daemon paused while they wait.
+    pool_frozen: Mutex<std::collections::HashSet<String>>,
 }
 
 impl VmService {
@@ -140,6 +142,7 @@ impl VmService {
             agent_features: Mutex::new(HashMap::new()),
             pool_kick: tokio::sync::Notify::new(),
             pool_paused: Default::default(),
+            pool_frozen: Mutex::new(Default::default()),
         }
     }
 

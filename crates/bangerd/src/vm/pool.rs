@@ -19,6 +19,7 @@
 use super::spec::{self, Defaults};
 use super::VmService;
 use crate::image::store_err;
+use crate::sync::Locked;
 use banger_proto::methods::daemon::{PoolDrained, PoolStatus, VmCreate};
 use banger_proto::{opid, OpId, RpcError};
 use banger_store::{VmRecord, VmSpec, VmState};
@@ -138,6 +139,13 @@ impl VmService {
     /// host key and banger's authorised key are the ones it booted with).
     async fn become_the_takers(&self, vm: &VmRecord, old: &str, op: &OpId) {
         let Some(h) = self.cached(&vm.id) else { return };
+        // It waited paused: its vCPUs run again before anything reaches it.
+        if let Some(kind) = banger_vmm::VmmKind::parse(&vm.spec.vmm) {
+            if let Err(e) = banger_vmm::pause::set_paused(kind, &h.launched.api_socket, false).await {
+                tracing::warn!(vm = %vm.name, error = %e, "could not resume the claimed VM");
+            }
+        }
+        self.pool_frozen.locked().remove(&vm.id);
         self.seed_as(vm, &h.launched.vsock_uds, op, Some(&vm.name)).await;
         match self.ssh.rename(old, &vm.name) {
             Ok(true) => {}
@@ -181,6 +189,7 @@ impl VmService {
             })
             .await;
         }
+        self.freeze_ready().await;
         for _ in live..self.settings.warm_pool.size {
             if self.pool_paused.load(Ordering::Relaxed) {
                 return;
@@ -199,12 +208,52 @@ impl VmService {
             })
             .await;
             match made {
-                Ok(vm) => tracing::info!(vm = %vm.name, op_id = %op, "pool VM ready"),
+                Ok(vm) => {
+                    tracing::info!(vm = %vm.name, op_id = %op, "pool VM ready");
+                    self.freeze_ready().await;
+                }
                 Err(e) => {
                     // The next pass tries again: a failing image must not spin.
                     tracing::warn!(op_id = %op, error = %e.message, "could not make a pool VM");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Pauses the ready pool VMs not paused yet: a waiting guest under
+    /// emulation still spends 5-8 % of a core on its timers. A claim
+    /// resumes it (and sets its clock). After a daemon restart the set is
+    /// empty and pausing again is harmless.
+    async fn freeze_ready(&self) {
+        let Ok(members) = self.pool_members() else { return };
+        for vm in members {
+            if vm.runtime.state != VmState::Running || self.pool_frozen.locked().contains(&vm.id) {
+                continue;
+            }
+            let Ok(_busy) = self.lock_for(&vm.id).try_lock_owned() else {
+                continue;
+            };
+            // Taken between the listing and the lock: the taker's now.
+            if !self
+                .store
+                .get_vm(&vm.id)
+                .ok()
+                .flatten()
+                .is_some_and(|v| v.runtime.pooled)
+            {
+                continue;
+            }
+            let (Some(h), Some(kind)) = (self.cached(&vm.id), banger_vmm::VmmKind::parse(&vm.spec.vmm))
+            else {
+                continue;
+            };
+            match banger_vmm::pause::set_paused(kind, &h.launched.api_socket, true).await {
+                Ok(()) => {
+                    tracing::info!(vm = %vm.name, "pool VM paused until it is taken");
+                    self.pool_frozen.locked().insert(vm.id.clone());
+                }
+                Err(e) => tracing::warn!(vm = %vm.name, error = %e, "could not pause a pool VM"),
             }
         }
     }
