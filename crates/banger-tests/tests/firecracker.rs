@@ -152,6 +152,27 @@ fn firecracker_lifecycle_with_the_real_binary() {
     assert_eq!(v["state"], "running");
     assert_eq!(v["pid"].as_u64(), Some(pid), "not adopted");
 
+    // Paused and resumed as a warm-pool VM is (Firecracker's own word on
+    // its state); resuming a running VM is no error.
+    let api = dir.join("firecracker.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let set = |paused| {
+        rt.block_on(banger_vmm::pause::set_paused(
+            banger_vmm::VmmKind::Firecracker,
+            &api,
+            paused,
+        ))
+        .unwrap_or_else(|e| panic!("set_paused({paused}): {e}"))
+    };
+    set(true);
+    assert_eq!(fc_api_get(&api, "/")["state"], "Paused");
+    set(false);
+    assert_eq!(fc_api_get(&api, "/")["state"], "Running");
+    set(false);
+
     // Killed behind the daemon's back: found dead and cleaned up.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     wait_for("the dead VMM to be noticed", Duration::from_secs(20), || {
