@@ -69,6 +69,9 @@ impl Chaos {
             .env("BANGER_RUNTIME_DIR", self.home.join("run"))
             .env("BANGER_HELPER_SOCKET", self.home.join("helper.sock"))
             .env("BANGER_DNS_LISTEN", "127.0.0.1:0")
+            // A warm pool of one: chaos2 is created with the pool's spec
+            // and takes its VM; pool VMs live through every kill too.
+            .env("BANGER_WARM_POOL", "1")
             .stdin(Stdio::null());
         c
     }
@@ -146,6 +149,15 @@ impl Chaos {
                     }
                     if !taps.contains(&tap) {
                         v.push(format!("{name}: running without its tap {tap}"));
+                    }
+                }
+                // A pool VM waits paused: alive, with its tap, no exec.
+                Some("pooled") => {
+                    if !vm["pid"].is_u64() {
+                        v.push(format!("{name}: recorded pooled without a live VMM"));
+                    }
+                    if !taps.contains(&tap) {
+                        v.push(format!("{name}: pooled without its tap {tap}"));
                     }
                 }
                 Some("stopped") => {
@@ -365,7 +377,10 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
         let cp_guest = format!("{name}:/root/chaos-cp");
         let cp_out = format!("{name}:/etc/hostname");
         let session = format!("s{}", rng.below(3));
-        let verb: Vec<&str> = if !exists {
+        let verb: Vec<&str> = if !exists && name == "chaos2" {
+            // The pool's spec (the defaults): taken from the pool if ready.
+            vec!["vm", "create", "--name", name]
+        } else if !exists {
             let nat = if name == "chaos0" { "--nat" } else { "--no-start" };
             vec![
                 "vm",
@@ -381,7 +396,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                 nat,
             ]
         } else {
-            match rng.below(12) {
+            match rng.below(14) {
                 0 => vec!["vm", "start", name],
                 1 => vec!["vm", "stop", name],
                 2 => vec!["vm", "restart", name],
@@ -407,6 +422,9 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                     "vm", "session", "start", name, "--name", &session, "--", "sleep", "3600",
                 ],
                 11 => vec!["vm", "session", "kill", name, &session],
+                // The warm pool emptied and refilled under the kills.
+                12 => vec!["pool", "drain"],
+                13 => vec!["pool", "fill"],
                 _ => vec!["vm", "start", name],
             }
         };
@@ -418,7 +436,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
             _ => Victim::Nobody,
         };
         // Kill points spread over how long the verb usually takes here.
-        let slow = matches!(verb[1], "create" | "start" | "restart");
+        let slow = matches!(verb[1], "create" | "start" | "restart" | "drain");
         let delay = Duration::from_millis(rng.below(if slow { 2000 } else { 400 }));
         let t = Instant::now();
         let mut child = c
@@ -469,6 +487,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
         );
     }
     // Clean up what the rounds left.
+    let _ = c.banger(&["pool", "drain"]);
     for name in VMS {
         let _ = c.banger(&["vm", "delete", name]);
     }

@@ -61,11 +61,10 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
     assert!(member.starts_with("pool-"), "{member}");
     assert_eq!(env.vm(&member)["state"], "pooled");
     let member_id = env.vm(&member)["id"].clone();
-    // It waits with its vCPUs paused: no CPU spent on an idle guest.
+    // On QEMU it waits running (its vsock backend does not survive a
+    // pause reliably), and so it stays.
     let dir = env.vm(&member)["vm_dir"].as_str().unwrap().to_string();
-    wait_for("the pool VM to be paused", Duration::from_secs(20), || {
-        (qmp_status(&dir) == "paused").then_some(())
-    });
+    assert_eq!(qmp_status(&dir), "running");
 
     // A create of the pool's spec takes that very VM, under its own name.
     env.banger_ok(&["vm", "create", "--name", "w1"]);

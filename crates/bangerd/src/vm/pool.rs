@@ -221,14 +221,21 @@ impl VmService {
         }
     }
 
-    /// Pauses the ready pool VMs not paused yet: a waiting guest under
-    /// emulation still spends 5-8 % of a core on its timers. A claim
-    /// resumes it (and sets its clock). After a daemon restart the set is
-    /// empty and pausing again is harmless.
+    /// Pauses the ready pool VMs not paused yet, on Firecracker: a waiting
+    /// guest still spends CPU on its timers (5-8 % of a core under QEMU's
+    /// emulation). A claim resumes it (and sets its clock). After a daemon
+    /// restart the set is empty and pausing again is harmless.
+    ///
+    /// QEMU VMs wait running: with its vhost-user vsock backend, a QMP
+    /// `stop`/`cont` left the agent unreachable after the resume in one
+    /// claim of seven here, which a pool must never hand out.
     async fn freeze_ready(&self) {
         let Ok(members) = self.pool_members() else { return };
         for vm in members {
-            if vm.runtime.state != VmState::Running || self.pool_frozen.locked().contains(&vm.id) {
+            if vm.runtime.state != VmState::Running
+                || self.pool_frozen.locked().contains(&vm.id)
+                || banger_vmm::VmmKind::parse(&vm.spec.vmm) != Some(banger_vmm::VmmKind::Firecracker)
+            {
                 continue;
             }
             let Ok(_busy) = self.lock_for(&vm.id).try_lock_owned() else {

@@ -79,6 +79,19 @@ impl VmService {
                 Recovery::AdoptOrCleanUp => match handles::read(&dir) {
                     Some(h) if process::alive(h.launched.pid, &vm.runtime.vm_dir) => {
                         tracing::info!(vm = %vm.name, pid = h.launched.pid, "reconcile: adopted running VM");
+                        // A daemon killed while it claimed a paused pool VM
+                        // left it renamed but paused: a VM that is nobody's
+                        // pool VM runs its vCPUs (resuming a running one is
+                        // a no-op).
+                        if !vm.runtime.pooled {
+                            if let Some(kind) = banger_vmm::VmmKind::parse(&vm.spec.vmm) {
+                                if let Err(e) =
+                                    banger_vmm::pause::set_paused(kind, &h.launched.api_socket, false).await
+                                {
+                                    tracing::warn!(vm = %vm.name, error = %e, "reconcile: could not make sure the VM runs");
+                                }
+                            }
+                        }
                         self.handles.locked().insert(vm.id.clone(), h);
                         // Its rules are normally still there (nothing to
                         // do); a guest started by an older banger, or whose
