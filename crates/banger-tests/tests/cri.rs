@@ -173,6 +173,32 @@ async fn stop_and_remove(c: &mut RuntimeServiceClient<Channel>, ctrd: &Container
     .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.log_tail()));
 }
 
+/// CreateContainer in `pod`, then StartContainer: the container's id.
+async fn create_and_start(
+    c: &mut RuntimeServiceClient<Channel>,
+    ctrd: &Containerd,
+    pod: &str,
+    sandbox: &cri::PodSandboxConfig,
+    config: cri::ContainerConfig,
+) -> String {
+    let id = c
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(sandbox.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctrd.log_tail()))
+        .into_inner()
+        .container_id;
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctrd.log_tail()));
+    id
+}
+
 async fn exec_sync(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (i32, String) {
     let r = c
         .exec_sync(cri::ExecSyncRequest {
@@ -216,24 +242,17 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         assert_eq!(env.vm(&vm)["state"], "running");
 
         // A container of the pod: a process in the pod's VM, in its own tree.
-        let created = c
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(app_container(
-                    &["sh", "-c", "echo app says $GREETING; exec sleep 100000"],
-                    cri::NamespaceMode::Node,
-                )),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctrd.log_tail()))
-            .into_inner()
-            .container_id;
-        c.start_container(cri::StartContainerRequest {
-            container_id: created.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctrd.log_tail()));
+        let created = create_and_start(
+            &mut c,
+            ctrd,
+            &pod,
+            &config,
+            app_container(
+                &["sh", "-c", "echo app says $GREETING; exec sleep 100000"],
+                cri::NamespaceMode::Node,
+            ),
+        )
+        .await;
         assert_eq!(
             vms(&env),
             std::slice::from_ref(&vm),
@@ -407,24 +426,17 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
             "the guest does not wear the pod's address"
         );
 
-        let created = c
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(app_container(
-                    &["busybox", "httpd", "-f", "-p", "8080", "-h", "/etc"],
-                    cri::NamespaceMode::Pod,
-                )),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctrd.log_tail()))
-            .into_inner()
-            .container_id;
-        c.start_container(cri::StartContainerRequest {
-            container_id: created.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctrd.log_tail()));
+        let created = create_and_start(
+            &mut c,
+            ctrd,
+            &pod,
+            &config,
+            app_container(
+                &["busybox", "httpd", "-f", "-p", "8080", "-h", "/etc"],
+                cri::NamespaceMode::Pod,
+            ),
+        )
+        .await;
 
         // From the engine's side of the network, the pod's address reaches
         // the container's server in the guest.
@@ -432,11 +444,13 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
         let get = format!(
             "exec 3<>/dev/tcp/{pod_ip}/8080 && printf 'GET /banger-image HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
         );
-        let reply = wait_for("the pod's server at its address", Duration::from_secs(60), || {
+        // One HTTP answer of the pod's server (None until it answers).
+        let fetch = || {
             let o = env.in_helper_ns("timeout", &["5", "bash", "-c", &get]);
             let r = String::from_utf8_lossy(&o.stdout).to_string();
             r.contains("200 OK").then_some(r)
-        });
+        };
+        let reply = wait_for("the pod's server at its address", Duration::from_secs(60), fetch);
         assert_eq!(reply.lines().last().map(str::trim), Some("app"), "{reply}");
         // bangerd killed with SIGKILL and started again adopts the pod's
         // VM: its address still answers, and the shim reaches it.
@@ -445,11 +459,7 @@ fn a_pod_on_a_cni_network_is_the_vm_at_the_address_the_engine_gave_it() {
         let again = wait_for(
             "the pod after the daemon's restart",
             Duration::from_secs(30),
-            || {
-                let o = env.in_helper_ns("timeout", &["5", "bash", "-c", &get]);
-                let r = String::from_utf8_lossy(&o.stdout).to_string();
-                r.contains("200 OK").then_some(r)
-            },
+            fetch,
         );
         assert!(again.ends_with("app\n"), "{again}");
         // The pod's resolvers, as the engine wrote them for it.

@@ -82,14 +82,16 @@ impl VmService {
                         // A daemon killed while it claimed a paused pool VM
                         // left it renamed but paused: a VM that is nobody's
                         // pool VM runs its vCPUs (resuming a running one is
-                        // a no-op).
-                        if !vm.runtime.pooled {
-                            if let Some(kind) = banger_vmm::VmmKind::parse(&vm.spec.vmm) {
-                                if let Err(e) =
-                                    banger_vmm::pause::set_paused(kind, &h.launched.api_socket, false).await
-                                {
-                                    tracing::warn!(vm = %vm.name, error = %e, "reconcile: could not make sure the VM runs");
-                                }
+                        // a no-op). Only Firecracker pool VMs are ever
+                        // paused, so only those are asked.
+                        let firecracker = banger_vmm::VmmKind::parse(&vm.spec.vmm)
+                            == Some(banger_vmm::VmmKind::Firecracker);
+                        if firecracker && !vm.runtime.pooled {
+                            let kind = banger_vmm::VmmKind::Firecracker;
+                            if let Err(e) =
+                                banger_vmm::pause::set_paused(kind, &h.launched.api_socket, false).await
+                            {
+                                tracing::warn!(vm = %vm.name, error = %e, "reconcile: could not make sure the VM runs");
                             }
                         }
                         self.handles.locked().insert(vm.id.clone(), h);
