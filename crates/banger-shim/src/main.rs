@@ -10,11 +10,20 @@
 //! task names too.
 
 mod banger;
+mod keeper;
 mod pty;
+mod record;
+mod relay;
 mod rootfs;
 mod service;
 mod spec;
 
 fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if keeper::is_serve_invocation(&args) {
+        // containerd's connections go to a keeper that survives the task
+        // server (see `keeper`); the server is its child.
+        std::process::exit(keeper::run(args));
+    }
     containerd_shim::run::<service::Shim>("io.containerd.banger.v2", Some(service::config()))
 }

@@ -10,8 +10,11 @@
 //! containerd wants: create, start, exit, delete.
 
 use crate::banger;
+use crate::record::{Records, Status, Stdio3};
 use crate::rootfs;
 use crate::spec::{self, Process};
+
+mod recovery;
 use containerd_shim::api;
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
@@ -89,22 +92,6 @@ pub fn vm_name(namespace: &str, id: &str) -> String {
     format!("ct-{hex}")
 }
 
-/// containerd's stdio paths for one process.
-#[derive(Debug, Clone, Default)]
-struct Stdio3 {
-    stdin: String,
-    stdout: String,
-    stderr: String,
-    terminal: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Created,
-    Running,
-    Stopped,
-}
-
 struct Proc {
     process: Process,
     io: Stdio3,
@@ -118,6 +105,8 @@ struct Proc {
     stdin_closed: Arc<AtomicBool>,
     /// An exec's terminal (its master), which `ResizePty` resizes.
     pty: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The host command whose end is this process's (see `record`).
+    relay_pid: Option<u32>,
 }
 
 struct TaskState {
@@ -140,6 +129,8 @@ pub struct Service {
     namespace: String,
     publisher: Option<Arc<RemotePublisher>>,
     tasks: Arc<(Mutex<HashMap<String, TaskState>>, Condvar)>,
+    /// Where the tasks are written down for a restarted server.
+    records: Option<Records>,
 }
 
 pub struct Shim {
@@ -194,6 +185,13 @@ impl containerd_shim::Shim for Shim {
             let _ = banger::run(&self.id, "vm delete", &["vm", "kill", &vm]);
             let _ = banger::run(&self.id, "vm delete", &["vm", "delete", &vm]);
         }
+        // The dead shim's records, unless a live one still serves them.
+        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+            let socket = PathBuf::from(address.trim().trim_start_matches("unix://"));
+            if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                let _ = std::fs::remove_dir_all(crate::keeper::state_dir(&socket));
+            }
+        }
         let mut r = DeleteResponse::new();
         r.exit_status = 137;
         r.exited_at = MessageField::some(now());
@@ -205,12 +203,15 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Service {
-        Service {
+        let svc = Service {
             exit: self.exit.clone(),
             namespace: self.namespace.clone(),
             publisher: Some(Arc::new(publisher)),
             tasks: Arc::new((Mutex::new(HashMap::new()), Condvar::new())),
-        }
+            records: Records::from_env(),
+        };
+        svc.restore();
+        svc
     }
 }
 
@@ -281,6 +282,7 @@ impl Service {
             }
         };
         self.tasks.1.notify_all();
+        self.save(id);
         log::info!("task={id} exec={exec_id} exited with {code}");
         self.emit(ev);
     }
@@ -437,10 +439,12 @@ impl containerd_shim::Task for Service {
                     child: None,
                     stdin_closed: Arc::default(),
                     pty: None,
+                    relay_pid: None,
                 },
                 execs: HashMap::new(),
             },
         );
+        self.save(&id);
         self.emit(TaskCreate {
             container_id: id,
             bundle: req.bundle,
@@ -552,13 +556,18 @@ impl containerd_shim::Task for Service {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (at, child, running) = self.with(&req.id, |t| {
+        let (at, child, relay, running) = self.with(&req.id, |t| {
             let p = if req.exec_id.is_empty() {
                 &t.main
             } else {
                 t.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
             };
-            Ok((t.target(), p.child.clone(), p.status == Status::Running))
+            Ok((
+                t.target(),
+                p.child.clone(),
+                p.relay_pid,
+                p.status == Status::Running,
+            ))
         })?;
         if !running {
             return Err(not_found(&format!("a running process in {}", req.id)));
@@ -575,14 +584,19 @@ impl containerd_shim::Task for Service {
             };
             banger::run(&req.id, "session kill", &args).map_err(err)?;
             if req.all {
-                for (_, c) in self.with(&req.id, |t| {
+                let execs = self.with(&req.id, |t| {
                     Ok(t.execs
-                        .iter()
-                        .map(|(k, p)| (k.clone(), p.child.clone()))
+                        .values()
+                        .filter(|p| p.status == Status::Running)
+                        .map(|p| (p.child.clone(), p.relay_pid))
                         .collect::<Vec<_>>())
-                })? {
-                    if let Some(c) = c {
-                        let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+                })?;
+                for (c, relay) in execs {
+                    match c {
+                        Some(c) => {
+                            let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+                        }
+                        None => recovery::kill_orphan(relay),
                     }
                 }
             }
@@ -590,6 +604,8 @@ impl containerd_shim::Task for Service {
             // The exec's `banger vm exec` hangs up, and the daemon kills the
             // guest process with it.
             let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+        } else {
+            recovery::kill_orphan(relay);
         }
         Ok(api::Empty::default())
     }
@@ -601,6 +617,7 @@ impl containerd_shim::Task for Service {
                     .remove(&req.exec_id)
                     .ok_or_else(|| not_found(&req.exec_id))
             })?;
+            self.save(&req.id);
             let (code, at) = p.exit.unwrap_or((137, now()));
             return Ok(api::DeleteResponse {
                 pid: p.pid,
@@ -616,9 +633,14 @@ impl containerd_shim::Task for Service {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.id)
             .ok_or_else(|| not_found(&req.id))?;
+        self.save(&req.id);
         for p in t.execs.values().chain([&t.main]) {
-            if let Some(c) = &p.child {
-                let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+            match &p.child {
+                Some(c) => {
+                    let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+                }
+                None if p.status == Status::Running => recovery::kill_orphan(p.relay_pid),
+                None => {}
             }
         }
         if t.owns_vm {
@@ -682,10 +704,12 @@ impl containerd_shim::Task for Service {
                     child: None,
                     stdin_closed: Arc::default(),
                     pty: None,
+                    relay_pid: None,
                 },
             );
             Ok(())
         })?;
+        self.save(&req.id);
         self.emit(TaskExecAdded {
             container_id: req.id,
             exec_id: req.exec_id,
@@ -931,7 +955,9 @@ impl Service {
         let (mut c, _) = banger::command(id, "session logs", &["vm", "session", "logs", "-f", vm, session]);
         c.stdout(open_out(&io.stdout).map_err(err)?)
             .stderr(open_out(&io.stderr).map_err(err)?);
-        let follower = Arc::new(Mutex::new(c.spawn().map_err(err)?));
+        let follower = c.spawn().map_err(err)?;
+        let follower_pid = follower.id();
+        let follower = Arc::new(Mutex::new(follower));
         if !io.stdin.is_empty() {
             let closed = self.with(id, |t| Ok(t.main.stdin_closed.clone()))?;
             let (mut c, _) = banger::command(
@@ -946,8 +972,10 @@ impl Service {
         self.with(id, |t| {
             t.main.status = Status::Running;
             t.main.child = Some(follower.clone());
+            t.main.relay_pid = Some(follower_pid);
             Ok(())
         })?;
+        self.save(id);
         let (svc, id, at) = (self.clone(), id.to_string(), at.clone());
         std::thread::spawn(move || {
             // The follower ends when the session does.
@@ -1034,9 +1062,11 @@ impl Service {
             e.status = Status::Running;
             e.pid = pid;
             e.child = Some(child.clone());
+            e.relay_pid = Some(pid);
             e.pty = pty;
             Ok(())
         })?;
+        self.save(id);
         let (svc, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());
         std::thread::spawn(move || {
             let status = wait_shared(&child);

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 /// A process to run in the guest.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Process {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,

@@ -261,6 +261,25 @@ impl Containerd {
             .collect()
     }
 
+    /// The task servers among [`Containerd::shims`]: the processes the
+    /// shims' keepers run and restart (their `-socket` ends `.server`).
+    pub fn task_servers(&self, id: &str) -> Vec<u32> {
+        self.shims(id)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(".server\0"))
+            })
+            .collect()
+    }
+
+    /// A `ctr` command to run in the background.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a").arg(&self.sock).args(["-n", "default"]).args(args);
+        c
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_in("default", args)
     }

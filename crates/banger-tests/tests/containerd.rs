@@ -225,21 +225,88 @@ fn a_crash_of_containerd_or_the_shim_loses_nothing_and_leaks_nothing() {
     );
     ctrd.ctr_ok(&["container", "rm", "t3"]);
 
-    // The shim dies.
-    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t4", "sleep", "1000"]);
-    let shims = ctrd.shims("t4");
-    assert_eq!(shims.len(), 1, "one shim for t4: {shims:?}");
-    // SAFETY: the shim process this test's containerd started.
-    unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
-    wait_for("containerd to see t4 end", Duration::from_secs(30), || {
+    // The shim's task server is killed while a task runs and a client
+    // waits on it: containerd keeps the task, the waiting `ctr run` gets
+    // its real exit code and output, an exec still works.
+    let script = "echo before; while [ ! -e /tmp/go ]; do sleep 0.2; done; echo after; exit 7";
+    let waiting = ctrd
+        .ctr_command(&["run", "--runtime", RUNTIME, IMAGE, "t4", "sh", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let task_pid = |ctrd: &Containerd| {
+        ctrd.ctr_ok(&["task", "ls"])
+            .lines()
+            .find(|l| l.starts_with("t4") && l.contains("RUNNING"))
+            .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+    };
+    let pid = wait_for("t4 to run", Duration::from_secs(60), || task_pid(&ctrd));
+    let servers = ctrd.task_servers("t4");
+    assert_eq!(servers.len(), 1, "one task server for t4: {servers:?}");
+    assert_eq!(ctrd.shims("t4").len(), 2, "a keeper and its task server");
+    // SAFETY: the task server this test's containerd's shim runs.
+    unsafe { libc::kill(servers[0] as i32, libc::SIGKILL) };
+    let restarted = wait_for("a restarted task server", Duration::from_secs(30), || {
+        ctrd.task_servers("t4").into_iter().find(|p| *p != servers[0])
+    });
+    assert_eq!(
+        task_pid(&ctrd).as_deref(),
+        Some(pid.as_str()),
+        "after the server's death containerd still has t4 running:\n{}",
+        ctrd.log_tail()
+    );
+    let hi = ctrd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        "t4",
+        "sh",
+        "-c",
+        "echo alive; touch /tmp/go",
+    ]);
+    assert_eq!(hi, "alive\n");
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the waiting `ctr run` gets the task's real exit code: {}\n{}",
+        text(&out),
+        ctrd.log_tail()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("before") && said.contains("after"),
+        "output across the restart: {said}"
+    );
+    ctrd.ctr_ok(&["container", "rm", "t4"]);
+    // The restarted server shuts down with its last task, and its keeper
+    // with it.
+    wait_for("t4's shim to exit", Duration::from_secs(20), || {
+        ctrd.shims("t4").is_empty().then_some(())
+    });
+    assert!(!std::path::Path::new(&format!("/proc/{restarted}")).exists());
+
+    // The whole shim dies (keeper and server): containerd's own clean-up
+    // runs `shim delete`, which removes the VM.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t5", "sleep", "1000"]);
+    let shims = ctrd.shims("t5");
+    assert_eq!(shims.len(), 2, "a keeper and a server for t5: {shims:?}");
+    for pid in shims {
+        // SAFETY: the shim processes this test's containerd started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    wait_for("containerd to see t5 end", Duration::from_secs(30), || {
         (!ctrd
             .ctr_ok(&["task", "ls"])
             .lines()
-            .any(|l| l.starts_with("t4") && l.contains("RUNNING")))
+            .any(|l| l.starts_with("t5") && l.contains("RUNNING")))
         .then_some(())
     });
-    let _ = ctrd.ctr(&["task", "delete", "t4"]);
-    ctrd.ctr_ok(&["container", "rm", "t4"]);
+    let _ = ctrd.ctr(&["task", "delete", "t5"]);
+    ctrd.ctr_ok(&["container", "rm", "t5"]);
     wait_for(
         "the shim's delete to remove the VM",
         Duration::from_secs(30),
