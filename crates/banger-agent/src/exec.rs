@@ -45,7 +45,12 @@ pub async fn run(ctx: Ctx, req: ExecRequest) -> Result<ExitStatus, RpcError> {
         .stderr(Stdio::piped())
         // The host hung up: the call's future is dropped and the command dies.
         .kill_on_drop(true);
-    crate::rootdir::place(&mut cmd, req.root.as_deref(), req.cwd.as_deref())?;
+    crate::rootdir::place(
+        &mut cmd,
+        req.root.as_deref(),
+        req.cwd.as_deref(),
+        req.user.as_ref(),
+    )?;
     tracing::info!(argv = ?req.argv, cwd = ?req.cwd, root = ?req.root, "exec");
     let mut child = cmd
         .spawn()

@@ -90,6 +90,7 @@ fn router(sessions: Arc<sessions::Sessions>) -> Router {
                     a::FEATURE_EXEC_STREAM.into(),
                     a::FEATURE_SESSIONS.into(),
                     a::FEATURE_ROOT.into(),
+                    a::FEATURE_USER.into(),
                 ],
             })
         })

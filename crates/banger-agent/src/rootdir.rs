@@ -129,12 +129,35 @@ impl Root {
     }
 }
 
+/// Drops root for `user`: groups, then gid, then uid (after which none of
+/// them could change). Called in the child between fork and exec, after
+/// the root is entered (chroot needs root).
+fn become_user(groups: &[libc::gid_t], gid: libc::gid_t, uid: libc::uid_t) -> io::Result<()> {
+    // SAFETY: plain system calls on a slice made before the fork.
+    let r = unsafe {
+        if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            || libc::setgid(gid) < 0
+            || libc::setuid(uid) < 0
+        {
+            -1
+        } else {
+            0
+        }
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Where a command runs: in `cwd` of the guest, or chrooted into `root`
-/// (with `cwd` inside it). Errors before anything is spawned.
+/// (with `cwd` inside it), as root or as `user`. Errors before anything
+/// is spawned.
 pub fn place(
     cmd: &mut tokio::process::Command,
     root: Option<&str>,
     cwd: Option<&str>,
+    user: Option<&banger_proto::methods::agent::User>,
 ) -> Result<(), RpcError> {
     match root {
         Some(r) => {
@@ -153,6 +176,15 @@ pub fn place(
                 }
                 cmd.current_dir(cwd);
             }
+        }
+    }
+    if let Some(u) = user {
+        u.validate().map_err(RpcError::bad_request)?;
+        let (groups, gid, uid) = (u.groups.clone(), u.gid, u.uid);
+        // SAFETY: `become_user` makes only system calls; registered after
+        // the root's hook, so it runs after the chroot.
+        unsafe {
+            cmd.pre_exec(move || become_user(&groups, gid, uid));
         }
     }
     Ok(())

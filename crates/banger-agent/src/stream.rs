@@ -146,7 +146,12 @@ where
         }
     }
     // After the terminal's pre-exec: the root is entered last.
-    crate::rootdir::place(&mut cmd, open.root.as_deref(), open.cwd.as_deref())?;
+    crate::rootdir::place(
+        &mut cmd,
+        open.root.as_deref(),
+        open.cwd.as_deref(),
+        open.user.as_ref(),
+    )?;
     tracing::info!(argv = ?open.argv, cwd = ?open.cwd, root = ?open.root, tty = open.tty.is_some(), stdin = open.stdin, "exec (stream)");
     let mut child = cmd
         .spawn()

@@ -104,6 +104,8 @@ pub struct Place {
     pub cwd: Option<String>,
     /// A guest directory it runs chrooted into, as a container's tree.
     pub root: Option<String>,
+    /// Who it runs as (root when absent).
+    pub user: Option<banger_proto::methods::agent::User>,
 }
 
 /// Writes a piece of the command's output here. Err when our stdout is
@@ -138,6 +140,7 @@ pub async fn exec(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, at: Plac
             cwd: at.cwd,
             stdin_b64: None,
             root: at.root,
+            user: at.user,
         },
         stream_input: false,
         tty: None,
@@ -307,6 +310,7 @@ async fn exec_streaming(c: &Client, name: &str, cmd: Vec<String>, io: ExecIo, at
             cwd: at.cwd,
             stdin_b64: None,
             root: at.root,
+            user: at.user,
         },
         stream_input: true,
         tty: size,

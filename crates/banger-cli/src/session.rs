@@ -68,6 +68,9 @@ pub enum SessionCmd {
         /// a mount namespace of its own; `--cwd` is then inside it.
         #[arg(long)]
         root: Option<String>,
+        /// Run as UID[:GID[:GROUP,...]] (numbers; the gid defaults to the uid).
+        #[arg(long, value_parser = banger_proto::methods::agent::User::parse)]
+        user: Option<banger_proto::methods::agent::User>,
         /// KEY=VALUE, repeatable.
         #[arg(long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -270,6 +273,7 @@ pub async fn run(c: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
             tty,
             cwd,
             root,
+            user,
             env,
             log_max,
             cmd,
@@ -293,6 +297,7 @@ pub async fn run(c: &Client, cmd: SessionCmd, json: bool) -> Result<i32> {
                         tty,
                         log_max,
                         root,
+                        user,
                     },
                     None,
                 )

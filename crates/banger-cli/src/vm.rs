@@ -97,6 +97,9 @@ pub enum MachineCmd {
         /// is then inside it.
         #[arg(long)]
         root: Option<String>,
+        /// Run as UID[:GID[:GROUP,...]] (numbers; the gid defaults to the uid).
+        #[arg(long, value_parser = banger_proto::methods::agent::User::parse)]
+        user: Option<banger_proto::methods::agent::User>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -347,10 +350,11 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
             tty,
             cwd,
             root,
+            user,
             cmd,
         } => {
             check_name(&name)?;
-            return exec(c, &name, cmd, ExecIo { stdin, tty }, Place { cwd, root }).await;
+            return exec(c, &name, cmd, ExecIo { stdin, tty }, Place { cwd, root, user }).await;
         }
         MachineCmd::Session { cmd } => return crate::session::run(c, cmd, json).await,
         MachineCmd::Ports { name } => {

@@ -125,6 +125,9 @@ pub struct Open {
     /// `methods::agent::ExecRequest::root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// Run as this user (see `methods::agent::ExecRequest::user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<crate::methods::agent::User>,
 }
 
 /// What a session stream does.

@@ -11,6 +11,7 @@
 
 mod banger;
 mod keeper;
+mod layers;
 mod pty;
 mod record;
 mod relay;

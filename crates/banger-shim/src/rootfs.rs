@@ -8,12 +8,12 @@
 //! second container of the same image costs nothing. The VM's own writes
 //! go to its overlay disk, as for any banger VM.
 //!
-//! The layers are assembled by mounting them read-only (overlayfs does
-//! the whiteouts) for as long as `mkfs.ext4 -d` reads them.
+//! The layers are merged in user space into a staging directory (hard
+//! links into the layers, whiteouts and opaque directories applied; see
+//! `layers`) for as long as `mkfs.ext4 -d` reads it. Nothing is mounted,
+//! so a crash leaves at most that directory, removed by the next make.
 
 use crate::banger::{self, Failed};
-use sha2::{Digest, Sha256};
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 /// One of containerd's mounts.
@@ -47,73 +47,11 @@ pub fn layers(mounts: &[Mount]) -> Result<Vec<String>, Failed> {
     }
 }
 
-/// The image name for a set of layers: the same layers, the same image.
+/// The image name for a set of layers, from their contents: the same
+/// image unpacked anew (other snapshot paths) is the same image, and a
+/// layer changed in place is another.
 pub fn image_name(layers: &[String]) -> String {
-    let h = Sha256::digest(layers.join(":").as_bytes());
-    let hex: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("ctr-{hex}")
-}
-
-fn cstr(p: &Path) -> Result<CString, Failed> {
-    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Failed("a path with NUL".into()))
-}
-
-/// Mounts `layers` read-only at `at`: a bind for one, an overlay for more.
-fn mount_ro(layers: &[String], at: &Path) -> Result<(), Failed> {
-    let target = cstr(at)?;
-    let rc = if let [one] = layers {
-        let src = cstr(Path::new(one))?;
-        // SAFETY: valid NUL-terminated strings; a bind, then made read-only.
-        unsafe {
-            let r = libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            );
-            if r == 0 {
-                libc::mount(
-                    std::ptr::null(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                )
-            } else {
-                r
-            }
-        }
-    } else {
-        let opts = CString::new(format!("lowerdir={}", layers.join(":")))
-            .map_err(|_| Failed("a layer path with NUL".into()))?;
-        let fstype = CString::new("overlay").expect("constant");
-        // SAFETY: valid NUL-terminated strings.
-        unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_RDONLY,
-                opts.as_ptr().cast(),
-            )
-        }
-    };
-    if rc != 0 {
-        return Err(Failed(format!(
-            "mounting the image layers at {}: {}",
-            at.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
-}
-
-fn unmount(at: &Path) {
-    if let Ok(t) = cstr(at) {
-        // SAFETY: a path we mounted.
-        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-    }
+    format!("ctr-{}", crate::layers::fingerprint(layers))
 }
 
 /// Bytes of regular files under `dir` (not following symlinks).
@@ -161,7 +99,7 @@ pub fn ensure_image(task: &str, layers: &[String], cache: &Path) -> Result<Strin
         return Ok(name);
     }
     let file = cache.join(format!("{name}.ext4"));
-    with_tree(layers, &cache.join(format!("{name}.mnt")), |dir| {
+    with_tree(layers, &cache.join(format!("{name}.tree")), |dir| {
         make_ext4(dir, &file)
     })??;
     let kernel = kernel(task)?;
@@ -179,18 +117,16 @@ pub fn ensure_image(task: &str, layers: &[String], cache: &Path) -> Result<Strin
     r.map(|_| name)
 }
 
-/// Runs `f` on the layers' merged tree, mounted read-only at `at` (made
-/// and removed here) for as long as `f` runs.
+/// Runs `f` on the layers' merged tree, built at `at` and removed after.
+/// Its files are hard links into the layers: `f` must only read them.
 pub fn with_tree<T>(layers: &[String], at: &Path, f: impl FnOnce(&Path) -> T) -> Result<T, Failed> {
-    std::fs::create_dir_all(at).map_err(|e| Failed(format!("creating {}: {e}", at.display())))?;
-    if let Err(e) = mount_ro(layers, at) {
-        let _ = std::fs::remove_dir(at);
-        return Err(e);
+    if let Some(parent) = at.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Failed(format!("creating {}: {e}", parent.display())))?;
     }
-    let r = f(at);
-    unmount(at);
-    let _ = std::fs::remove_dir(at);
-    Ok(r)
+    let built = crate::layers::merge(layers, at);
+    let r = built.map(|()| f(at));
+    let _ = std::fs::remove_dir_all(at);
+    r
 }
 
 /// An ext4 file holding `dir`'s tree (owners and modes kept), with room
@@ -253,10 +189,34 @@ mod tests {
         assert_eq!(layers(&[m("bind", "/s/1/fs", &["rbind"])]).unwrap(), ["/s/1/fs"]);
         assert!(layers(&[]).is_err());
         assert!(layers(&[m("overlay", "overlay", &["upperdir=/x"])]).is_err());
-        // The same layers, the same image; other layers, another.
-        let a = image_name(&["/s/2/fs".into(), "/s/1/fs".into()]);
-        assert_eq!(a, image_name(&["/s/2/fs".into(), "/s/1/fs".into()]));
-        assert_ne!(a, image_name(&["/s/1/fs".into()]));
+    }
+
+    #[test]
+    fn image_names_come_from_the_layers_contents() {
+        let base = std::env::temp_dir().join(format!("banger-rootfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = |p: &str| {
+            let d = base.join(p);
+            std::fs::create_dir_all(d.join("etc")).unwrap();
+            std::fs::write(d.join("etc/hostname"), p).unwrap();
+            d.display().to_string()
+        };
+        let (one, two) = (dir("one"), dir("two"));
+        let a = image_name(&[two.clone(), one.clone()]);
+        assert_eq!(a, image_name(&[two.clone(), one.clone()]));
+        assert_ne!(a, image_name(std::slice::from_ref(&one)));
         assert!(a.starts_with("ctr-") && a.len() == 20);
+        // A layer's content changed (a size here): another image.
+        std::fs::write(base.join("one/etc/hostname"), "changed").unwrap();
+        assert_ne!(a, image_name(&[two, one]));
+
+        // The tree is built for `f` and gone after.
+        let at = base.join("tree");
+        let seen = with_tree(&[dir("three")], &at, |d| {
+            std::fs::read_to_string(d.join("etc/hostname")).unwrap()
+        });
+        assert_eq!(seen.unwrap(), "three");
+        assert!(!at.exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -944,6 +944,9 @@ impl Service {
         if let Some(c) = &p.cwd {
             args.extend(["--cwd".into(), c.clone()]);
         }
+        if let Some(u) = &p.user {
+            args.extend(["--user".into(), u.to_arg()]);
+        }
         for (k, v) in &p.env {
             args.extend(["--env".into(), format!("{k}={v}")]);
         }
@@ -1006,6 +1009,9 @@ impl Service {
         }
         if let Some(c) = &p.cwd {
             args.extend(["--cwd".into(), c.clone()]);
+        }
+        if let Some(u) = &p.user {
+            args.extend(["--user".into(), u.to_arg()]);
         }
         args.push("--".into());
         if !p.env.is_empty() {

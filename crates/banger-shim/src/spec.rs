@@ -10,6 +10,9 @@ pub struct Process {
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
     pub terminal: bool,
+    /// Who it runs as; `None` for root (uid and gid 0, no extra groups).
+    #[serde(default)]
+    pub user: Option<banger_proto::methods::agent::User>,
 }
 
 /// The VM's size, from the spec's Linux resources.
@@ -37,7 +40,23 @@ pub fn process(p: &Value) -> Process {
             .filter(|c| !c.is_empty() && *c != "/")
             .map(String::from),
         terminal: p["terminal"].as_bool().unwrap_or(false),
+        user: user(&p["user"]),
     }
+}
+
+/// An OCI `process.user`, numeric as the runtime spec has it (names were
+/// resolved by the engine against the image's /etc/passwd).
+fn user(u: &Value) -> Option<banger_proto::methods::agent::User> {
+    let id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+    let user = banger_proto::methods::agent::User {
+        uid: id(&u["uid"]),
+        gid: id(&u["gid"]),
+        groups: u["additionalGids"]
+            .as_array()
+            .map(|a| a.iter().map(id).filter(|g| *g != 0).collect())
+            .unwrap_or_default(),
+    };
+    (user != banger_proto::methods::agent::User::default()).then_some(user)
 }
 
 /// CPU quota and memory limit as a VM size: vCPUs rounded up from
@@ -161,6 +180,10 @@ mod tests {
         );
         assert_eq!(size(&json!({})), Size::default());
         assert_eq!(process(&json!({"cwd": "/"})).cwd, None);
+        // Root is no user; anyone else is, with their groups.
+        assert_eq!(process(&json!({"user": {"uid": 0, "gid": 0}})).user, None);
+        let u = process(&json!({"user": {"uid": 1000, "gid": 100, "additionalGids": [100, 27]}})).user;
+        assert_eq!(u.map(|u| u.to_arg()).as_deref(), Some("1000:100:100,27"));
     }
 
     #[test]

@@ -52,6 +52,19 @@ fn containerd_runs_containers_as_banger_vms_and_leaves_nothing() {
     ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t2", "sleep", "1000"]);
     let hi = ctrd.ctr_ok(&["task", "exec", "--exec-id", "e1", "t2", "echo", "hello from exec"]);
     assert_eq!(hi, "hello from exec\n");
+    let ids = ctrd.ctr_ok(&[
+        "task",
+        "exec",
+        "--user",
+        "1000:1001",
+        "--exec-id",
+        "u1",
+        "t2",
+        "sh",
+        "-c",
+        "id -u; id -g",
+    ]);
+    assert_eq!(ids, "1000\n1001\n", "an exec runs as the user it names");
     let code = ctrd.ctr(&["task", "exec", "--exec-id", "e2", "t2", "sh", "-c", "exit 7"]);
     assert_eq!(code.status.code(), Some(7), "{}", text(&code));
     assert!(ctrd.ctr_ok(&["task", "ls"]).contains("RUNNING"));

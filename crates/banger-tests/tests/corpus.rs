@@ -678,6 +678,29 @@ fn daemon_cases() -> Vec<Case> {
     for p in [json!({"wait": "yes"}), json!({"wait": 1}), json!([])] {
         v.push(case(format!("pool fill {p}"), "pool.fill", p, BAD));
     }
+    // A user to run as: wrong types, out of range, too many groups.
+    let many: Vec<u32> = (0..100).collect();
+    for user in [
+        json!({"uid": -1, "gid": 0}),
+        json!({"uid": "root", "gid": 0}),
+        json!({"uid": 4294967296u64, "gid": 0}),
+        json!({"uid": 1}),
+        json!({"uid": 1, "gid": 1, "groups": many}),
+        json!("1000"),
+    ] {
+        v.push(case(
+            format!("session start as {user}"),
+            "vm.session.start",
+            json!({"vm": "nosuchthing", "argv": ["true"], "user": user}),
+            BAD_OR_MISSING,
+        ));
+        v.push(case(
+            format!("exec as {user}"),
+            "vm.exec",
+            json!({"name": "nosuchthing", "exec": {"argv": ["true"], "user": user}}),
+            BAD_OR_MISSING,
+        ));
+    }
     for p in [
         json!({"vm": "nosuchthing", "session": "s", "signal": 0}),
         json!({"vm": "nosuchthing", "session": "s", "signal": 65}),

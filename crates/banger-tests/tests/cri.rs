@@ -241,18 +241,24 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
         assert!(vm.starts_with("ct-"), "{vm}");
         assert_eq!(env.vm(&vm)["state"], "running");
 
-        // A container of the pod: a process in the pod's VM, in its own tree.
-        let created = create_and_start(
-            &mut c,
-            ctrd,
-            &pod,
-            &config,
-            app_container(
-                &["sh", "-c", "echo app says $GREETING; exec sleep 100000"],
-                cri::NamespaceMode::Node,
-            ),
-        )
-        .await;
+        // A container of the pod: a process in the pod's VM, in its own
+        // tree, as the user its security context names.
+        let mut app = app_container(
+            &[
+                "sh",
+                "-c",
+                "echo app says $GREETING as $(id -u):$(id -g); exec sleep 100000",
+            ],
+            cri::NamespaceMode::Node,
+        );
+        let security = app
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .unwrap();
+        security.run_as_user = Some(cri::Int64Value { value: 1000 });
+        security.run_as_group = Some(cri::Int64Value { value: 1001 });
+        let created = create_and_start(&mut c, ctrd, &pod, &config, app).await;
         assert_eq!(
             vms(&env),
             std::slice::from_ref(&vm),
@@ -277,7 +283,7 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
             || {
                 std::fs::read_to_string(&log)
                     .ok()
-                    .filter(|l| l.contains("app says hello"))
+                    .filter(|l| l.contains("app says hello as 1000:1001"))
             },
         );
 
@@ -289,7 +295,8 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
                 cmd: vec![
                     "sh".into(),
                     "-c".into(),
-                    "cat /etc/banger-image; uname -r; ls /proc/1/ >/dev/null && echo proc; exit 4".into(),
+                    "cat /etc/banger-image; uname -r; ls /proc/1/ >/dev/null && echo proc; id -u; exit 4"
+                        .into(),
                 ],
                 timeout: 60,
             })
@@ -317,6 +324,11 @@ fn a_pod_through_cri_is_one_vm_and_its_containers_run_inside_it() {
             "not the guest's kernel: {out:?}"
         );
         assert_eq!(lines.get(2), Some(&"proc"), "no /proc in the container: {out:?}");
+        assert_eq!(
+            lines.get(3),
+            Some(&"1000"),
+            "ExecSync not as the container's user: {out:?}"
+        );
         // The sandbox's own process still runs in the pause image's tree:
         // the guest's root is the pause image.
         let root = env.banger_ok(&["vm", "exec", &vm, "--", "cat", "/etc/banger-image"]);

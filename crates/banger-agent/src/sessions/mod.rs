@@ -341,7 +341,12 @@ impl Sessions {
             });
         }
         // After setsid and the terminal: the root is entered last.
-        crate::rootdir::place(&mut cmd, spec.root.as_deref(), spec.cwd.as_deref())?;
+        crate::rootdir::place(
+            &mut cmd,
+            spec.root.as_deref(),
+            spec.cwd.as_deref(),
+            spec.user.as_ref(),
+        )?;
         let dir = self.root.join(&spec.id);
         let log = log::Log::open(&dir, spec.log_max)
             .map_err(|e| RpcError::failed(format!("session log in {}: {e}", dir.display())))?;

@@ -40,6 +40,9 @@ pub struct ExecRequest {
     /// under it; `cwd` is then a path inside it. Needs [`FEATURE_ROOT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// Run as this user instead of root. Needs [`FEATURE_USER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -138,6 +141,65 @@ pub const FEATURE_EXEC_STREAM: &str = "exec.stream";
 /// the field and run the process in the guest's own root, so the daemon
 /// refuses `root` unless the agent names this.
 pub const FEATURE_ROOT: &str = "root";
+
+/// The agent runs processes as a given uid, gid and groups (`user` on
+/// exec, stream and session requests); refused for an agent without it,
+/// which would run them as root.
+pub const FEATURE_USER: &str = "user";
+
+/// Numeric credentials for a guest process, as an OCI spec gives them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (at most [`MAX_GROUPS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
+}
+
+pub const MAX_GROUPS: usize = 64;
+
+impl User {
+    /// `UID[:GID[:GROUP,…]]` as the command line takes it: numbers, the
+    /// gid defaulting to the uid, then supplementary groups.
+    pub fn parse(s: &str) -> Result<User, String> {
+        let num = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| format!("user {s:?}: expected UID[:GID[:GROUP,...]] as numbers"))
+        };
+        let mut parts = s.splitn(3, ':');
+        let uid = num(parts.next().unwrap_or_default())?;
+        let gid = parts.next().map(num).transpose()?.unwrap_or(uid);
+        let groups = match parts.next() {
+            Some(g) if !g.is_empty() => g.split(',').map(num).collect::<Result<Vec<_>, _>>()?,
+            _ => vec![],
+        };
+        let u = User { uid, gid, groups };
+        u.validate()?;
+        Ok(u)
+    }
+
+    /// The `UID:GID[:GROUP,…]` form [`User::parse`] reads.
+    pub fn to_arg(&self) -> String {
+        let mut s = format!("{}:{}", self.uid, self.gid);
+        if !self.groups.is_empty() {
+            let g: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+            s.push(':');
+            s.push_str(&g.join(","));
+        }
+        s
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.groups.len() > MAX_GROUPS {
+            return Err(format!(
+                "{} supplementary groups; at most {MAX_GROUPS}",
+                self.groups.len()
+            ));
+        }
+        Ok(())
+    }
+}
 
 method!(
     /// The agent's version, protocol generation and features.
@@ -301,6 +363,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_user_reads_and_writes_uid_gid_and_groups() {
+        assert_eq!(
+            User::parse("1000").unwrap(),
+            User {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![]
+            }
+        );
+        let u = User::parse("1:2:3,4").unwrap();
+        assert_eq!(
+            u,
+            User {
+                uid: 1,
+                gid: 2,
+                groups: vec![3, 4]
+            }
+        );
+        assert_eq!(User::parse(&u.to_arg()).unwrap(), u);
+        assert!(User::parse("root").is_err());
+        assert!(User::parse("1:x").is_err());
+        assert!(User::parse("-1").is_err());
+        let many: Vec<String> = (0..=MAX_GROUPS).map(|g| g.to_string()).collect();
+        assert!(User::parse(&format!("1:1:{}", many.join(","))).is_err());
+    }
+
+    #[test]
     fn absurd_exit_statuses_never_read_as_success() {
         let st = |code, signal| ExitStatus { code, signal }.shell_code();
         assert_eq!(st(Some(0), None), 0);
@@ -351,6 +440,9 @@ pub struct SessionSpec {
     /// under it; `cwd` is then a path inside it. Needs [`FEATURE_ROOT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// Run as this user instead of root. Needs [`FEATURE_USER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -537,6 +537,9 @@ pub struct SessionStart {
     /// Run inside this guest directory as its root (a container's tree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// Run as this user instead of root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<crate::methods::agent::User>,
 }
 
 /// A session as the daemon shows it: its catalog row, settled with what

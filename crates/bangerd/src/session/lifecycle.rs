@@ -52,8 +52,14 @@ impl SessionService {
         }
         let vm = self.vms.record(&p.vm)?;
         let uds = self.agent(&vm)?;
+        if let Some(u) = &p.user {
+            u.validate().map_err(RpcError::bad_request)?;
+        }
         if p.root.is_some() && !self.vms.agent_has(&vm, a::FEATURE_ROOT, op).await {
             return Err(crate::vm::exec::too_old_for_root(&vm.name));
+        }
+        if p.user.is_some() && !self.vms.agent_has(&vm, a::FEATURE_USER, op).await {
+            return Err(crate::vm::exec::too_old_for_user(&vm.name));
         }
         let _busy = self.vms.busy(&vm.id);
         let lock = self.lock_for(&vm.id);
@@ -81,6 +87,7 @@ impl SessionService {
             tty: p.tty,
             log_max,
             root: p.root,
+            user: p.user,
         };
         match agent::call::<a::SessionStartM>(&uds, op, &spec, |_| ()).await {
             Ok(info) => {

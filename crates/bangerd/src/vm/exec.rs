@@ -18,10 +18,21 @@ pub fn too_old_for_root(vm: &str) -> RpcError {
     ))
 }
 
+/// A user asked of an agent that would ignore it and run the command as
+/// root.
+pub fn too_old_for_user(vm: &str) -> RpcError {
+    RpcError::failed(format!(
+        "the agent in VM {vm} is too old to run a command as another user; restart the VM to update it"
+    ))
+}
+
 impl VmService {
     pub async fn exec(&self, ctx: &Ctx, p: VmExec) -> Result<a::ExitStatus, RpcError> {
         if p.exec.argv.is_empty() {
             return Err(RpcError::bad_request("nothing to run: argv is empty"));
+        }
+        if let Some(u) = &p.exec.user {
+            u.validate().map_err(RpcError::bad_request)?;
         }
         if let Some(w) = p.tty {
             if w.rows == 0 || w.cols == 0 {
@@ -42,6 +53,9 @@ impl VmService {
         if req.root.is_some() && !self.agent_has(&vm, a::FEATURE_ROOT, &ctx.op_id).await {
             return Err(too_old_for_root(&vm.name));
         }
+        if req.user.is_some() && !self.agent_has(&vm, a::FEATURE_USER, &ctx.op_id).await {
+            return Err(too_old_for_user(&vm.name));
+        }
         if self.agent_has(&vm, a::FEATURE_EXEC_STREAM, &ctx.op_id).await {
             let open = banger_proto::stream::Open {
                 op_id: Some(ctx.op_id.to_string()),
@@ -52,6 +66,7 @@ impl VmService {
                 tty: p.tty,
                 session: None,
                 root: req.root,
+                user: req.user,
             };
             return agent::exec_stream(&uds, ctx, open, req.stdin_b64, p.stream_input).await;
         }
