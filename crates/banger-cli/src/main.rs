@@ -54,6 +54,9 @@ enum Cmd {
     /// configuration) take one instead of booting.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Saved VMs (`vm snapshot`) to restore new VMs from (`vm restore`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -154,6 +157,19 @@ enum DaemonCmd {
     Stop,
     /// List asynchronous operations.
     Operations,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Every snapshot, least recently used first, with its size on disk.
+    List,
+    Show {
+        name: String,
+    },
+    /// Remove a snapshot (VMs restored from it run on).
+    Rm {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -416,6 +432,33 @@ async fn run(cli: Cli) -> Result<i32> {
                 PoolCmd::Drain => {
                     let r = c.call::<d::PoolDrainM>(&Empty {}, None).await?;
                     print(json, &r, |r| println!("removed {} pool VMs", r.removed.len()));
+                }
+            }
+        }
+        Cmd::Snapshot(cmd) => {
+            let c = daemon::connect(&cfg).await?;
+            let line = |s: &d::SnapshotInfo| {
+                println!(
+                    "{:<24} {:<16} {:>4} vCPU {:>6} MiB  {:>8.1} MiB on disk  used {}",
+                    s.name,
+                    s.vm,
+                    s.vcpus,
+                    s.memory_mib,
+                    s.size_bytes as f64 / (1 << 20) as f64,
+                    s.last_used_at
+                )
+            };
+            match cmd {
+                SnapshotCmd::List => {
+                    let all = c.call::<d::SnapshotListM>(&Empty {}, None).await?;
+                    print(json, &all, |all| all.iter().for_each(line));
+                }
+                SnapshotCmd::Show { name } => {
+                    let s = c.call::<d::SnapshotShowM>(&d::SnapshotRef { name }, None).await?;
+                    print(json, &s, line);
+                }
+                SnapshotCmd::Rm { name } => {
+                    c.call::<d::SnapshotRmM>(&d::SnapshotRef { name }, None).await?;
                 }
             }
         }

@@ -119,6 +119,25 @@ pub enum MachineCmd {
         #[arg(add = crate::complete::vms())]
         name: String,
     },
+    /// Save a running VM (memory, device state, disks) as a snapshot to
+    /// restore new VMs from; the VM is paused for the copy, then runs on.
+    /// Firecracker VMs made with --no-network.
+    Snapshot {
+        #[arg(add = crate::complete::vms())]
+        name: String,
+        /// The snapshot's name (made up from the VM's otherwise).
+        #[arg(long = "name", id = "snapshot_name")]
+        snapshot: Option<String>,
+    },
+    /// A new VM from a snapshot: its own name, CID and disks, the guest
+    /// resumed where the snapshot left it and re-seeded (hostname,
+    /// entropy, clock).
+    Restore {
+        snapshot: String,
+        /// The new VM's name.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -364,6 +383,30 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
         MachineCmd::Stats { name } => {
             let s = c.call::<d::VmStatsM>(&vm_ref(&name)?, None).await?;
             print(json, &s, show_stats);
+        }
+        MachineCmd::Snapshot { name, snapshot } => {
+            check_name(&name)?;
+            let s = c
+                .call::<d::VmSnapshotM>(&d::VmSnapshot { name, snapshot }, None)
+                .await?;
+            print(json, &s, |s| println!("{}", s.name));
+        }
+        MachineCmd::Restore { snapshot, name } => {
+            check_name(&name)?;
+            let v = follow(
+                c,
+                "vm restore",
+                &name,
+                c.call::<d::VmRestoreM>(
+                    &d::VmRestore {
+                        name: name.clone(),
+                        snapshot,
+                    },
+                    None,
+                ),
+            )
+            .await?;
+            print(json, &v, show_vm)
         }
     }
     Ok(0)

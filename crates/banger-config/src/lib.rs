@@ -43,6 +43,7 @@ pub struct FileConfig {
     pub catalog: Option<String>,
     /// `warm_pool = { image = "default", size = 2 }`.
     pub warm_pool: Option<WarmPoolFile>,
+    pub snapshot_max_gib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -101,6 +102,9 @@ pub struct Config {
     /// catalog file (absolute path) or an https URL.
     pub catalog: Option<String>,
     pub warm_pool: WarmPool,
+    /// Disk all snapshots together may use; past it the least recently
+    /// used are removed (never the one just taken). 0: no limit.
+    pub snapshot_max_gib: u64,
 }
 
 /// The longest idle limit accepted (30 days).
@@ -284,6 +288,17 @@ impl Config {
                     size,
                 }
             },
+            snapshot_max_gib: match std::env::var("BANGER_SNAPSHOT_MAX_GIB")
+                .ok()
+                .filter(|s| !s.is_empty())
+            {
+                Some(s) => s.parse().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "BANGER_SNAPSHOT_MAX_GIB must be a number of GiB, not {s:?}"
+                    ))
+                })?,
+                None => fc.snapshot_max_gib.unwrap_or(20),
+            },
         })
     }
 
@@ -309,6 +324,10 @@ impl Config {
 
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
     }
 
     pub fn kernels_dir(&self) -> PathBuf {
@@ -425,6 +444,11 @@ impl Config {
                 Some("BANGER_WARM_POOL"),
                 format!("{} × {}", self.warm_pool.size, self.warm_pool.image),
             ),
+            (
+                "snapshot_max_gib",
+                Some("BANGER_SNAPSHOT_MAX_GIB"),
+                self.snapshot_max_gib.to_string(),
+            ),
         ];
         let from_env =
             |env: Option<&str>| env.is_some_and(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty()));
@@ -497,6 +521,7 @@ mod settings_tests {
             "session_log_max_kib",
             "catalog",
             "warm_pool",
+            "snapshot_max_gib",
         ] {
             assert!(keys.contains(&k), "{k} is not shown");
         }

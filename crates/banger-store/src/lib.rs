@@ -7,7 +7,7 @@
 mod migrations;
 mod records;
 
-pub use records::{ImageRecord, SessionRecord, VmRecord, VmRuntime, VmSpec, VmState};
+pub use records::{ImageRecord, SessionRecord, SnapshotRecord, VmRecord, VmRuntime, VmSpec, VmState};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -291,6 +291,95 @@ impl Store {
             .execute("DELETE FROM guest_sessions WHERE id = ?1", [id])?
             > 0)
     }
+}
+
+impl Store {
+    // ---- snapshots ----
+
+    pub fn insert_snapshot(&self, r: &SnapshotRecord) -> Result<()> {
+        let res = self.conn().execute(
+            "INSERT INTO snapshots (id, name, source_vm, vmm, spec, base_rootfs, dir, size_bytes, op_id, created_at, last_used_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.id,
+                r.name,
+                r.source_vm,
+                r.vmm,
+                to_json(&r.spec),
+                r.base_rootfs,
+                r.dir,
+                r.size_bytes as i64,
+                r.op_id,
+                r.created_at,
+                r.last_used_at
+            ],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::AlreadyExists(format!("snapshot {:?}", r.name)))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Oldest use first.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, source_vm, vmm, spec, base_rootfs, dir, size_bytes, op_id, created_at, last_used_at
+             FROM snapshots ORDER BY last_used_at, created_at, name",
+        )?;
+        let rows = stmt
+            .query_map([], snapshot_row)?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.into_iter().collect()
+    }
+
+    pub fn get_snapshot(&self, name: &str) -> Result<Option<SnapshotRecord>> {
+        Ok(self
+            .list_snapshots()?
+            .into_iter()
+            .find(|s| s.name == name || s.id == name))
+    }
+
+    pub fn touch_snapshot(&self, id: &str, at: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE snapshots SET last_used_at = ?2 WHERE id = ?1",
+            params![id, at],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<bool> {
+        Ok(self.conn().execute("DELETE FROM snapshots WHERE id = ?1", [id])? > 0)
+    }
+}
+
+fn snapshot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SnapshotRecord>> {
+    let spec: String = r.get(4)?;
+    let name: String = r.get(1)?;
+    let size: i64 = r.get(7)?;
+    Ok(match serde_json::from_str(&spec) {
+        Ok(spec) => Ok(SnapshotRecord {
+            id: r.get(0)?,
+            name,
+            source_vm: r.get(2)?,
+            vmm: r.get(3)?,
+            spec,
+            base_rootfs: r.get(5)?,
+            dir: r.get(6)?,
+            size_bytes: size.max(0) as u64,
+            op_id: r.get(8)?,
+            created_at: r.get(9)?,
+            last_used_at: r.get(10)?,
+        }),
+        Err(e) => Err(StoreError::Corrupt {
+            what: format!("snapshot {name:?}"),
+            detail: e.to_string(),
+        }),
+    })
 }
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SessionRecord>> {

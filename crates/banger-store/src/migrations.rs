@@ -50,6 +50,25 @@ const MIGRATIONS: &[(i64, &str)] = &[
             UNIQUE (vm_id, name)
         );",
     ),
+    // Snapshots: a VM's memory, device state and disks, saved to restore
+    // new VMs from. The files live in `dir`; a row is written only once
+    // they are complete.
+    (
+        4,
+        "CREATE TABLE snapshots (
+            id           TEXT PRIMARY KEY,
+            name         TEXT NOT NULL UNIQUE,
+            source_vm    TEXT NOT NULL,
+            vmm          TEXT NOT NULL,
+            spec         TEXT NOT NULL,
+            base_rootfs  TEXT NOT NULL,
+            dir          TEXT NOT NULL,
+            size_bytes   INTEGER NOT NULL,
+            op_id        TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            last_used_at TEXT NOT NULL
+        );",
+    ),
 ];
 
 /// The schema version this build writes and reads.

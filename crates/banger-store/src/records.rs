@@ -110,6 +110,10 @@ pub struct VmRuntime {
     /// shown as `pooled` and given away whole to a matching create.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
+    /// The snapshot directory this VM's next start loads instead of
+    /// booting (a restore's first start); cleared once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,4 +158,26 @@ pub struct SessionRecord {
     /// The op id of the call that started it.
     pub op_id: String,
     pub created_at: String,
+}
+
+/// A saved VM to restore new VMs from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub name: String,
+    /// The VM it was taken of (by name, at the time).
+    pub source_vm: String,
+    pub vmm: String,
+    /// The spec a restored VM gets (its size and devices must match).
+    pub spec: VmSpec,
+    /// The image file the disks' overlay sits on.
+    pub base_rootfs: String,
+    /// Where its files are: `state`, `memory`, `overlay.ext4`, `work.ext4`.
+    pub dir: String,
+    pub size_bytes: u64,
+    pub op_id: String,
+    pub created_at: String,
+    /// The last restore from it (its creation until then); the disk budget
+    /// evicts the least recently used first.
+    pub last_used_at: String,
 }

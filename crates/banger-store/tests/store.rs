@@ -60,7 +60,7 @@ fn records_survive_reopen_and_names_are_unique() {
     assert_eq!(got.runtime.tap.as_deref(), Some("bgtap0"));
     assert_eq!(s.get_vm("id-alpha").unwrap().unwrap().name, "alpha");
     assert_eq!(s.list_vms().unwrap().len(), 1);
-    assert_eq!(s.schema_version().unwrap(), 3);
+    assert_eq!(s.schema_version().unwrap(), 4);
     let img = s.get_image("default").unwrap().expect("image persisted");
     assert_eq!(img.digest, image("default").digest, "the image digest was lost");
 }
@@ -161,4 +161,44 @@ fn sessions_are_cataloged_per_vm_settled_and_go_with_their_vm() {
     assert_eq!(got[0].argv, ["sleep", "10"]);
     assert!(s.delete_vm("id-alpha").unwrap());
     assert!(s.list_sessions("id-alpha").unwrap().is_empty());
+}
+
+#[test]
+fn snapshots_survive_reopen_are_unique_and_listed_least_recently_used_first() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("state.db");
+    let snap = |id: &str, name: &str, used: &str| banger_store::SnapshotRecord {
+        id: id.into(),
+        name: name.into(),
+        source_vm: "web".into(),
+        vmm: "firecracker".into(),
+        spec: vm("web").spec,
+        base_rootfs: "/img/rootfs.ext4".into(),
+        dir: format!("/snap/{id}"),
+        size_bytes: 5 << 30,
+        op_id: "op".into(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+        last_used_at: used.into(),
+    };
+    {
+        let s = Store::open(&path).unwrap();
+        s.insert_snapshot(&snap("a1", "old", "2026-01-01T00:00:00Z"))
+            .unwrap();
+        s.insert_snapshot(&snap("b2", "new", "2026-01-02T00:00:00Z"))
+            .unwrap();
+        assert!(matches!(
+            s.insert_snapshot(&snap("c3", "new", "2026-01-03T00:00:00Z")),
+            Err(StoreError::AlreadyExists(_))
+        ));
+    }
+    let s = Store::open(&path).unwrap();
+    let names: Vec<String> = s.list_snapshots().unwrap().into_iter().map(|x| x.name).collect();
+    assert_eq!(names, ["old", "new"]);
+    s.touch_snapshot("a1", "2026-01-05T00:00:00Z").unwrap();
+    let names: Vec<String> = s.list_snapshots().unwrap().into_iter().map(|x| x.name).collect();
+    assert_eq!(names, ["new", "old"]);
+    let got = s.get_snapshot("new").unwrap().unwrap();
+    assert_eq!(got, snap("b2", "new", "2026-01-02T00:00:00Z"));
+    assert!(s.delete_snapshot("b2").unwrap());
+    assert!(s.get_snapshot("new").unwrap().is_none());
 }

@@ -678,6 +678,29 @@ fn daemon_cases() -> Vec<Case> {
     for p in [json!({"wait": "yes"}), json!({"wait": 1}), json!([])] {
         v.push(case(format!("pool fill {p}"), "pool.fill", p, BAD));
     }
+    // Snapshots: bad names, wrong types, what does not exist.
+    for p in [
+        json!({"name": "nosuchthing", "snapshot": "../../etc"}),
+        json!({"name": "nosuchthing", "snapshot": ""}),
+        json!({"name": "nosuchthing", "snapshot": 7}),
+        json!({"name": ["x"]}),
+        json!({}),
+    ] {
+        v.push(case(format!("vm snapshot {p}"), "vm.snapshot", p, BAD_OR_MISSING));
+    }
+    for p in [
+        json!({"name": "r1", "snapshot": "nosuchthing"}),
+        json!({"name": "../r1", "snapshot": "nosuchthing"}),
+        json!({"name": "r1"}),
+        json!({"name": "r1", "snapshot": {"a": 1}}),
+    ] {
+        v.push(case(format!("vm restore {p}"), "vm.restore", p, BAD_OR_MISSING));
+    }
+    for m in ["snapshot.show", "snapshot.rm"] {
+        for p in [json!({"name": "nosuchthing"}), json!({"name": 1}), json!([])] {
+            v.push(case(format!("{m} {p}"), m, p, BAD_OR_MISSING));
+        }
+    }
     // A user to run as: wrong types, out of range, too many groups.
     let many: Vec<u32> = (0..100).collect();
     for user in [

@@ -458,3 +458,128 @@ fn a_jailed_firecracker_is_confined_and_leaves_nothing() {
         "the tap outlived its VM"
     );
 }
+
+/// Connects to a Firecracker VM's vsock port 52 through its socket: the
+/// tiny guest answers `OK …`, then `hello from tiny guest`, then echoes.
+fn vsock_echo(uds: &std::path::Path, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds)
+        .unwrap_or_else(|e| panic!("connecting {}: {e}", uds.display()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut got = String::new();
+    for _ in 0..2 {
+        r.read_line(&mut got).unwrap();
+    }
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    r.read_line(&mut got).unwrap();
+    got
+}
+
+fn snapshot_and_restore(env: &Env, run: impl Fn(&Env, &[&str]) -> String) {
+    let ok = |args: &[&str]| run(env, args);
+    ok(&[
+        "vm",
+        "create",
+        "--name",
+        "src",
+        "--image",
+        "tiny",
+        "--vcpus",
+        "1",
+        "--memory",
+        "128",
+        "--disk-size",
+        "64",
+        "--no-network",
+    ]);
+    assert_eq!(ok(&["vm", "snapshot", "src", "--name", "s1"]).trim(), "s1");
+    // The source was paused for the copy and runs on.
+    let src: Value = serde_json::from_str(&ok(&["vm", "show", "src", "--json"])).unwrap();
+    let src_dir = PathBuf::from(src["vm_dir"].as_str().unwrap());
+    let src_api = if src_dir.join("jail").exists() {
+        let id = src["id"].as_str().unwrap();
+        src_dir
+            .join("jail/firecracker")
+            .join(id)
+            .join("root/firecracker.sock")
+    } else {
+        src_dir.join("firecracker.sock")
+    };
+    assert_eq!(fc_api_get(&src_api, "/")["state"], "Running");
+    let list: Value = serde_json::from_str(&ok(&["snapshot", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["name"], "s1");
+    assert_eq!(list[0]["vm"], "src");
+    assert!(list[0]["size_bytes"].as_u64().unwrap() > 1 << 20, "{list}");
+
+    // Two VMs from one snapshot: each its own VMM, directory, disks and
+    // socket, each guest resumed and answering on vsock.
+    ok(&["vm", "restore", "s1", "--name", "r1"]);
+    ok(&["vm", "restore", "s1", "--name", "r2"]);
+    let mut seen = Vec::new();
+    for name in ["r1", "r2", "src"] {
+        let v: Value = serde_json::from_str(&ok(&["vm", "show", name, "--json"])).unwrap();
+        assert_eq!(v["state"], "running", "{name}: {v}");
+        let dir = PathBuf::from(v["vm_dir"].as_str().unwrap());
+        let uds = if dir.join("jail").exists() {
+            dir.join("jail/firecracker")
+                .join(v["id"].as_str().unwrap())
+                .join("root/vsock.sock")
+        } else {
+            dir.join("vsock.sock")
+        };
+        let said = vsock_echo(&uds, &format!("ping {name}"));
+        assert!(
+            said.contains("hello from tiny guest") && said.contains(&format!("echo:ping {name}")),
+            "{name} does not answer on vsock: {said:?}"
+        );
+        seen.push((v["pid"].as_u64().unwrap(), dir));
+    }
+    assert!(seen[0].0 != seen[1].0 && seen[0].1 != seen[1].1);
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+    assert_ne!(
+        inode(seen[0].1.join("work.ext4")),
+        inode(seen[1].1.join("work.ext4")),
+        "restored VMs share a disk"
+    );
+
+    // The daemon killed: the restored VMs are adopted like any other.
+    env.kill_daemon();
+    for name in ["r1", "r2"] {
+        let v: Value = serde_json::from_str(&ok(&["vm", "show", name, "--json"])).unwrap();
+        assert_eq!(v["state"], "running", "{name} after the daemon's restart: {v}");
+    }
+    // A snapshot removed: what was restored from it runs on.
+    ok(&["snapshot", "rm", "s1"]);
+    assert_eq!(ok(&["snapshot", "list", "--json"]).trim(), "[]");
+    for name in ["r1", "r2", "src"] {
+        ok(&["vm", "delete", name]);
+    }
+    wait_for("the VMs' processes to end", Duration::from_secs(20), || {
+        env.vm_processes().is_empty().then_some(())
+    });
+    let snaps = env.home().join("snapshots");
+    let left: Vec<_> = std::fs::read_dir(&snaps)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "snapshot files left: {left:?}");
+}
+
+#[test]
+#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
+fn firecracker_snapshot_restores_two_vms_that_both_run() {
+    let env = with_tiny_image(false, fc_ok);
+    snapshot_and_restore(&env, fc_ok);
+}
+
+#[test]
+#[ignore = "needs Firecracker and its jailer: set BANGER_TEST_FIRECRACKER and BANGER_TEST_JAILER, run with --ignored"]
+fn a_jailed_firecracker_snapshot_restores_two_vms_that_both_run() {
+    let env = with_tiny_image(true, jailed);
+    snapshot_and_restore(&env, jailed);
+}

@@ -208,6 +208,72 @@ pub fn plan(spec: &LaunchSpec, p: &Paths) -> Vec<Call> {
     calls
 }
 
+/// The calls that bring a VM back from snapshot `r` instead of booting
+/// it: where Firecracker writes its log, metrics and console, then the
+/// load, which resumes the guest on this VM's own tap and vsock socket.
+/// Machine, kernel and drives come from the snapshot: the drives are
+/// opened at the paths they had when it was taken, which is why they are
+/// always given to Firecracker by a name relative to the VM's own
+/// directory (see [`drive_links`]).
+pub fn restore_plan(spec: &LaunchSpec, p: &Paths, r: &crate::Restore) -> Vec<Call> {
+    let mut calls: Vec<Call> = plan(spec, p)
+        .into_iter()
+        .filter(|c| ["/logger", "/metrics", "/serial"].contains(&c.path.as_str()))
+        .collect();
+    let mut load = serde_json::json!({
+        "snapshot_path": s(&r.state),
+        "mem_backend": { "backend_type": "File", "backend_path": s(&r.memory) },
+        "resume_vm": true,
+        "vsock_override": { "uds_path": s(&p.vsock) },
+    });
+    if let Some(net) = &spec.net {
+        load["network_overrides"] = serde_json::json!([{ "iface_id": "eth0", "host_dev_name": net.tap }]);
+    }
+    calls.push(Call {
+        method: "PUT",
+        path: "/snapshot/load".into(),
+        definition: "SnapshotLoadParams",
+        body: load,
+    });
+    calls
+}
+
+/// The call that writes a paused VM's full snapshot to `state` and
+/// `memory` (paths as Firecracker sees them).
+pub fn snapshot_call(state: &Path, memory: &Path) -> Call {
+    Call {
+        method: "PUT",
+        path: "/snapshot/create".into(),
+        definition: "SnapshotCreateParams",
+        body: serde_json::json!({
+            "snapshot_type": "Full",
+            "snapshot_path": s(state),
+            "mem_file_path": s(memory),
+        }),
+    }
+}
+
+/// Gives each drive a name in `dir` (`drive-<id>`, a symlink to its file)
+/// and returns the drives by those relative names. Firecracker runs in
+/// `dir`, so a snapshot records names that a VM restored elsewhere
+/// resolves to its own copies, never the original VM's disks.
+pub fn drive_links(dir: &Path, drives: &[crate::Drive]) -> Result<Vec<crate::Drive>, VmmError> {
+    drives
+        .iter()
+        .map(|d| {
+            let name = format!("drive-{}", d.id);
+            let link = dir.join(&name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&d.path, &link)
+                .map_err(|e| VmmError::io(format!("linking {}", link.display()), e))?;
+            Ok(crate::Drive {
+                path: PathBuf::from(name),
+                ..d.clone()
+            })
+        })
+        .collect()
+}
+
 /// A minimal HTTP/1.1 client for the API socket: requests in sequence on
 /// one kept-alive connection, bodies sized by Content-Length.
 pub struct ApiConn {
@@ -331,11 +397,16 @@ impl Firecracker {
         Ok(Firecracker { binary, jail })
     }
 
-    /// Sends the plan over the API socket at `api` (on the host); `paths`
-    /// are the files as Firecracker names them (inside its jail, if any).
+    /// Sends the plan (or, for a restore, the restore plan) over the API
+    /// socket at `api` (on the host); `paths` are the files as Firecracker
+    /// names them (inside its jail, if any).
     async fn configure(&self, api: &Path, spec: &LaunchSpec, paths: &Paths) -> Result<(), VmmError> {
         let mut api = ApiConn::connect(api).await?;
-        for c in plan(spec, paths) {
+        let calls = match &spec.restore {
+            Some(r) => restore_plan(spec, paths, r),
+            None => plan(spec, paths),
+        };
+        for c in calls {
             let (status, body) = api.send(c.method, &c.path, Some(&c.body)).await?;
             if !(200..300).contains(&status) {
                 return Err(VmmError::Api {
@@ -377,8 +448,10 @@ impl Firecracker {
             None => {
                 let mut cmd = tokio::process::Command::new(&self.binary);
                 let paths = Paths::new(dir);
-                cmd.arg("--api-sock").arg(&paths.api);
-                (Paths::new(dir), paths, spec.clone(), cmd)
+                cmd.arg("--api-sock").arg(&paths.api).current_dir(dir);
+                let mut own = spec.clone();
+                own.drives = drive_links(dir, &spec.drives)?;
+                (Paths::new(dir), paths, own, cmd)
             }
             Some(jail) => {
                 let layout = crate::jailer::layout(dir, &self.binary)?;

@@ -203,6 +203,21 @@ pub fn prepare(
             })
         })
         .collect::<Result<_, VmmError>>()?;
+    // A snapshot is copied in, not linked: it must be the VM uid's to
+    // read, and the snapshot itself stays root's (guest memory is secret).
+    if let Some(r) = &spec.restore {
+        let mut inside = Vec::new();
+        for (src, name) in [(&r.state, "snapshot-state"), (&r.memory, "snapshot-mem")] {
+            let dest = layout.root.join(name);
+            std::fs::copy(src, &dest).map_err(io(format!("copying {} into the jail", src.display())))?;
+            chown(&dest, uid)?;
+            inside.push(PathBuf::from("/").join(name));
+        }
+        jailed.restore = Some(crate::Restore {
+            memory: inside.pop().expect("two files"),
+            state: inside.pop().expect("two files"),
+        });
+    }
     // Firecracker's own files, made here so they are the VM uid's.
     for f in ["firecracker.log", "metrics.json", "serial.log"] {
         let p = layout.root.join(f);

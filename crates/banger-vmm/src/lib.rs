@@ -69,6 +69,21 @@ pub struct LaunchSpec {
     pub drives: Vec<Drive>,
     pub vsock_cid: u32,
     pub net: Option<NetSpec>,
+    /// Resume this snapshot instead of booting (the drives must hold what
+    /// they held when it was taken).
+    pub restore: Option<Restore>,
+}
+
+/// Why a QEMU VM cannot be snapshotted: its vsock (the agent's channel)
+/// is a vhost-user device, which QEMU refuses to migrate or save.
+pub const QEMU_NO_SNAPSHOTS: &str = "snapshots need the Firecracker back-end: QEMU cannot save a VM whose vsock is a vhost-user device (vhost-user-vsock is not migratable), and that is the guest agent's channel";
+
+/// A snapshot's files: the VMM's device and vCPU state, and the guest's
+/// memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restore {
+    pub state: PathBuf,
+    pub memory: PathBuf,
 }
 
 /// The VM's network interface: a tap on the host side.
@@ -264,6 +279,7 @@ mod tests {
             drives: vec![],
             vsock_cid: 3,
             net: None,
+            restore: None,
         }
     }
 

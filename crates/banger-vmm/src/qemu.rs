@@ -150,6 +150,9 @@ impl Vmm for Qemu {
 impl Qemu {
     /// [`Vmm::launch`]: vhost-device-vsock, then QEMU.
     async fn start(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        if spec.restore.is_some() {
+            return Err(VmmError::Failed(crate::QEMU_NO_SNAPSHOTS.into()));
+        }
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
         let vhost = dir.join("vhost-vsock.sock");

@@ -4,7 +4,7 @@
 //! the path and method exist, the body is the definition the API expects,
 //! required fields are present, no field is unknown, types and enums match.
 
-use banger_vmm::firecracker::{plan, Paths};
+use banger_vmm::firecracker::{plan, restore_plan, snapshot_call, Paths};
 use banger_vmm::{Drive, LaunchSpec};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -105,6 +105,7 @@ fn launch_spec() -> LaunchSpec {
             fd: None,
             mac: "52:54:00:0a:1b:2c".into(),
         }),
+        restore: None,
     }
 }
 
@@ -135,11 +136,26 @@ fn the_network_card_is_sent_before_instance_start() {
 fn every_body_banger_sends_matches_the_api_description() {
     let api = spec();
     let ls = launch_spec();
-    let calls = plan(&ls, &Paths::new(&ls.vm_dir));
+    let mut calls = plan(&ls, &Paths::new(&ls.vm_dir));
     assert!(
         calls.iter().any(|c| c.path == "/actions"),
         "the plan never starts the instance"
     );
+    // A restore, and the snapshot it comes from, are checked the same way.
+    let r = banger_vmm::Restore {
+        state: "/snapshot-state".into(),
+        memory: "/snapshot-mem".into(),
+    };
+    let restore = restore_plan(&ls, &Paths::new(&ls.vm_dir), &r);
+    let load = restore.last().unwrap();
+    assert_eq!(load.path, "/snapshot/load");
+    assert_eq!(load.body["network_overrides"][0]["host_dev_name"], "bgt0a1b2c3d");
+    assert_eq!(load.body["mem_backend"]["backend_path"], "/snapshot-mem");
+    assert!(!restore
+        .iter()
+        .any(|c| c.path == "/actions" || c.path.starts_with("/drives")));
+    calls.extend(restore);
+    calls.push(snapshot_call(&r.state, &r.memory));
     let mut errors = Vec::new();
     for c in &calls {
         let paths = api["paths"].as_object().unwrap();

@@ -86,6 +86,8 @@ impl App {
             agent_binary: sibling("banger-agent"),
             auto_stop_idle_secs: cfg.auto_stop_idle_secs,
             warm_pool: cfg.warm_pool.clone(),
+            snapshots_dir: cfg.snapshots_dir(),
+            snapshot_max_bytes: cfg.snapshot_max_gib << 30,
             busybox: std::env::var_os("BANGER_BUSYBOX")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/bin/busybox".into()),
@@ -193,6 +195,23 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
         .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
         .method::<d::VmSetM, _, _>(handler!(app, |_, p| app.vms.set(p).await))
+        .method::<d::VmSnapshotM, _, _>(vm_operation!(app, "vm.snapshot", |vms, op, p| vms
+            .snapshot(&op, p)
+            .await))
+        .method::<d::VmRestoreM, _, _>(handler!(app, |ctx, p| {
+            // A create: run as an operation of its own, which a hang-up
+            // only detaches.
+            let vms = app.vms.clone();
+            let handle = app.ops.begin(&ctx.op_id, "vm.restore", &p.name);
+            let h = handle.clone();
+            handle.run(async move { vms.restore(&h, p).await }).await
+        }))
+        .method::<d::SnapshotListM, _, _>(handler!(app, |_, _| app.vms.snapshot_list()))
+        .method::<d::SnapshotShowM, _, _>(handler!(app, |_, p| app.vms.snapshot_show(&p.name)))
+        .method::<d::SnapshotRmM, _, _>(handler!(app, |_, p| app
+            .vms
+            .snapshot_rm(&p.name)
+            .map(|_| Empty {})))
         .method::<d::PoolStatusM, _, _>(handler!(app, |_, _| app.vms.pool_status()))
         .method::<d::PoolFillM, _, _>(handler!(app, |_, p| app.vms.pool_fill(p.wait).await))
         .method::<d::PoolDrainM, _, _>(handler!(app, |ctx, _| app.vms.pool_drain(&ctx.op_id).await))

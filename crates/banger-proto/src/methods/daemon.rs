@@ -612,6 +612,59 @@ pub struct PoolDrained {
     pub removed: Vec<String>,
 }
 
+/// `vm snapshot`: the VM to save, and the snapshot's name (made up when
+/// absent).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmSnapshot {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// `vm restore`: a new VM `name` from `snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmRestore {
+    pub name: String,
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    pub image: String,
+    pub vmm: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Its files on disk (memory, state, the VM's disks), in bytes used.
+    pub size_bytes: u64,
+    pub created_at: String,
+    pub last_used_at: String,
+    /// The op id of the call that took it.
+    pub op_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub name: String,
+}
+
+method!(
+    /// Saves a running VM (memory, device state, disks) as a snapshot; the
+    /// VM is paused for the copy and runs on after.
+    VmSnapshotM = "vm.snapshot", VmSnapshot => SnapshotInfo
+);
+method!(
+    /// A new VM from a snapshot, with its own name, CID and disks; the
+    /// guest is re-seeded (hostname, entropy, clock).
+    VmRestoreM = "vm.restore", VmRestore => VmInfo
+);
+method!(SnapshotListM = "snapshot.list", crate::methods::Empty => Vec<SnapshotInfo>);
+method!(SnapshotShowM = "snapshot.show", SnapshotRef => SnapshotInfo);
+method!(SnapshotRmM = "snapshot.rm", SnapshotRef => crate::methods::Empty);
+
 method!(PoolStatusM = "pool.status", crate::methods::Empty => PoolStatus);
 method!(
     /// Refills the pool (and resumes refilling after a drain).

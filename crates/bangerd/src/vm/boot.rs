@@ -55,7 +55,20 @@ impl VmService {
         let op = current_op();
         // May build the initramfs (file reads, a cpio, busybox): blocking
         // work, off the async workers.
-        let spec = tokio::task::block_in_place(|| self.launch_spec(&vm))?;
+        let mut spec = tokio::task::block_in_place(|| self.launch_spec(&vm))?;
+        // A restore's first start loads its snapshot instead of booting.
+        let restoring = vm
+            .runtime
+            .restore_from
+            .as_ref()
+            .map(PathBuf::from)
+            .filter(|d| d.join("state").is_file());
+        if let Some(d) = &restoring {
+            spec.restore = Some(banger_vmm::Restore {
+                state: d.join("state"),
+                memory: d.join("memory"),
+            });
+        }
         // The intent, before any side effect: a daemon killed from here on
         // leaves "starting", which reconcile undoes (tap, rules, processes).
         vm.runtime.state = VmState::Starting;
@@ -77,8 +90,12 @@ impl VmService {
             }
             Err((e, false)) => return Err(self.fail_start(vm, e).await),
         };
-        self.seed(&vm, &launched.vsock_uds, &op).await;
+        // A restored guest still has its snapshot's name, entropy and clock.
+        let hostname = restoring.is_some().then(|| vm.name.clone());
+        self.seed_as(&vm, &launched.vsock_uds, &op, hostname.as_deref())
+            .await;
         vm.runtime.state = VmState::Running;
+        vm.runtime.restore_from = None;
         self.save(&vm)?;
         tracing::info!(vm = %vm.name, "vm running");
         // Without a network there is no ssh to set up.

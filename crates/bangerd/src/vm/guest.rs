@@ -13,13 +13,9 @@ use std::sync::{Arc, Mutex};
 
 impl VmService {
     /// Gives a guest that just came up the host's time and 64 bytes of the
-    /// host's entropy. A guest that cannot take them still runs (its clock
-    /// is the VMM's RTC), so a failure is logged, not returned.
-    pub(super) async fn seed(&self, vm: &VmRecord, uds: &Path, op: &OpId) {
-        self.seed_as(vm, uds, op, None).await;
-    }
-
-    /// Like `seed`, also naming the guest `hostname` (a claimed pool VM).
+    /// host's entropy, and names it `hostname` when given (a claimed pool
+    /// VM, a restored one). A guest that cannot take them still runs (its
+    /// clock is the VMM's RTC), so a failure is logged, not returned.
     pub(super) async fn seed_as(&self, vm: &VmRecord, uds: &Path, op: &OpId, hostname: Option<&str>) {
         use base64::Engine;
         let mut entropy = [0u8; 64];

@@ -42,6 +42,7 @@ mod pool;
 mod query;
 mod reconcile;
 mod resize;
+mod snapshot;
 mod stop;
 mod teardown;
 mod vmm;
@@ -79,6 +80,9 @@ pub struct Settings {
     pub auto_stop_idle_secs: u64,
     /// VMs kept booted for creates of the pool's spec.
     pub warm_pool: banger_config::WarmPool,
+    pub snapshots_dir: PathBuf,
+    /// Disk all snapshots may use together; 0: no limit.
+    pub snapshot_max_bytes: u64,
 }
 
 pub struct VmService {

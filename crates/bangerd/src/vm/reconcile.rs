@@ -59,6 +59,7 @@ impl VmService {
     /// Runs under the caller's op id (one for the whole reconcile).
     pub async fn reconcile(&self) {
         tracing::info!("reconcile started");
+        self.sweep_snapshots();
         let vms = match self.store.list_vms() {
             Ok(v) => v,
             Err(e) => {

@@ -116,6 +116,7 @@ impl VmService {
             ],
             vsock_cid: vm.runtime.vsock_cid,
             net: None,
+            restore: None,
         })
     }
 
