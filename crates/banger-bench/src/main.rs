@@ -22,6 +22,7 @@
 //! BANGER_HOME (default target/bench-home, kept so the image is built once).
 
 mod chaos;
+mod fc_restore;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -96,6 +97,12 @@ enum Cmd {
         firecracker: PathBuf,
         #[arg(long, default_value_t = 50)]
         count: usize,
+    },
+    /// A tiny Firecracker guest snapshotted and restored through banger
+    /// against Firecracker's snapshot API by hand.
+    FcRestore {
+        #[arg(long, env = "BANGER_TEST_FIRECRACKER")]
+        firecracker: PathBuf,
     },
 }
 
@@ -1069,6 +1076,15 @@ async fn main() -> Result<()> {
             let _ = b.banger(&["daemon", "stop"]);
             tokio::time::sleep(Duration::from_millis(300)).await;
             fc_start(&b, cli.runs, &firecracker).await?
+        }
+        Cmd::FcRestore { firecracker } => {
+            b.env = vec![
+                ("BANGER_VMM".into(), "firecracker".into()),
+                ("BANGER_FIRECRACKER".into(), firecracker.display().to_string()),
+            ];
+            let _ = b.banger(&["daemon", "stop"]);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fc_restore::fc_restore(&b, cli.runs, &firecracker).await?
         }
         Cmd::FcParallel { firecracker, count } => {
             b.env = vec![
