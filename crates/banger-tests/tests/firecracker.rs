@@ -583,3 +583,119 @@ fn a_jailed_firecracker_snapshot_restores_two_vms_that_both_run() {
     let env = with_tiny_image(true, jailed);
     snapshot_and_restore(&env, jailed);
 }
+
+/// The daemon killed with SIGKILL in the middle of a snapshot, then of a
+/// restore: what comes back is whole. No unfinished snapshot files, the
+/// source VM running (not left paused), and the half-restored VM either
+/// gone or a VM that starts from its snapshot; no VMM without a VM.
+#[test]
+#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
+fn a_daemon_killed_mid_snapshot_or_restore_leaves_a_whole_state() {
+    let env = with_tiny_image(false, fc_ok);
+    let ok = |args: &[&str]| fc_ok(&env, args);
+    ok(&[
+        "vm",
+        "create",
+        "--name",
+        "src",
+        "--image",
+        "tiny",
+        "--vcpus",
+        "1",
+        "--memory",
+        "128",
+        "--disk-size",
+        "64",
+        "--no-network",
+    ]);
+    let snaps = env.home().join("snapshots");
+    let background = |args: &[&str]| {
+        env.cmd("banger")
+            .env("BANGER_VMM", "firecracker")
+            .env("BANGER_FIRECRACKER", firecracker())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Mid-snapshot: once its unfinished directory exists.
+    let mut snap = background(&["vm", "snapshot", "src", "--name", "s2"]);
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_dir(&snaps)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    {
+        assert!(std::time::Instant::now() < end, "the snapshot never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    env.kill_daemon();
+    let _ = snap.wait();
+    let list: Value = serde_json::from_str(&ok(&["snapshot", "list", "--json"])).unwrap();
+    let files: Vec<String> = std::fs::read_dir(&snaps)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !files.iter().any(|f| f.ends_with(".tmp")),
+        "unfinished snapshot left: {files:?}"
+    );
+    assert_eq!(
+        files.len(),
+        list.as_array().unwrap().len(),
+        "files {files:?} against rows {list}"
+    );
+    let src = show(&env, "src");
+    assert_eq!(src["state"], "running");
+    let api = PathBuf::from(src["vm_dir"].as_str().unwrap()).join("firecracker.sock");
+    wait_for("the source VM to run again", Duration::from_secs(10), || {
+        (fc_api_get(&api, "/")["state"] == "Running").then_some(())
+    });
+
+    // Mid-restore: once the new VM is in the store.
+    ok(&["vm", "snapshot", "src", "--name", "s3"]);
+    let mut restore = background(&["vm", "restore", "s3", "--name", "r3"]);
+    wait_for("the restore to begin", Duration::from_secs(20), || {
+        env.vms_dir().read_dir().ok()?.count().gt(&1).then_some(())
+    });
+    env.kill_daemon();
+    let _ = restore.wait();
+    let vms: Value = serde_json::from_str(&ok(&["vm", "list", "--json"])).unwrap();
+    if let Some(r3) = vms.as_array().unwrap().iter().find(|v| v["name"] == "r3") {
+        if r3["state"] != "running" {
+            ok(&["vm", "start", "r3"]);
+        }
+        let v = show(&env, "r3");
+        let said = vsock_echo(
+            &PathBuf::from(v["vm_dir"].as_str().unwrap()).join("vsock.sock"),
+            "r3",
+        );
+        assert!(
+            said.contains("echo:r3"),
+            "the restored VM does not answer: {said:?}"
+        );
+    }
+    for v in serde_json::from_str::<Value>(&ok(&["vm", "list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+    {
+        ok(&["vm", "delete", v["name"].as_str().unwrap()]);
+    }
+    wait_for("the VMs' processes to end", Duration::from_secs(20), || {
+        env.vm_processes().is_empty().then_some(())
+    });
+    for s in ["s2", "s3"] {
+        let _ = env.cmd("banger").args(["snapshot", "rm", s]).output();
+    }
+    let left: Vec<_> = std::fs::read_dir(&snaps)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "snapshot files left: {left:?}");
+}
