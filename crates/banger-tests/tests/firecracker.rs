@@ -459,6 +459,25 @@ fn a_jailed_firecracker_is_confined_and_leaves_nothing() {
     );
 }
 
+/// `vm create` of the smallest VM of the tiny image, without a network.
+fn tiny_create(name: &str) -> Vec<&str> {
+    vec![
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--image",
+        "tiny",
+        "--vcpus",
+        "1",
+        "--memory",
+        "128",
+        "--disk-size",
+        "64",
+        "--no-network",
+    ]
+}
+
 /// Connects to a Firecracker VM's vsock port 52 through its socket: the
 /// tiny guest answers `OK …`, then `hello from tiny guest`, then echoes.
 fn vsock_echo(uds: &std::path::Path, line: &str) -> String {
@@ -479,21 +498,7 @@ fn vsock_echo(uds: &std::path::Path, line: &str) -> String {
 
 fn snapshot_and_restore(env: &Env, run: impl Fn(&Env, &[&str]) -> String) {
     let ok = |args: &[&str]| run(env, args);
-    ok(&[
-        "vm",
-        "create",
-        "--name",
-        "src",
-        "--image",
-        "tiny",
-        "--vcpus",
-        "1",
-        "--memory",
-        "128",
-        "--disk-size",
-        "64",
-        "--no-network",
-    ]);
+    ok(&tiny_create("src"));
     assert_eq!(ok(&["vm", "snapshot", "src", "--name", "s1"]).trim(), "s1");
     // The source was paused for the copy and runs on.
     let src: Value = serde_json::from_str(&ok(&["vm", "show", "src", "--json"])).unwrap();
@@ -593,21 +598,7 @@ fn a_jailed_firecracker_snapshot_restores_two_vms_that_both_run() {
 fn a_daemon_killed_mid_snapshot_or_restore_leaves_a_whole_state() {
     let env = with_tiny_image(false, fc_ok);
     let ok = |args: &[&str]| fc_ok(&env, args);
-    ok(&[
-        "vm",
-        "create",
-        "--name",
-        "src",
-        "--image",
-        "tiny",
-        "--vcpus",
-        "1",
-        "--memory",
-        "128",
-        "--disk-size",
-        "64",
-        "--no-network",
-    ]);
+    ok(&tiny_create("src"));
     let snaps = env.home().join("snapshots");
     let background = |args: &[&str]| {
         env.cmd("banger")

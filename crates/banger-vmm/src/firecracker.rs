@@ -84,6 +84,21 @@ pub struct Call {
     pub body: serde_json::Value,
 }
 
+impl Call {
+    /// Firecracker's answer to this call, as an error unless it is a 2xx.
+    pub fn accepted(self, (status, body): (u16, String)) -> Result<(), VmmError> {
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        Err(VmmError::Api {
+            method: self.method.into(),
+            path: self.path,
+            status,
+            body,
+        })
+    }
+}
+
 fn call<T: Serialize>(path: impl Into<String>, definition: &'static str, body: &T) -> Call {
     Call {
         method: "PUT",
@@ -407,15 +422,8 @@ impl Firecracker {
             None => plan(spec, paths),
         };
         for c in calls {
-            let (status, body) = api.send(c.method, &c.path, Some(&c.body)).await?;
-            if !(200..300).contains(&status) {
-                return Err(VmmError::Api {
-                    method: c.method.into(),
-                    path: c.path,
-                    status,
-                    body,
-                });
-            }
+            let answer = api.send(c.method, &c.path, Some(&c.body)).await?;
+            c.accepted(answer)?;
         }
         Ok(())
     }
