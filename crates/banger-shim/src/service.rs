@@ -8,13 +8,20 @@
 //! is a `banger vm exec` with the FIFOs as its stdio. Exits are seen by a
 //! watcher thread per process and published as TaskExit, in the order
 //! containerd wants: create, start, exit, delete.
+//!
+//! `placement` decides where a task runs (its own VM, or a tree in its
+//! pod's), `process` runs and watches its processes, `recovery` writes
+//! the tasks down and takes them over after a restart (see `keeper`).
 
 use crate::banger;
 use crate::record::{Records, Status, Stdio3};
 use crate::rootfs;
 use crate::spec::{self, Process};
 
+mod placement;
+mod process;
 mod recovery;
+
 use containerd_shim::api;
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
@@ -24,10 +31,11 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult};
+use process::session_exit;
 use std::collections::HashMap;
-use std::fs::OpenOptions;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -286,107 +294,6 @@ impl Service {
         log::info!("task={id} exec={exec_id} exited with {code}");
         self.emit(ev);
     }
-}
-
-/// Opens containerd's output FIFO for writing (its reader is open already).
-fn open_out(path: &str) -> std::io::Result<Stdio> {
-    if path.is_empty() {
-        return Ok(Stdio::null());
-    }
-    Ok(OpenOptions::new().write(true).open(path)?.into())
-}
-
-/// A pipe fed from containerd's stdin FIFO, for a child's stdin.
-fn stdin_pipe(path: &str, closed: Arc<AtomicBool>) -> std::io::Result<Stdio> {
-    let (rd, wr) = std::io::pipe()?;
-    feed_stdin(path, closed, wr)?;
-    Ok(rd.into())
-}
-
-/// Copies containerd's stdin FIFO into `to` on a thread of its own. The
-/// FIFO is opened without waiting for the client (which may open its end
-/// late, or never) and polled: data is copied, the client closing its end
-/// (or `CloseIO`, which sets `closed`) ends the copy and drops `to`.
-fn feed_stdin(
-    path: &str,
-    closed: Arc<AtomicBool>,
-    to: impl std::io::Write + Send + 'static,
-) -> std::io::Result<()> {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut fifo = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let mut wr = to;
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        while !closed.load(Ordering::Relaxed) {
-            let mut pfd = libc::pollfd {
-                fd: fifo.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, 200) };
-            if n <= 0 {
-                continue;
-            }
-            if pfd.revents & libc::POLLIN != 0 {
-                match fifo.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if wr.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
-                }
-            } else if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-                // The client had its end open and closed it.
-                break;
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Waits for a child that `Kill` and `Delete` may also reach (so it is
-/// shared behind a lock, polled rather than waited on while holding it).
-fn wait_shared(child: &Mutex<Child>) -> Option<std::process::ExitStatus> {
-    loop {
-        match child.lock().unwrap_or_else(|p| p.into_inner()).try_wait() {
-            Ok(Some(st)) => return Some(st),
-            Err(_) => return None,
-            Ok(None) => {}
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// A guest session's exit as a shell would report it.
-fn session_exit(task: &str, vm: &str, session: &str) -> u32 {
-    for _ in 0..100 {
-        if let Ok(v) = banger::json(
-            task,
-            "session show",
-            &["vm", "session", "show", vm, session, "--json"],
-        ) {
-            if v["state"] == "exited" || v["state"] == "lost" {
-                if let Some(c) = v["code"].as_i64() {
-                    return c as u32;
-                }
-                if let Some(s) = v["signal"].as_i64() {
-                    return 128 + s as u32;
-                }
-                return 255;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    255
 }
 
 impl containerd_shim::Task for Service {
@@ -807,286 +714,6 @@ impl containerd_shim::Task for Service {
             self.exit.signal();
         }
         Ok(api::Empty::default())
-    }
-}
-
-/// Where a task's processes run: its VM, its session there, its root.
-#[derive(Clone)]
-struct Target {
-    vm: String,
-    session: String,
-    root: Option<String>,
-    /// The VM is the task's own (not its pod's).
-    owns_vm: bool,
-}
-
-impl TaskState {
-    fn target(&self) -> Target {
-        Target {
-            vm: self.vm.clone(),
-            session: self.session.clone(),
-            root: self.root.clone(),
-            owns_vm: self.owns_vm,
-        }
-    }
-}
-
-/// Where a new task's process will run.
-struct Placed {
-    vm: String,
-    session: String,
-    root: Option<String>,
-    owns_vm: bool,
-    /// The VMM's host pid.
-    pid: u32,
-}
-
-impl Service {
-    /// A container alone, or a pod's sandbox: a VM of its own, booted from
-    /// the image made of its layers, sized and networked as the spec says.
-    fn boot_vm(
-        &self,
-        id: &str,
-        spec: &serde_json::Value,
-        layers: &[String],
-        bundle: &Path,
-    ) -> TtrpcResult<Placed> {
-        let image = rootfs::ensure_image(id, layers, &Self::cache()).map_err(err)?;
-        let vm = vm_name(&self.namespace, id);
-        std::fs::write(bundle.join(VM_FILE), &vm).map_err(err)?;
-        let mut args: Vec<String> = ["vm", "create", "--name", &vm, "--image", &image, "--json"]
-            .map(String::from)
-            .to_vec();
-        match spec::network(spec) {
-            spec::Network::Host => {}
-            spec::Network::Isolated => args.push("--no-network".into()),
-            // The engine's (CNI's) namespace: the VM's link goes there and
-            // the guest takes the pod's address.
-            spec::Network::Namespace(ns) => args.extend(["--netns".into(), ns]),
-        }
-        let size = spec::size(spec);
-        if let Some(v) = size.vcpus {
-            args.extend(["--vcpus".into(), v.to_string()]);
-        }
-        if let Some(m) = size.memory_mib {
-            args.extend(["--memory".into(), m.to_string()]);
-        }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        // `vm create --json` answers with the started VM: its VMM's pid.
-        let info = banger::json(id, "vm create", &argv).map_err(err)?;
-        Ok(Placed {
-            vm,
-            session: MAIN.into(),
-            root: None,
-            owns_vm: true,
-            pid: info["pid"].as_u64().unwrap_or(0) as u32,
-        })
-    }
-
-    /// A pod's later container: its image's tree is copied into the pod's
-    /// VM (on its work disk), where its process will run chrooted.
-    fn place_member(
-        &self,
-        id: &str,
-        sandbox: &str,
-        spec: &serde_json::Value,
-        layers: &[String],
-        bundle: &Path,
-    ) -> TtrpcResult<Placed> {
-        let vm = vm_name(&self.namespace, sandbox);
-        let info = banger::json(id, "vm show", &["vm", "show", &vm, "--json"])
-            .map_err(|e| err(format!("the pod's VM for sandbox {sandbox}: {e}")))?;
-        let key = member_key(id);
-        let guest = format!("{GUEST_TREES}/{key}");
-        let scratch = Self::cache()
-            .parent()
-            .map(|p| p.join("trees").join(&key))
-            .ok_or_else(|| err("no cache directory"))?;
-        let dest = format!("{vm}:{guest}");
-        rootfs::with_tree(layers, &scratch, |dir| {
-            let src = dir.display().to_string();
-            banger::run(id, "vm cp", &["vm", "cp", &src, &dest])
-        })
-        .and_then(|r| r)
-        .map_err(err)?;
-        // The pod's names and resolvers, which the engine would bind in:
-        // copied, as of now (bind mounts do not cross into a VM).
-        for (src, dest) in spec::etc_files(spec) {
-            let small = std::fs::metadata(&src).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20);
-            if small {
-                let to = format!("{vm}:{guest}{dest}");
-                banger::run(id, "vm cp", &["vm", "cp", &src, &to]).map_err(err)?;
-            }
-        }
-        std::fs::write(bundle.join(VM_FILE), &vm).map_err(err)?;
-        std::fs::write(bundle.join(SESSION_FILE), &key).map_err(err)?;
-        Ok(Placed {
-            vm,
-            session: key,
-            root: Some(guest),
-            owns_vm: false,
-            pid: info["pid"].as_u64().unwrap_or(0) as u32,
-        })
-    }
-
-    /// Starts the task's process as the guest session `main`, with relays
-    /// for its output and input and a watcher for its end.
-    fn start_main(&self, id: &str, at: &Target, p: &Process, io: &Stdio3) -> TtrpcResult<()> {
-        let (vm, session) = (at.vm.as_str(), at.session.as_str());
-        let mut args: Vec<String> = vec!["vm".into(), "session".into(), "start".into(), vm.into()];
-        args.extend(["--name".into(), session.into()]);
-        if let Some(r) = &at.root {
-            args.extend(["--root".into(), r.clone()]);
-        }
-        if p.terminal {
-            args.push("--tty".into());
-        }
-        if let Some(c) = &p.cwd {
-            args.extend(["--cwd".into(), c.clone()]);
-        }
-        if let Some(u) = &p.user {
-            args.extend(["--user".into(), u.to_arg()]);
-        }
-        for (k, v) in &p.env {
-            args.extend(["--env".into(), format!("{k}={v}")]);
-        }
-        args.push("--".into());
-        args.extend(p.args.iter().cloned());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        banger::run(id, "session start", &argv).map_err(err)?;
-        // Output from the first byte, into containerd's FIFOs.
-        let (mut c, _) = banger::command(id, "session logs", &["vm", "session", "logs", "-f", vm, session]);
-        c.stdout(open_out(&io.stdout).map_err(err)?)
-            .stderr(open_out(&io.stderr).map_err(err)?);
-        let follower = c.spawn().map_err(err)?;
-        let follower_pid = follower.id();
-        let follower = Arc::new(Mutex::new(follower));
-        if !io.stdin.is_empty() {
-            let closed = self.with(id, |t| Ok(t.main.stdin_closed.clone()))?;
-            let (mut c, _) = banger::command(
-                id,
-                "session send",
-                &["vm", "session", "send", "--eof", vm, session],
-            );
-            c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
-            let mut sender = c.spawn().map_err(err)?;
-            std::thread::spawn(move || sender.wait());
-        }
-        self.with(id, |t| {
-            t.main.status = Status::Running;
-            t.main.child = Some(follower.clone());
-            t.main.relay_pid = Some(follower_pid);
-            Ok(())
-        })?;
-        self.save(id);
-        let (svc, id, at) = (self.clone(), id.to_string(), at.clone());
-        std::thread::spawn(move || {
-            // The follower ends when the session does.
-            wait_shared(&follower);
-            let code = session_exit(&id, &at.vm, &at.session);
-            svc.exited(&id, "", code);
-            // A stopped container has no processes: its own VM stops with
-            // its process (Delete removes it), so a stopped task or pod
-            // holds no memory or CPU while the engine keeps it around.
-            if at.owns_vm {
-                let _ = banger::run(&id, "vm kill", &["vm", "kill", &at.vm]);
-            }
-        });
-        Ok(())
-    }
-
-    /// Runs an exec as `banger vm exec` with containerd's FIFOs as stdio.
-    fn start_exec(&self, id: &str, exec_id: &str, at: &Target, p: &Process, io: &Stdio3) -> TtrpcResult<u32> {
-        let mut args: Vec<String> = vec!["vm".into(), "exec".into(), at.vm.clone()];
-        if let Some(r) = &at.root {
-            args.extend(["--root".into(), r.clone()]);
-        }
-        if !io.stdin.is_empty() {
-            args.push("-i".into());
-        }
-        if p.terminal {
-            args.push("-t".into());
-        }
-        if let Some(c) = &p.cwd {
-            args.extend(["--cwd".into(), c.clone()]);
-        }
-        if let Some(u) = &p.user {
-            args.extend(["--user".into(), u.to_arg()]);
-        }
-        args.push("--".into());
-        if !p.env.is_empty() {
-            args.push("env".into());
-            args.extend(p.env.iter().map(|(k, v)| format!("{k}={v}")));
-        }
-        args.extend(p.args.iter().cloned());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (mut c, _) = banger::command(id, "vm exec", &argv);
-        let closed = self.with(id, |t| {
-            Ok(t.execs
-                .get(exec_id)
-                .ok_or_else(|| not_found(exec_id))?
-                .stdin_closed
-                .clone())
-        })?;
-        let mut pty = None;
-        if p.terminal {
-            // The CLI's terminal is a pty the shim holds: its output and
-            // input go through the master, and ResizePty sizes it.
-            let (master, slave) = crate::pty::open(24, 80).map_err(err)?;
-            let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(err);
-            c.stdin(Stdio::from(dup(&slave)?))
-                .stdout(Stdio::from(dup(&slave)?))
-                .stderr(Stdio::from(slave));
-            // SAFETY: only setsid and an ioctl between fork and exec.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut c, || crate::pty::take_as_terminal());
-            }
-            let out = if io.stdout.is_empty() {
-                None
-            } else {
-                Some(OpenOptions::new().write(true).open(&io.stdout).map_err(err)?)
-            };
-            crate::pty::relay_out(std::fs::File::from(dup(&master)?), out);
-            if !io.stdin.is_empty() {
-                feed_stdin(&io.stdin, closed, std::fs::File::from(dup(&master)?)).map_err(err)?;
-            }
-            pty = Some(Arc::new(master));
-        } else {
-            c.stdout(open_out(&io.stdout).map_err(err)?)
-                .stderr(open_out(&io.stderr).map_err(err)?);
-            if !io.stdin.is_empty() {
-                c.stdin(stdin_pipe(&io.stdin, closed).map_err(err)?);
-            }
-        }
-        let child = c.spawn().map_err(err)?;
-        // The command's copies of the slave go, so the master sees the end.
-        drop(c);
-        let pid = child.id();
-        let child = Arc::new(Mutex::new(child));
-        self.with(id, |t| {
-            let e = t.execs.get_mut(exec_id).ok_or_else(|| not_found(exec_id))?;
-            e.status = Status::Running;
-            e.pid = pid;
-            e.child = Some(child.clone());
-            e.relay_pid = Some(pid);
-            e.pty = pty;
-            Ok(())
-        })?;
-        self.save(id);
-        let (svc, id, exec_id) = (self.clone(), id.to_string(), exec_id.to_string());
-        std::thread::spawn(move || {
-            let status = wait_shared(&child);
-            use std::os::unix::process::ExitStatusExt;
-            let code = match status {
-                Some(st) => st
-                    .code()
-                    .map(|c| c as u32)
-                    .unwrap_or_else(|| 128 + st.signal().unwrap_or(9) as u32),
-                None => 255,
-            };
-            svc.exited(&id, &exec_id, code);
-        });
-        Ok(pid)
     }
 }
 
