@@ -10,6 +10,7 @@
 //! task names too.
 
 mod banger;
+mod ctl;
 mod keeper;
 mod layers;
 mod pty;
@@ -25,6 +26,10 @@ fn main() {
         // containerd's connections go to a keeper that survives the task
         // server (see `keeper`); the server is its child.
         std::process::exit(keeper::run(args));
+    }
+    if let Some(c) = ctl::from_env() {
+        // A task server: it guards its keeper as its keeper guards it.
+        keeper::guard_keeper(c, args);
     }
     containerd_shim::run::<service::Shim>("io.containerd.banger.v2", Some(service::config()))
 }

@@ -12,6 +12,11 @@
 //! The relay reads whole ttrpc frames (a 10-byte header: length, stream
 //! id, type, flags) so that a server dying mid-answer never leaves half a
 //! frame on containerd's side.
+//!
+//! Every unanswered request is also written to `pending/<conn>-<stream>`
+//! before it is forwarded (and removed once answered), so a keeper that
+//! itself died and was restarted by the server (see `keeper`) picks each
+//! connection up where the last one left it, with the same rule.
 
 use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code, Request, Response};
@@ -85,36 +90,83 @@ struct Pending {
     frame: Vec<u8>,
 }
 
+/// What every relay of one keeper shares.
+pub struct Ctx {
+    /// The task server's socket.
+    pub server: PathBuf,
+    /// Where unanswered requests are written down.
+    pub pending: PathBuf,
+    pub log: Arc<dyn Fn(String) + Send + Sync>,
+    /// Called once containerd has closed connection `id`.
+    pub on_close: Arc<dyn Fn(u64) + Send + Sync>,
+}
+
 struct Shared {
+    id: u64,
     down: Mutex<UnixStream>,
     /// The server's end, replaced on reconnect; its lock also orders a
     /// request's recording against a replay.
     up: Mutex<Option<UnixStream>>,
     pending: Mutex<BTreeMap<u32, Pending>>,
-    server: PathBuf,
+    ctx: Arc<Ctx>,
 }
 
-/// Relays `down` (containerd) to the task server at `server` until
-/// containerd hangs up or the server cannot be reached again.
-pub fn spawn(
-    down: UnixStream,
-    server: PathBuf,
-    log: Arc<dyn Fn(String) + Send + Sync>,
-) -> std::io::Result<()> {
+impl Shared {
+    fn note(&self, stream: u32) -> PathBuf {
+        self.ctx.pending.join(format!("{}-{stream}", self.id))
+    }
+}
+
+fn method_of(frame: &[u8]) -> String {
+    Request::parse_from_bytes(frame.get(HEADER..).unwrap_or_default())
+        .map(|r| r.method)
+        .unwrap_or_default()
+}
+
+/// Relays connection `id` from containerd to the task server until
+/// containerd hangs up or the server cannot be reached again. `adopted`:
+/// a connection a previous keeper relayed, whose unanswered requests are
+/// read back and replayed or refused.
+pub fn spawn(id: u64, down: UnixStream, ctx: Arc<Ctx>, adopted: bool) -> std::io::Result<()> {
     let down_reader = down.try_clone()?;
+    let mut pending = BTreeMap::new();
+    if adopted {
+        let prefix = format!("{id}-");
+        for e in std::fs::read_dir(&ctx.pending).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(stream) = name.strip_prefix(&prefix).and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if let Ok(frame) = std::fs::read(e.path()) {
+                pending.insert(
+                    stream,
+                    Pending {
+                        method: method_of(&frame),
+                        frame,
+                    },
+                );
+            }
+        }
+    }
     let s = Arc::new(Shared {
+        id,
         down: Mutex::new(down),
         up: Mutex::new(None),
-        pending: Mutex::new(BTreeMap::new()),
-        server,
+        pending: Mutex::new(pending),
+        ctx,
     });
-    let first = connect(&s.server)?;
-    *s.up.lock().unwrap_or_else(|p| p.into_inner()) = Some(first.try_clone()?);
+    let first = connect(&s.ctx.server)?;
+    let writer = first.try_clone()?;
+    {
+        let mut slot = s.up.lock().unwrap_or_else(|p| p.into_inner());
+        resend(&s, &writer);
+        *slot = Some(writer);
+    }
     {
         let s = s.clone();
         std::thread::spawn(move || requests(s, down_reader));
     }
-    std::thread::spawn(move || answers(s, first, log));
+    std::thread::spawn(move || answers(s, first));
     Ok(())
 }
 
@@ -129,20 +181,23 @@ fn connect(server: &PathBuf) -> std::io::Result<UnixStream> {
     }
 }
 
-/// containerd → server. A request is recorded as pending before it is
-/// written, under the server lock, so a reconnect either sees it (and
-/// replays or answers it) or it goes to the new server.
+/// containerd → server. A request is recorded as pending (in memory and
+/// on disk) before it is written, under the server lock, so a reconnect
+/// either sees it (and replays or answers it) or it goes to the new
+/// server. A request a previous keeper recorded is not sent twice.
 fn requests(s: Arc<Shared>, mut down: UnixStream) {
     while let Ok(f) = read_frame(&mut down) {
         let mut up = s.up.lock().unwrap_or_else(|p| p.into_inner());
         if f.kind == REQUEST {
-            let method = Request::parse_from_bytes(&f.bytes[HEADER..])
-                .map(|r| r.method)
-                .unwrap_or_default();
-            s.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.contains_key(&f.stream) {
+                continue;
+            }
+            let _ = std::fs::write(s.note(f.stream), &f.bytes);
+            pending.insert(
                 f.stream,
                 Pending {
-                    method,
+                    method: method_of(&f.bytes),
                     frame: f.bytes.clone(),
                 },
             );
@@ -157,18 +212,50 @@ fn requests(s: Arc<Shared>, mut down: UnixStream) {
     if let Some(u) = s.up.lock().unwrap_or_else(|p| p.into_inner()).take() {
         let _ = u.shutdown(std::net::Shutdown::Both);
     }
+    for stream in std::mem::take(&mut *s.pending.lock().unwrap_or_else(|p| p.into_inner())).into_keys() {
+        let _ = std::fs::remove_file(s.note(stream));
+    }
+    (s.ctx.on_close)(s.id);
 }
 
-/// server → containerd, reconnecting when the server goes.
-fn answers(s: Arc<Shared>, mut up: UnixStream, log: Arc<dyn Fn(String) + Send + Sync>) {
+/// After a reconnect (or an adoption): what is pending and may run twice
+/// goes to the server again; the rest is answered `UNAVAILABLE`.
+fn resend(s: &Shared, writer: &UnixStream) {
+    let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+    if pending.is_empty() {
+        return;
+    }
+    let mut replayed = Vec::new();
+    let mut refused = Vec::new();
+    for (stream, p) in pending.iter() {
+        if REPLAYABLE.contains(&p.method.as_str()) {
+            replayed.push(p.method.clone());
+            let _ = (&*writer).write_all(&p.frame);
+        } else {
+            refused.push((*stream, p.method.clone()));
+        }
+    }
+    for (stream, method) in &refused {
+        pending.remove(stream);
+        let _ = s
+            .down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&unavailable(*stream, method));
+        let _ = std::fs::remove_file(s.note(*stream));
+    }
+    (s.ctx.log)(format!(
+        "connection {}: replayed {replayed:?}, refused {:?}",
+        s.id,
+        refused.iter().map(|(_, m)| m).collect::<Vec<_>>()
+    ));
+}
+
+/// server → containerd, reconnecting when the server goes. An answer is
+/// written to containerd before its request's note is removed.
+fn answers(s: Arc<Shared>, mut up: UnixStream) {
     loop {
         while let Ok(f) = read_frame(&mut up) {
-            if f.kind == RESPONSE {
-                s.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&f.stream);
-            }
             if s.down
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -177,14 +264,21 @@ fn answers(s: Arc<Shared>, mut up: UnixStream, log: Arc<dyn Fn(String) + Send + 
             {
                 return;
             }
+            if f.kind == RESPONSE {
+                s.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&f.stream);
+                let _ = std::fs::remove_file(s.note(f.stream));
+            }
         }
         // The server went. If containerd went first there is nothing to do.
         let mut slot = s.up.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             return;
         }
-        let Ok(new) = connect(&s.server) else {
-            log(format!("task server unreachable at {}", s.server.display()));
+        let Ok(new) = connect(&s.ctx.server) else {
+            (s.ctx.log)(format!("task server unreachable at {}", s.ctx.server.display()));
             let _ = s
                 .down
                 .lock()
@@ -193,31 +287,8 @@ fn answers(s: Arc<Shared>, mut up: UnixStream, log: Arc<dyn Fn(String) + Send + 
             return;
         };
         let Ok(writer) = new.try_clone() else { return };
-        let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let mut replayed = Vec::new();
-        let mut refused = Vec::new();
-        for (stream, p) in pending.iter() {
-            if REPLAYABLE.contains(&p.method.as_str()) {
-                replayed.push(p.method.clone());
-                let _ = (&writer).write_all(&p.frame);
-            } else {
-                refused.push((*stream, p.method.clone()));
-            }
-        }
-        for (stream, method) in &refused {
-            pending.remove(stream);
-            let _ = s
-                .down
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_all(&unavailable(*stream, method));
-        }
-        log(format!(
-            "reconnected to the task server: replayed {replayed:?}, refused {:?}",
-            refused.iter().map(|(_, m)| m).collect::<Vec<_>>()
-        ));
+        resend(&s, &writer);
         *slot = Some(writer);
-        drop(pending);
         drop(slot);
         up = new;
     }

@@ -208,6 +208,7 @@ impl containerd_shim::Shim for Shim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        crate::keeper::farewell();
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Service {

@@ -270,6 +270,25 @@ fn a_crash_of_containerd_or_the_shim_loses_nothing_and_leaks_nothing() {
         "after the server's death containerd still has t4 running:\n{}",
         ctrd.log_tail()
     );
+    // Then the keeper itself (the process containerd started, which holds
+    // its connection): the server holds copies and starts a new keeper.
+    let keeper = ctrd
+        .shims("t4")
+        .into_iter()
+        .find(|p| *p != restarted)
+        .expect("a keeper");
+    // SAFETY: the keeper process this test's containerd started.
+    unsafe { libc::kill(keeper as i32, libc::SIGKILL) };
+    wait_for("a new keeper", Duration::from_secs(30), || {
+        let shims = ctrd.shims("t4");
+        (shims.len() == 2 && !shims.contains(&keeper) && shims.contains(&restarted)).then_some(())
+    });
+    assert_eq!(
+        task_pid(&ctrd).as_deref(),
+        Some(pid.as_str()),
+        "after the keeper's death containerd still has t4 running:\n{}",
+        ctrd.log_tail()
+    );
     let hi = ctrd.ctr_ok(&[
         "task",
         "exec",
@@ -295,12 +314,21 @@ fn a_crash_of_containerd_or_the_shim_loses_nothing_and_leaks_nothing() {
         "output across the restart: {said}"
     );
     ctrd.ctr_ok(&["container", "rm", "t4"]);
-    // The restarted server shuts down with its last task, and its keeper
-    // with it.
+    // The restarted server shuts down with its last task, and the new
+    // keeper with it.
     wait_for("t4's shim to exit", Duration::from_secs(20), || {
         ctrd.shims("t4").is_empty().then_some(())
     });
-    assert!(!std::path::Path::new(&format!("/proc/{restarted}")).exists());
+    // Gone, or a zombie: after its keeper died it is whoever reaps
+    // orphans' to reap.
+    let stat = std::fs::read_to_string(format!("/proc/{restarted}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty()
+            || stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        "the restarted server still runs: {stat}"
+    );
 
     // The whole shim dies (keeper and server): containerd's own clean-up
     // runs `shim delete`, which removes the VM.
