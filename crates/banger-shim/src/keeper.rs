@@ -110,13 +110,25 @@ impl Held {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Gives a new server copies of everything held.
-    fn sync(&self, ctl: &OwnedFd) -> std::io::Result<()> {
-        ctl::send(ctl, Msg::Listener, Some(self.listener.as_raw_fd()))?;
-        for (id, fd) in self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            ctl::send(ctl, Msg::Conn(*id), Some(fd.as_raw_fd()))?;
+    /// Gives a new server copies of everything held and makes it the
+    /// current one, under the connections' lock, so a connection accepted
+    /// meanwhile reaches it either here or from `add`.
+    fn sync(&self, ctl: Arc<OwnedFd>) -> std::io::Result<()> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        ctl::send(&ctl, Msg::Listener, Some(self.listener.as_raw_fd()))?;
+        for (id, fd) in conns.iter() {
+            ctl::send(&ctl, Msg::Conn(*id), Some(fd.as_raw_fd()))?;
         }
-        ctl::send(ctl, Msg::Synced, None)
+        ctl::send(&ctl, Msg::Synced, None)?;
+        *self.ctl.lock().unwrap_or_else(|p| p.into_inner()) = ctl;
+        Ok(())
+    }
+
+    /// Holds a copy of a new connection and gives the server one.
+    fn add(&self, id: u64, copy: OwnedFd) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = ctl::send(&self.ctl(), Msg::Conn(id), Some(copy.as_raw_fd()));
+        conns.insert(id, copy);
     }
 }
 
@@ -213,7 +225,7 @@ fn keep(args: Vec<std::ffi::OsString>) -> std::io::Result<i32> {
     let mut server = server;
     match server {
         Some(pid) => {
-            held.sync(&held.ctl())?;
+            held.sync(held.ctl())?;
             signal_started();
             log(format!("task server {pid} started behind {}", public.display()));
         }
@@ -246,13 +258,7 @@ fn keep(args: Vec<std::ffi::OsString>) -> std::io::Result<i32> {
             for conn in listener.incoming().flatten() {
                 let id = conn_id();
                 match conn.as_fd().try_clone_to_owned() {
-                    Ok(copy) => {
-                        let _ = ctl::send(&held.ctl(), Msg::Conn(id), Some(copy.as_raw_fd()));
-                        held.conns
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(id, copy);
-                    }
+                    Ok(copy) => held.add(id, copy),
                     Err(e) => log(format!("keeping a copy of a connection: {e}")),
                 }
                 if let Err(e) = relay::spawn(id, conn, ctx.clone(), false) {
@@ -334,8 +340,7 @@ fn keep(args: Vec<std::ffi::OsString>) -> std::io::Result<i32> {
         }
         restarts.push(now);
         let (pid, c) = spawn_server(false)?;
-        held.sync(&c)?;
-        *held.ctl.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        held.sync(Arc::new(c))?;
         server = Some(pid);
         log(format!(
             "task server ended ({}); restarted as {pid}",
