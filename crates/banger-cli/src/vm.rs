@@ -185,7 +185,11 @@ fn show_vm(v: &d::VmInfo) {
         println!("pid:      {pid}");
     }
     println!("vsock:    cid {}", v.vsock_cid);
-    println!("dir:      {}", v.vm_dir);
+    println!(
+        "dir:      {} ({:.1} MiB on disk)",
+        v.vm_dir,
+        v.disk_bytes as f64 / (1 << 20) as f64
+    );
     if let Some(e) = &v.last_error {
         println!("error:    {}", e.lines().next().unwrap_or_default());
     }
@@ -322,14 +326,20 @@ pub async fn run(c: &Client, cmd: MachineCmd, json: bool) -> Result<i32> {
             let vms = c.call::<d::VmList>(&Empty {}, None).await?;
             print(json, &vms, |vms| {
                 println!(
-                    "{:<24} {:<9} {:<12} {:<8} {:>5} {:>7}",
-                    "NAME", "STATE", "VMM", "PID", "VCPU", "MEM"
+                    "{:<24} {:<9} {:<12} {:<8} {:>5} {:>7} {:>9}",
+                    "NAME", "STATE", "VMM", "PID", "VCPU", "MEM", "DISK"
                 );
                 for v in vms {
                     let pid = v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<24} {:<9} {:<12} {:<8} {:>5} {:>6}M",
-                        v.name, v.state, v.vmm, pid, v.vcpus, v.memory_mib
+                        "{:<24} {:<9} {:<12} {:<8} {:>5} {:>6}M {:>8.1}M",
+                        v.name,
+                        v.state,
+                        v.vmm,
+                        pid,
+                        v.vcpus,
+                        v.memory_mib,
+                        v.disk_bytes as f64 / (1 << 20) as f64
                     );
                 }
             });

@@ -60,6 +60,13 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
     let member = ready(&env).pop().expect("a ready pool VM");
     assert!(member.starts_with("pool-"), "{member}");
     assert_eq!(env.vm(&member)["state"], "pooled");
+    // Listed with what it costs on disk: its overlay and work disk hold
+    // something, but they are sparse, nothing like their 4 GiB + 8 GiB.
+    let disk = env.vm(&member)["disk_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        (1 << 20..2 << 30).contains(&disk),
+        "a pool VM uses {disk} bytes on disk"
+    );
     let member_id = env.vm(&member)["id"].clone();
     // On QEMU it waits running (its vsock backend does not survive a
     // pause reliably), and so it stays.

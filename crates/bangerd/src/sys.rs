@@ -237,6 +237,33 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     copied
 }
 
+/// Bytes the files under `p` really use on disk: holes are free, and a
+/// file linked in twice (a jail's hard links to a VM's disks) counts once.
+/// Symlinks are not followed.
+pub fn used_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            stack.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else if m.is_file() && seen.insert((m.dev(), m.ino())) {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
 /// `sha256:<hex>` of a file, read in 1 MiB chunks.
 pub fn sha256_file(path: &Path) -> Result<String, SysError> {
     use sha2::Digest;
@@ -259,6 +286,18 @@ pub fn sha256_file(path: &Path) -> Result<String, SysError> {
 mod sparse_tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn used_bytes_counts_data_once_and_holes_never() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("data"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::create_dir(d.path().join("jail")).unwrap();
+        std::fs::hard_link(d.path().join("data"), d.path().join("jail/data")).unwrap();
+        let f = std::fs::File::create(d.path().join("sparse")).unwrap();
+        f.set_len(1 << 30).unwrap();
+        let used = used_bytes(d.path());
+        assert!((1 << 20..(1 << 20) + (256 << 10)).contains(&used), "{used}");
+    }
 
     #[test]
     fn a_sparse_copy_keeps_data_and_holes() {

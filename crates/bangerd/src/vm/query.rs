@@ -36,6 +36,7 @@ impl VmService {
             guest_ip: vm.runtime.guest_ip.clone(),
             last_error: vm.runtime.last_error.clone(),
             created_at: vm.created_at.clone(),
+            disk_bytes: crate::sys::used_bytes(std::path::Path::new(&vm.runtime.vm_dir)),
         }
     }
 

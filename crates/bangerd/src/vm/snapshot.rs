@@ -32,24 +32,6 @@ const WORK: &str = "work.ext4";
 const JAIL_STATE: &str = "snapshot-out-state";
 const JAIL_MEMORY: &str = "snapshot-out-mem";
 
-/// Bytes a file or directory really uses on disk (holes are free).
-fn used_bytes(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::symlink_metadata(p) else {
-        return 0;
-    };
-    if m.is_dir() {
-        std::fs::read_dir(p)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| used_bytes(&e.path()))
-            .sum()
-    } else {
-        m.blocks() * 512
-    }
-}
-
 impl VmService {
     fn snapshot_info(&self, s: &SnapshotRecord) -> SnapshotInfo {
         SnapshotInfo {
@@ -223,7 +205,7 @@ impl VmService {
             spec: vm.spec.clone(),
             base_rootfs: vm.runtime.base_rootfs.clone().unwrap_or_default(),
             dir: dir.display().to_string(),
-            size_bytes: used_bytes(&dir),
+            size_bytes: sys::used_bytes(&dir),
             op_id: op.to_string(),
             created_at: now.clone(),
             last_used_at: now,
