@@ -9,7 +9,8 @@
 //! with resume, and the guest answering on vsock. `vm.snapshot` is timed
 //! against pause + `PUT /snapshot/create` + resume by hand the same way.
 
-use super::{report, tiny_image, tiny_vm, Bench};
+use crate::fc::{tiny_image, tiny_vm};
+use crate::{report, Bench};
 use anyhow::{bail, Context, Result};
 use banger_proto::methods::daemon as d;
 use banger_vmm::firecracker::request;
