@@ -14,6 +14,7 @@
 use super::{alloc, names, VmService};
 use crate::image::store_err;
 use crate::ops::OpHandle;
+use crate::sync::Locked;
 use crate::sys::{self, io};
 use banger_proto::methods::daemon::{SnapshotInfo, VmInfo, VmRestore, VmSnapshot};
 use banger_proto::{OpId, RpcError};
@@ -179,6 +180,16 @@ impl VmService {
             return Err(RpcError::not_running(format!("VM {} is not running", vm.name)));
         }
         let h = self.running_handles(&vm)?;
+        // Firecracker resets every vsock connection of the VM when it
+        // takes a snapshot: an exec or copy in flight would be cut.
+        let in_flight = self.busy.locked().get(&vm.id).copied().unwrap_or(0);
+        if in_flight > 0 {
+            return Err(RpcError::bad_request(format!(
+                "VM {} has {in_flight} exec, copy or workspace call(s) in flight, which a snapshot \
+                 would cut (Firecracker resets the VM's vsock connections); try again when they end",
+                vm.name
+            )));
+        }
         let id = alloc::vm_id(crate::kernel::rand_u32(), crate::kernel::rand_u32());
         let root = &self.settings.snapshots_dir;
         std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
@@ -324,7 +335,12 @@ impl VmService {
         let _g = lock.lock().await;
         match self.start_locked(vm.clone()).await {
             Ok(vm) => {
-                let _ = self.store.touch_snapshot(&snap.id, &banger_store::now());
+                // Off the answer's path: it only orders the budget's
+                // evictions, and a lost one is harmless.
+                let (store, id) = (self.store.clone(), snap.id.clone());
+                drop(tokio::task::spawn_blocking(move || {
+                    store.touch_snapshot(&id, &banger_store::now())
+                }));
                 tracing::info!(vm = %vm.name, snapshot = %snap.name, "vm restored");
                 Ok(self.info(&vm))
             }
