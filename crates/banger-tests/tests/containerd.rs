@@ -330,14 +330,18 @@ fn a_crash_of_containerd_or_the_shim_loses_nothing_and_leaks_nothing() {
         "the restarted server still runs: {stat}"
     );
 
-    // The whole shim dies (keeper and server): containerd's own clean-up
-    // runs `shim delete`, which removes the VM.
+    // The whole shim dies (keeper and server at once): containerd's own
+    // clean-up runs `shim delete`, which removes the VM. Both are stopped
+    // before either is killed: killed one after the other, the second
+    // could see the first die and restart it, as it is meant to.
     ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t5", "sleep", "1000"]);
     let shims = ctrd.shims("t5");
     assert_eq!(shims.len(), 2, "a keeper and a server for t5: {shims:?}");
-    for pid in shims {
-        // SAFETY: the shim processes this test's containerd started.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    for signal in [libc::SIGSTOP, libc::SIGKILL] {
+        for pid in &shims {
+            // SAFETY: the shim processes this test's containerd started.
+            unsafe { libc::kill(*pid as i32, signal) };
+        }
     }
     wait_for("containerd to see t5 end", Duration::from_secs(30), || {
         (!ctrd
