@@ -3,6 +3,7 @@
 
 use crate::{ms, report, run, Bench};
 use anyhow::{bail, Context, Result};
+use banger_vmm::firecracker::request;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -99,6 +100,44 @@ pub(crate) async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
     Ok(())
 }
 
+pub(crate) async fn put(api: &Path, method: &str, path: &str, body: Value) -> Result<()> {
+    let (st, text) = request(api, method, path, Some(&body)).await?;
+    if !(200..300).contains(&st) {
+        bail!("{method} {path}: {st} {text}");
+    }
+    Ok(())
+}
+
+/// Firecracker started in `dir` (its API socket there; relative paths,
+/// such as a snapshot's `drive-*` names, resolve there), until its API
+/// socket answers.
+pub(crate) async fn spawn_fc(fc: &Path, dir: &Path) -> Result<(std::process::Child, PathBuf)> {
+    let api = dir.join("api.sock");
+    let _ = std::fs::remove_file(&api);
+    let child = Command::new(fc)
+        .arg("--api-sock")
+        .arg(&api)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    while tokio::net::UnixStream::connect(&api).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok((child, api))
+}
+
+/// The time from `t` until the guest answers on vsock port 52 of `vs`;
+/// the Firecracker is stopped either way.
+pub(crate) async fn vsock_ready(mut child: std::process::Child, vs: &Path, t: Instant) -> Result<Duration> {
+    let ready = banger_vmm::vsock::connect_with_retry(vs, 52, Duration::from_secs(10), || true).await;
+    let elapsed = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    ready?;
+    Ok(elapsed)
+}
+
 pub(crate) async fn raw_fc(
     fc: &Path,
     guest: &Path,
@@ -108,21 +147,10 @@ pub(crate) async fn raw_fc(
     dir: &Path,
     cid: u32,
 ) -> Result<Duration> {
-    use banger_vmm::firecracker::request;
-    let api = dir.join("api.sock");
     let vs = dir.join("v.sock");
-    let _ = std::fs::remove_file(&api);
     let _ = std::fs::remove_file(&vs);
     let t = Instant::now();
-    let mut child = Command::new(fc)
-        .arg("--api-sock")
-        .arg(&api)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    while tokio::net::UnixStream::connect(&api).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let (child, api) = spawn_fc(fc, dir).await?;
     let s = |p: &Path| p.display().to_string();
     let calls = [
         (
@@ -149,17 +177,9 @@ pub(crate) async fn raw_fc(
         ("/actions", serde_json::json!({"action_type":"InstanceStart"})),
     ];
     for (path, body) in calls {
-        let (st, b) = request(&api, "PUT", path, Some(&body)).await?;
-        if !(200..300).contains(&st) {
-            bail!("PUT {path}: {st} {b}");
-        }
+        put(&api, "PUT", path, body).await?;
     }
-    let ready = banger_vmm::vsock::connect_with_retry(&vs, 52, Duration::from_secs(10), || true).await;
-    let elapsed = t.elapsed();
-    let _ = child.kill();
-    let _ = child.wait();
-    ready?;
-    Ok(elapsed)
+    vsock_ready(child, &vs, t).await
 }
 
 /// `count` tiny Firecracker guests started at once through the daemon

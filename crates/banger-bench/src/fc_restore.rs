@@ -9,50 +9,22 @@
 //! with resume, and the guest answering on vsock. `vm.snapshot` is timed
 //! against pause + `PUT /snapshot/create` + resume by hand the same way.
 
-use crate::fc::{tiny_image, tiny_vm};
+use crate::fc::{put, spawn_fc, tiny_image, tiny_vm, vsock_ready};
 use crate::{report, Bench};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use banger_proto::methods::daemon as d;
-use banger_vmm::firecracker::request;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SNAPSHOT: &str = "bench-snap";
-
-async fn put(api: &Path, method: &str, path: &str, body: Value) -> Result<()> {
-    let (st, text) = request(api, method, path, Some(&body)).await?;
-    if !(200..300).contains(&st) {
-        bail!("{method} {path}: {st} {text}");
-    }
-    Ok(())
-}
-
-/// Firecracker started in `dir` (where the snapshot's `drive-*` names
-/// resolve), until its API socket answers.
-async fn spawn_fc(fc: &Path, dir: &Path) -> Result<(std::process::Child, std::path::PathBuf)> {
-    let api = dir.join("api.sock");
-    let _ = std::fs::remove_file(&api);
-    let child = Command::new(fc)
-        .arg("--api-sock")
-        .arg(&api)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    while tokio::net::UnixStream::connect(&api).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok((child, api))
-}
 
 /// One restore by hand: process, load with resume, vsock-ready.
 async fn raw_restore(fc: &Path, dir: &Path, snap: &Path) -> Result<Duration> {
     let vs = dir.join("v.sock");
     let _ = std::fs::remove_file(&vs);
     let t = Instant::now();
-    let (mut child, api) = spawn_fc(fc, dir).await?;
+    let (child, api) = spawn_fc(fc, dir).await?;
     let s = |p: &Path| p.display().to_string();
     put(
         &api,
@@ -66,12 +38,7 @@ async fn raw_restore(fc: &Path, dir: &Path, snap: &Path) -> Result<Duration> {
         }),
     )
     .await?;
-    let ready = banger_vmm::vsock::connect_with_retry(&vs, 52, Duration::from_secs(10), || true).await;
-    let elapsed = t.elapsed();
-    let _ = child.kill();
-    let _ = child.wait();
-    ready?;
-    Ok(elapsed)
+    vsock_ready(child, &vs, t).await
 }
 
 /// One snapshot by hand of a VM booted by hand: pause, create, resume.

@@ -160,11 +160,40 @@ pub fn from_env() -> Option<OwnedFd> {
     }
 }
 
+/// Spawns `c` (this executable, as keeper or server) with the other end
+/// of a new channel at [`CTL_FD`]; returns the child and this end. The
+/// child's end is not kept here, so its death is seen as this end's EOF.
+pub fn spawn_partner(mut c: std::process::Command) -> std::io::Result<(std::process::Child, OwnedFd)> {
+    use std::os::unix::process::CommandExt;
+    let (mine, theirs) = pair()?;
+    let end = theirs.as_raw_fd();
+    c.env(CTL_ENV, CTL_FD.to_string());
+    // SAFETY: only dup2 (or fcntl) between fork and exec.
+    unsafe { c.pre_exec(move || install(end)) };
+    let child = c.spawn()?;
+    drop(theirs);
+    Ok((child, mine))
+}
+
+/// Gives a new partner copies of the listener and of every connection,
+/// then says it has everything.
+pub fn hand_over<'a>(
+    ctl: &OwnedFd,
+    listener: &OwnedFd,
+    conns: impl IntoIterator<Item = (&'a u64, &'a OwnedFd)>,
+) -> std::io::Result<()> {
+    send(ctl, Msg::Listener, Some(listener.as_raw_fd()))?;
+    for (id, fd) in conns {
+        send(ctl, Msg::Conn(*id), Some(fd.as_raw_fd()))?;
+    }
+    send(ctl, Msg::Synced, None)
+}
+
 /// Puts `end` at [`CTL_FD`] in a child about to exec.
 ///
 /// # Safety
 /// Only between fork and exec.
-pub unsafe fn install(end: RawFd) -> std::io::Result<()> {
+unsafe fn install(end: RawFd) -> std::io::Result<()> {
     // dup2 onto itself would leave close-on-exec set.
     let r = if end == CTL_FD {
         libc::fcntl(end, libc::F_SETFD, 0)

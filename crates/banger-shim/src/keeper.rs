@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,7 +60,8 @@ pub fn state_dir(socket: &Path) -> PathBuf {
     Path::new(STATE_ROOT).join(name)
 }
 
-fn socket_path(address: &str) -> PathBuf {
+/// The socket file of a shim address (`unix://PATH`, or a bare path).
+pub fn socket_path(address: &str) -> PathBuf {
     PathBuf::from(address.strip_prefix("unix://").unwrap_or(address))
 }
 
@@ -115,11 +115,7 @@ impl Held {
     /// meanwhile reaches it either here or from `add`.
     fn sync(&self, ctl: Arc<OwnedFd>) -> std::io::Result<()> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        ctl::send(&ctl, Msg::Listener, Some(self.listener.as_raw_fd()))?;
-        for (id, fd) in conns.iter() {
-            ctl::send(&ctl, Msg::Conn(*id), Some(fd.as_raw_fd()))?;
-        }
-        ctl::send(&ctl, Msg::Synced, None)?;
+        ctl::hand_over(&ctl, &self.listener, conns.iter())?;
         *self.ctl.lock().unwrap_or_else(|p| p.into_inner()) = ctl;
         Ok(())
     }
@@ -186,12 +182,10 @@ fn keep(args: Vec<std::ffi::OsString>) -> std::io::Result<i32> {
         .collect();
     let spawn_server = |first: bool| -> std::io::Result<(u32, OwnedFd)> {
         let _ = std::fs::remove_file(&private);
-        let (mine, theirs) = ctl::pair()?;
         let mut c = Command::new(std::env::current_exe()?);
         c.args(&serve_args)
             .env(WORKER_ENV, "1")
             .env(STATE_ENV, &state)
-            .env(ctl::CTL_ENV, ctl::CTL_FD.to_string())
             .stdin(Stdio::null())
             .stderr(Stdio::null());
         // The first server tells `start` it is up by closing the stdout
@@ -199,10 +193,8 @@ fn keep(args: Vec<std::ffi::OsString>) -> std::io::Result<i32> {
         if !first {
             c.stdout(Stdio::null());
         }
-        let end = theirs.as_raw_fd();
-        // SAFETY: only dup2 between fork and exec.
-        unsafe { c.pre_exec(move || ctl::install(end)) };
-        Ok((c.spawn()?.id(), mine))
+        let (child, mine) = ctl::spawn_partner(c)?;
+        Ok((child.id(), mine))
     };
 
     let (server, ctl_end) = match adopting {
@@ -413,26 +405,16 @@ fn restart_keeper(
     listener: &OwnedFd,
     conns: &HashMap<u64, OwnedFd>,
 ) -> std::io::Result<OwnedFd> {
-    let (mine, theirs) = ctl::pair()?;
     let mut c = Command::new(std::env::current_exe()?);
     c.args(args)
         .env_remove(WORKER_ENV)
         .env_remove(STATE_ENV)
-        .env(ctl::CTL_ENV, ctl::CTL_FD.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let end = theirs.as_raw_fd();
-    // SAFETY: only dup2 between fork and exec.
-    unsafe { c.pre_exec(move || ctl::install(end)) };
-    let mut child = c.spawn()?;
-    drop(theirs);
+    let (mut child, mine) = ctl::spawn_partner(c)?;
     std::thread::spawn(move || child.wait());
-    ctl::send(&mine, Msg::Listener, Some(listener.as_raw_fd()))?;
-    for (id, fd) in conns {
-        ctl::send(&mine, Msg::Conn(*id), Some(fd.as_raw_fd()))?;
-    }
-    ctl::send(&mine, Msg::Synced, None)?;
+    ctl::hand_over(&mine, listener, conns)?;
     Ok(mine)
 }
 

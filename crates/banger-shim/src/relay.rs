@@ -184,17 +184,13 @@ fn connect(server: &PathBuf) -> std::io::Result<UnixStream> {
 /// containerd → server. A request is recorded as pending (in memory and
 /// on disk) before it is written, under the server lock, so a reconnect
 /// either sees it (and replays or answers it) or it goes to the new
-/// server. A request a previous keeper recorded is not sent twice.
+/// server.
 fn requests(s: Arc<Shared>, mut down: UnixStream) {
     while let Ok(f) = read_frame(&mut down) {
         let mut up = s.up.lock().unwrap_or_else(|p| p.into_inner());
         if f.kind == REQUEST {
-            let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.contains_key(&f.stream) {
-                continue;
-            }
             let _ = std::fs::write(s.note(f.stream), &f.bytes);
-            pending.insert(
+            s.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
                 f.stream,
                 Pending {
                     method: method_of(&f.bytes),

@@ -195,7 +195,7 @@ impl containerd_shim::Shim for Shim {
         }
         // The dead shim's records, unless a live one still serves them.
         if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
-            let socket = PathBuf::from(address.trim().trim_start_matches("unix://"));
+            let socket = crate::keeper::socket_path(address.trim());
             if std::os::unix::net::UnixStream::connect(&socket).is_err() {
                 let _ = std::fs::remove_dir_all(crate::keeper::state_dir(&socket));
             }

@@ -113,24 +113,7 @@ fn show(env: &Env, name: &str) -> Value {
 fn firecracker_lifecycle_with_the_real_binary() {
     let env = with_tiny_image(false, fc_ok);
 
-    fc_ok(
-        &env,
-        &[
-            "vm",
-            "create",
-            "--name",
-            "fc1",
-            "--image",
-            "tiny",
-            "--vcpus",
-            "1",
-            "--memory",
-            "128",
-            "--disk-size",
-            "64",
-            "--no-network",
-        ],
-    );
+    fc_ok(&env, &tiny_create("fc1"));
     let v = show(&env, "fc1");
     assert_eq!(v["vmm"], "firecracker");
     assert_eq!(v["state"], "running");

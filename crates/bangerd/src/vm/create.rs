@@ -26,6 +26,24 @@ use tokio_util::sync::CancellationToken;
 /// The system overlay: every write to `/` outside `/root` lands here.
 const OVERLAY_BYTES: u64 = 4 << 30;
 
+/// What `create` makes beyond the spec.
+#[derive(Default)]
+pub(super) struct Making {
+    /// Boot it once made.
+    pub start: bool,
+    /// A warm-pool VM.
+    pub pooled: bool,
+    /// A VM restored from a snapshot: its disks are copies of the
+    /// snapshot's, over the base they were made on, and its first start
+    /// loads the snapshot instead of booting.
+    pub restore: Option<FromSnapshot>,
+}
+
+pub(super) struct FromSnapshot {
+    pub dir: std::path::PathBuf,
+    pub base_rootfs: String,
+}
+
 impl VmService {
     /// Validates synchronously (bad input fails before anything exists),
     /// then creates in a detached task registered under the call's op id.
@@ -70,7 +88,13 @@ impl VmService {
             };
             let res = match claimed {
                 Some(vm) => Ok(vm),
-                None => svc.create(&handle, &vm_name, spec, start, &cancel, false).await,
+                None => {
+                    let making = Making {
+                        start,
+                        ..Default::default()
+                    };
+                    svc.create(&handle, &vm_name, spec, making, &cancel).await
+                }
             };
             svc.cancels.locked().remove(handle.id());
             res.map(|_| ())
@@ -122,9 +146,8 @@ impl VmService {
         op: &OpHandle,
         name: &str,
         spec: VmSpec,
-        start: bool,
+        making: Making,
         cancel: &CancellationToken,
-        pooled: bool,
     ) -> Result<VmRecord, RpcError> {
         let cancelled = || -> Result<(), RpcError> {
             if cancel.is_cancelled() {
@@ -163,9 +186,13 @@ impl VmService {
                 (None, None)
             };
             let mut runtime = alloc::creating_runtime(&dir, cid, guest_ip, tap);
-            runtime.pooled = pooled;
+            runtime.pooled = making.pooled;
             // Pinned: this VM's overlay sits on exactly this file.
-            runtime.base_rootfs = Some(image.rootfs.clone());
+            runtime.base_rootfs = Some(match &making.restore {
+                Some(r) => r.base_rootfs.clone(),
+                None => image.rootfs.clone(),
+            });
+            runtime.restore_from = making.restore.as_ref().map(|r| r.dir.display().to_string());
             let vm = VmRecord {
                 id,
                 name: name.to_string(),
@@ -183,21 +210,27 @@ impl VmService {
             op.stage("disks");
             let dir = Path::new(&vm.runtime.vm_dir);
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-            let templates = self.settings.vms_dir.with_file_name("disk-templates");
-            sys::make_ext4_from_template(
-                &templates,
+            let (overlay, work) = (
                 Path::new(&vm.runtime.overlay_path),
-                OVERLAY_BYTES,
-                "banger-overlay",
-            )
-            .await?;
-            sys::make_ext4_from_template(
-                &templates,
                 Path::new(&vm.runtime.work_disk_path),
-                vm.spec.work_disk_bytes,
-                "banger-work",
-            )
-            .await?;
+            );
+            match &making.restore {
+                Some(r) => {
+                    let (from_overlay, from_work) = super::snapshot::disks(&r.dir);
+                    tokio::task::block_in_place(|| {
+                        sys::sparse_copy(&from_overlay, overlay)
+                            .and_then(|_| sys::sparse_copy(&from_work, work))
+                    })
+                    .map_err(io("copying the snapshot's disks"))?;
+                }
+                None => {
+                    let templates = self.settings.vms_dir.with_file_name("disk-templates");
+                    sys::make_ext4_from_template(&templates, overlay, OVERLAY_BYTES, "banger-overlay")
+                        .await?;
+                    sys::make_ext4_from_template(&templates, work, vm.spec.work_disk_bytes, "banger-work")
+                        .await?;
+                }
+            }
             cancelled()?;
             Ok::<_, RpcError>(())
         }
@@ -209,7 +242,7 @@ impl VmService {
         let mut vm = vm;
         vm.runtime.state = VmState::Stopped;
         self.save(&vm)?;
-        if start {
+        if making.start {
             op.stage("boot");
             let lock = self.lock_for(&vm.id);
             let _g = lock.lock().await;

@@ -202,7 +202,12 @@ impl VmService {
                 handle
                     .run(async move {
                         let cancel = CancellationToken::new();
-                        svc.create(&h, &name, spec, true, &cancel, true).await
+                        let making = super::create::Making {
+                            start: true,
+                            pooled: true,
+                            restore: None,
+                        };
+                        svc.create(&h, &name, spec, making, &cancel).await
                     })
                     .await
             })

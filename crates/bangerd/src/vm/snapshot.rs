@@ -28,6 +28,11 @@ const STATE: &str = "state";
 const MEMORY: &str = "memory";
 const OVERLAY: &str = "overlay.ext4";
 const WORK: &str = "work.ext4";
+/// A snapshot's copies of a VM's overlay and work disks.
+pub(super) fn disks(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join(OVERLAY), dir.join(WORK))
+}
+
 /// What a jailed Firecracker writes a snapshot to, inside its jail (apart
 /// from the names a restore copies a snapshot in under).
 const JAIL_STATE: &str = "snapshot-out-state";
@@ -237,10 +242,7 @@ impl VmService {
         let jail_root = match &self.settings.jail {
             Some(_) => {
                 let fc = self
-                    .settings
-                    .firecracker
-                    .clone()
-                    .or_else(|| banger_vmm::which("firecracker"))
+                    .firecracker_binary()
                     .unwrap_or_else(|| PathBuf::from("firecracker"));
                 Some(
                     banger_vmm::jailer::layout(Path::new(&vm.runtime.vm_dir), &fc)
@@ -306,30 +308,16 @@ impl VmService {
             }
         }
         let cancel = tokio_util::sync::CancellationToken::new();
-        let mut vm = self
-            .create(op, &p.name, snap.spec.clone(), false, &cancel, false)
+        let making = super::create::Making {
+            restore: Some(super::create::FromSnapshot {
+                dir: dir.clone(),
+                base_rootfs: snap.base_rootfs.clone(),
+            }),
+            ..Default::default()
+        };
+        let vm = self
+            .create(op, &p.name, snap.spec.clone(), making, &cancel)
             .await?;
-        // The snapshot's disks replace the fresh ones, over the base they
-        // were made on.
-        op.stage("disks");
-        let copied = tokio::task::block_in_place(|| {
-            for (name, dst) in [
-                (OVERLAY, &vm.runtime.overlay_path),
-                (WORK, &vm.runtime.work_disk_path),
-            ] {
-                let dst = Path::new(dst);
-                let _ = std::fs::remove_file(dst);
-                sys::sparse_copy(&dir.join(name), dst)
-                    .map_err(io(format!("copying the snapshot's {name}")))?;
-            }
-            Ok::<_, RpcError>(())
-        });
-        vm.runtime.base_rootfs = Some(snap.base_rootfs.clone());
-        vm.runtime.restore_from = Some(snap.dir.clone());
-        if let Err(e) = copied.and_then(|_| self.save(&vm)) {
-            self.discard(&vm);
-            return Err(e);
-        }
         op.stage("restore");
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;

@@ -19,18 +19,21 @@ impl VmService {
             "qemu" => Ok(VmmKind::Qemu),
             "firecracker" => Ok(VmmKind::Firecracker),
             _ => {
-                let fc = self
-                    .settings
-                    .firecracker
-                    .clone()
-                    .or_else(|| banger_vmm::which("firecracker"));
-                if fc.is_some() && banger_vmm::kvm_usable() {
+                if self.firecracker_binary().is_some() && banger_vmm::kvm_usable() {
                     Ok(VmmKind::Firecracker)
                 } else {
                     Ok(VmmKind::Qemu)
                 }
             }
         }
+    }
+
+    /// The Firecracker configured, else the one on PATH.
+    pub(super) fn firecracker_binary(&self) -> Option<PathBuf> {
+        self.settings
+            .firecracker
+            .clone()
+            .or_else(|| banger_vmm::which("firecracker"))
     }
 
     /// The binaries configured for the back-ends.
