@@ -18,7 +18,7 @@ pub async fn serve() -> anyhow::Result<()> {
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
+pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::new(rd);
     let mut line = String::new();

@@ -2,12 +2,15 @@
 //!
 //! `banger-agent init` is PID 1 after the initramfs switched to the real
 //! root: it sets the hostname, starts `banger-agent serve` and reaps every
-//! orphan. `serve` answers the host over vsock.
+//! orphan. `serve` answers the host over vsock, or over the serial
+//! channel when the host asks for it (`channel`).
 
 mod bulk;
+mod channel;
 mod exec;
 mod init;
 mod inspect;
+mod netcfg;
 mod procfs;
 mod rootdir;
 mod seed;
@@ -165,12 +168,28 @@ async fn announce_ready() {
 }
 
 async fn serve(port: u32) -> Result<()> {
-    let listener =
-        tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
-    tracing::info!(port, "agent listening on vsock");
-    tokio::spawn(announce_ready());
     let sessions = sessions::Sessions::load(std::path::Path::new(sessions::ROOT));
     let router = Arc::new(router(sessions.clone()));
+    let serial = channel::requested();
+    if serial {
+        tokio::spawn(channel::serve(router.clone(), sessions.clone()));
+    }
+    let listener = match tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+        tokio_vsock::VMADDR_CID_ANY,
+        port,
+    )) {
+        Ok(l) => l,
+        Err(e) if serial => {
+            tracing::info!(error = %e, "no vsock; serving the serial channel only");
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(port, "agent listening on vsock");
+    if !serial {
+        tokio::spawn(announce_ready());
+    }
     tokio::spawn(async {
         if let Err(e) = bulk::serve().await {
             tracing::error!(error = %e, "bulk port failed");

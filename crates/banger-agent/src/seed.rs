@@ -8,6 +8,8 @@ use banger_proto::RpcError;
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 fn realtime_nanos() -> i128 {
     let mut ts = libc::timespec {
@@ -44,6 +46,13 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
     if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // Credited entropy reaches the output generator only at its next
+    // reseed, up to a minute away: until then two guests restored from one
+    // snapshot would read the same "random" bytes. Reseed now.
+    // SAFETY: an ioctl without argument on a descriptor we own.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -74,6 +83,12 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
             )));
         }
     }
+    let net = req
+        .net
+        .as_ref()
+        .map(crate::netcfg::parse)
+        .transpose()
+        .map_err(RpcError::bad_request)?;
     let step = i128::from(req.unix_nanos) - realtime_nanos();
     set_clock(req.unix_nanos).map_err(|e| RpcError::failed(format!("setting the clock: {e}")))?;
     add_entropy(&entropy).map_err(|e| RpcError::failed(format!("adding entropy: {e}")))?;
@@ -94,6 +109,10 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
         // What a later boot (or a tool reading the file) sees.
         let _ = std::fs::write("/etc/hostname", format!("{h}\n"));
         tracing::info!(hostname = %h, "hostname set by the host");
+    }
+    if let Some(id) = &net {
+        crate::netcfg::apply(id).map_err(|e| RpcError::failed(format!("eth0: {e}")))?;
+        tracing::info!(address = %id.address, prefix = id.prefix, gateway = %id.gateway, "network identity set by the host");
     }
     Ok(a::Seeded {
         clock_step_ms,

@@ -35,7 +35,7 @@ pub async fn serve(sessions: Arc<crate::sessions::Sessions>) -> anyhow::Result<(
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     conn: S,
     sessions: Arc<crate::sessions::Sessions>,
 ) {

@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// Delete the VM when the command or session ends.
     #[arg(long)]
     pub rm: bool,
+    /// Start from this snapshot (`banger vm snapshot`) instead of booting:
+    /// the VM is restored with its own name, entropy and clock, and keeps
+    /// the snapshot's image, size and network settings.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "vcpus", "memory", "disk_size", "no_network", "netns", "nat", "peers"])]
+    pub snapshot: Option<String>,
     /// Prepare the VM and exit, leaving it running.
     #[arg(short = 'd', long)]
     pub detach: bool,

@@ -62,7 +62,18 @@ pub async fn run(c: &Client, r: RunArgs) -> Result<i32> {
         return Ok(0);
     }
 
-    let v = create(c, &r.create, true).await?;
+    let v = match &r.snapshot {
+        Some(snapshot) => {
+            // An empty name: the daemon generates one.
+            let name = r.create.name.clone().unwrap_or_default();
+            let restore = d::VmRestore {
+                name: name.clone(),
+                snapshot: snapshot.clone(),
+            };
+            crate::client_ops::follow(c, "vm restore", &name, c.call::<d::VmRestoreM>(&restore, None)).await?
+        }
+        None => create(c, &r.create, true).await?,
+    };
     eprintln!(
         "spec: {} vCPU, {} MiB memory, {} MiB work disk, vmm {}{}{}",
         v.vcpus,

@@ -82,9 +82,6 @@ pub struct InstallArgs {
     /// Write everything but start nothing.
     #[arg(long)]
     no_start: bool,
-    /// The vhost-device-vsock to ship (default: the one the daemon would run).
-    #[arg(long)]
-    vhost_vsock: Option<PathBuf>,
 }
 
 /// What `system install` did.
@@ -179,10 +176,10 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<()> {
 }
 
 /// The binaries an installation ships: (name, where it comes from).
-fn sources(a: &InstallArgs) -> Result<Vec<(&'static str, PathBuf)>> {
+fn sources() -> Result<Vec<(&'static str, PathBuf)>> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut out = vec![("banger", exe)];
-    for name in ["bangerd", "banger-helper", "banger-agent"] {
+    for name in ["bangerd", "banger-helper", "banger-agent", "banger-vsock-bridge"] {
         let p = daemon::sibling(name);
         if !p.is_file() {
             bail!(
@@ -192,21 +189,6 @@ fn sources(a: &InstallArgs) -> Result<Vec<(&'static str, PathBuf)>> {
         }
         out.push((name, p));
     }
-    let vhost = a
-        .vhost_vsock
-        .clone()
-        .or_else(|| std::env::var_os("BANGER_VHOST_VSOCK").map(PathBuf::from))
-        .or_else(|| which("vhost-device-vsock"))
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cargo/bin/vhost-device-vsock"))
-                .filter(|p| p.is_file())
-        })
-        .context(
-            "vhost-device-vsock not found (QEMU's vsock needs it): install it with \
-             `cargo install vhost-device-vsock` or pass --vhost-vsock PATH",
-        )?;
-    out.push(("vhost-device-vsock", vhost));
     Ok(out)
 }
 
@@ -244,14 +226,6 @@ fn remove_docs(prefix: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `name` on PATH or in the sbin directories (as the daemon looks).
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn systemctl(args: &[&str]) -> Result<()> {
@@ -381,7 +355,7 @@ async fn install(a: InstallArgs, json: bool) -> Result<()> {
     if user.uid == 0 {
         bail!("the owner must be an ordinary user: root uses banger without installing it");
     }
-    let srcs = sources(&a)?;
+    let srcs = sources()?;
     let libexec = a.prefix.join("lib/banger");
     let m = InstallManifest {
         version: env!("CARGO_PKG_VERSION").to_string(),

@@ -25,7 +25,7 @@ pub struct InstallManifest {
     pub owner_gid: u32,
     pub prefix: PathBuf,
     /// Private binaries: bangerd, banger-helper, banger-agent and the
-    /// helpers the daemon runs (vhost-device-vsock).
+    /// helpers the daemon runs (banger-vsock-bridge).
     pub libexec_dir: PathBuf,
     /// The daemon's state: database, images, kernels, VMs, logs.
     pub state_dir: PathBuf,

@@ -37,7 +37,7 @@ pub const HARDENING: &[(&str, &[&str])] = &[
 ];
 
 /// The search path the daemon runs with: its own private directory first
-/// (vhost-device-vsock ships there), then the usual ones, sbin included
+/// (banger-vsock-bridge ships there), then the usual ones, sbin included
 /// (mkfs.ext4 lives there on Debian).
 fn daemon_path(m: &InstallManifest) -> String {
     format!(

@@ -10,7 +10,7 @@ const CHECKS: &[&str] = &[
     "kvm",
     "backend",
     "qemu",
-    "vhost-device-vsock",
+    "banger-vsock-bridge",
     "firecracker",
     "jailer",
     "tool:mkfs.ext4",

@@ -193,7 +193,7 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
         doomed_procs.is_empty(),
         "leftover processes of the dead VM: {doomed_procs:?}"
     );
-    for f in ["vsock.sock", "vhost-vsock.sock", "qmp.sock", "handles.json"] {
+    for f in ["vsock.sock", "agent.serial", "qmp.sock", "handles.json"] {
         assert!(
             !std::path::Path::new(&doomed_dir).join(f).exists(),
             "{f} left behind"

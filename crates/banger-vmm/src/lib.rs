@@ -4,8 +4,7 @@
 //! them as [`Launched`]. Everything after launch is back-end independent:
 //! processes are supervised by PID (they outlive the daemon), and the guest
 //! agent is reached over hybrid vsock (a Unix socket plus a `CONNECT <port>`
-//! handshake), which QEMU (through vhost-device-vsock) and Firecracker
-//! both speak.
+//! handshake), which Firecracker speaks and QEMU's channel bridge serves.
 //!
 //! [`backend`] is the one place that turns a [`VmmKind`] and the configured
 //! binaries into a back-end; callers hold it as a `dyn Vmm`.
@@ -15,6 +14,7 @@ pub mod jailer;
 pub mod pause;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
 pub mod shared_libs;
 pub mod vsock;
 
@@ -74,12 +74,9 @@ pub struct LaunchSpec {
     pub restore: Option<Restore>,
 }
 
-/// Why a QEMU VM cannot be snapshotted: its vsock (the agent's channel)
-/// is a vhost-user device, which QEMU refuses to migrate or save.
-pub const QEMU_NO_SNAPSHOTS: &str = "snapshots need the Firecracker back-end: QEMU cannot save a VM whose vsock is a vhost-user device (vhost-user-vsock is not migratable), and that is the guest agent's channel";
-
 /// A snapshot's files: the VMM's device and vCPU state, and the guest's
-/// memory.
+/// memory. QEMU keeps both in `state` (its migration stream) and ignores
+/// `memory`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restore {
     pub state: PathBuf,
@@ -104,7 +101,7 @@ pub struct NetSpec {
 pub struct Launched {
     pub kind: VmmKind,
     pub pid: u32,
-    /// Helper processes that belong to the VM (vhost-device-vsock).
+    /// Helper processes that belong to the VM (QEMU's channel bridge).
     #[serde(default)]
     pub aux_pids: Vec<u32>,
     /// The VMM's control socket (QMP or Firecracker's API).
@@ -157,9 +154,9 @@ pub struct BackendPaths {
     pub qemu: Option<PathBuf>,
     /// `firecracker`; `None`: PATH.
     pub firecracker: Option<PathBuf>,
-    /// `vhost-device-vsock` (QEMU's vsock); `None`: `$BANGER_VHOST_VSOCK`,
-    /// then PATH.
-    pub vhost_vsock: Option<PathBuf>,
+    /// `banger-vsock-bridge` (QEMU's agent channel); `None`: beside this
+    /// executable, then PATH.
+    pub bridge: Option<PathBuf>,
     /// Run Firecracker under this jailer.
     pub jail: Option<jailer::JailConfig>,
 }
@@ -168,7 +165,7 @@ pub struct BackendPaths {
 /// [`VmmError::MissingBinary`]). The one place a kind becomes a back-end.
 pub fn backend(kind: VmmKind, paths: &BackendPaths) -> Result<Box<dyn Vmm>, VmmError> {
     Ok(match kind {
-        VmmKind::Qemu => Box::new(qemu::Qemu::detect(paths.qemu.clone(), paths.vhost_vsock.clone())?),
+        VmmKind::Qemu => Box::new(qemu::Qemu::detect(paths.qemu.clone(), paths.bridge.clone())?),
         VmmKind::Firecracker => Box::new(firecracker::Firecracker::detect(
             paths.firecracker.clone(),
             paths.jail.clone(),
@@ -289,7 +286,7 @@ mod tests {
         let paths = BackendPaths {
             qemu: Some(exe(d.path(), "qemu-system-x86_64")),
             firecracker: Some(exe(d.path(), "firecracker")),
-            vhost_vsock: Some(exe(d.path(), "vhost-device-vsock")),
+            bridge: Some(exe(d.path(), "banger-vsock-bridge")),
             jail: None,
         };
         for kind in [VmmKind::Qemu, VmmKind::Firecracker] {
@@ -308,7 +305,7 @@ mod tests {
             let paths = BackendPaths {
                 qemu: Some(path.clone()),
                 firecracker: Some(path.clone()),
-                vhost_vsock: Some(exe(d.path(), "vhost-device-vsock")),
+                bridge: Some(exe(d.path(), "banger-vsock-bridge")),
                 jail: None,
             };
             let err = backend(VmmKind::Firecracker, &paths).err().unwrap();
@@ -333,7 +330,7 @@ mod tests {
         let vmms: Vec<Box<dyn Vmm>> = vec![
             Box::new(qemu::Qemu {
                 qemu: absent.clone(),
-                vhost_vsock: absent.clone(),
+                bridge: absent.clone(),
                 kvm: false,
             }),
             Box::new(firecracker::Firecracker {

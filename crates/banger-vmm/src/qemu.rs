@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 
 pub struct Qemu {
     pub qemu: PathBuf,
-    pub vhost_vsock: PathBuf,
+    pub bridge: PathBuf,
     pub kvm: bool,
 }
 
+/// The bridge binary's name.
+pub const BRIDGE: &str = "banger-vsock-bridge";
+
 impl Qemu {
-    /// Locates the binaries; `qemu` overrides the PATH lookup, and
-    /// `vhost_vsock` the lookup through `$BANGER_VHOST_VSOCK`, then PATH.
-    pub fn detect(qemu: Option<PathBuf>, vhost_vsock: Option<PathBuf>) -> Result<Self, VmmError> {
+    /// Locates the binaries; `qemu` overrides the PATH lookup, and `bridge`
+    /// the lookup beside this executable, then on PATH.
+    pub fn detect(qemu: Option<PathBuf>, bridge: Option<PathBuf>) -> Result<Self, VmmError> {
         let qemu = qemu
             .or_else(|| crate::which("qemu-system-x86_64"))
             .ok_or(VmmError::MissingBinary {
@@ -29,16 +32,15 @@ impl Qemu {
                 path: qemu,
             });
         }
-        let vhost_vsock = vhost_vsock
-            .or_else(|| std::env::var_os("BANGER_VHOST_VSOCK").map(PathBuf::from))
-            .or_else(|| crate::which("vhost-device-vsock"))
+        let bridge = bridge
+            .or_else(|| crate::which(BRIDGE))
             .ok_or(VmmError::MissingBinary {
-                what: "vhost-device-vsock",
+                what: BRIDGE,
                 path: "PATH".into(),
             })?;
         Ok(Qemu {
             qemu,
-            vhost_vsock,
+            bridge,
             kvm: crate::kvm_usable(),
         })
     }
@@ -58,15 +60,16 @@ impl Qemu {
             .unwrap_or(2_000_000)
     }
 
-    pub fn args(&self, spec: &LaunchSpec, qmp: &Path, vhost: &Path, serial: &Path) -> Vec<String> {
-        let mut cmdline = spec.cmdline.clone();
+    pub fn args(&self, spec: &LaunchSpec, qmp: &Path, channel: &Path, serial: &Path) -> Vec<String> {
+        // The agent serves the serial channel when asked to.
+        let mut cmdline = format!("{} banger.channel=serial", spec.cmdline);
         if !self.kvm {
             cmdline.push_str(&format!(" tsc_early_khz={}", Self::tsc_khz()));
         }
         let mem = format!("{}M", spec.memory_mib);
         let mut a: Vec<String> = vec![
             "-M".into(),
-            "microvm,acpi=on,memory-backend=mem".into(),
+            "microvm,acpi=on".into(),
             "-accel".into(),
             if self.kvm { "kvm" } else { "tcg" }.into(),
             "-cpu".into(),
@@ -74,10 +77,7 @@ impl Qemu {
             "-smp".into(),
             spec.vcpus.to_string(),
             "-m".into(),
-            mem.clone(),
-            "-object".into(),
-            // vhost-user needs guest RAM in a shareable fd.
-            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            mem,
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -122,11 +122,18 @@ impl Qemu {
             ]);
         }
         a.extend([
-            "-chardev".into(),
-            format!("socket,id=vsock0,path={}", vhost.display()),
             "-device".into(),
-            "vhost-user-vsock-device,chardev=vsock0".into(),
+            "virtio-serial-device,max_ports=2".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={},server=on,wait=off", channel.display()),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={}", banger_mux::PORT_NAME),
         ]);
+        if spec.restore.is_some() {
+            // The state arrives over QMP (`migrate-incoming`), after the
+            // capabilities it was written with are set.
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
         a
     }
 }
@@ -148,19 +155,17 @@ impl Vmm for Qemu {
 }
 
 impl Qemu {
-    /// [`Vmm::launch`]: vhost-device-vsock, then QEMU.
+    /// [`Vmm::launch`]: QEMU, then the bridge to its agent channel; for a
+    /// restore, the saved state loaded in between.
     async fn start(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
-        if spec.restore.is_some() {
-            return Err(VmmError::Failed(crate::QEMU_NO_SNAPSHOTS.into()));
-        }
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
-        let vhost = dir.join("vhost-vsock.sock");
+        let channel = dir.join("agent.serial");
         let uds = dir.join("vsock.sock");
         let qmp = dir.join("qmp.sock");
         let serial = dir.join("serial.log");
         let log = dir.join("vmm.log");
-        remove_stale(&[&vhost, &uds, &qmp, &serial]);
+        remove_stale(&[&channel, &uds, &qmp, &serial]);
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
@@ -169,34 +174,8 @@ impl Qemu {
             }
         }
 
-        // The vhost-user backend must be listening before QEMU connects.
-        let mut vcmd = tokio::process::Command::new(&self.vhost_vsock);
-        vcmd.arg("--guest-cid")
-            .arg(spec.vsock_cid.to_string())
-            .arg("--socket")
-            .arg(&vhost)
-            .arg("--uds-path")
-            .arg(&uds)
-            // Larger than the 64 KiB default: bulk transfers (workspaces)
-            // need fewer credit round trips with the guest.
-            .arg("--tx-buffer-size")
-            .arg((1u32 << 20).to_string());
-        let vpid = process::spawn_detached(&mut vcmd, &log, &marker)?;
-        let end = Instant::now() + Duration::from_secs(10);
-        while !vhost.exists() {
-            if !process::alive(vpid, &marker) || Instant::now() > end {
-                process::kill(vpid, &marker).await;
-                return Err(VmmError::Failed(format!(
-                    "vhost-device-vsock did not create {} (see {})",
-                    vhost.display(),
-                    log.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-
         let mut qcmd = tokio::process::Command::new(&self.qemu);
-        qcmd.args(self.args(spec, &qmp, &vhost, &serial));
+        qcmd.args(self.args(spec, &qmp, &channel, &serial));
         if let Some(fd) = spec.net.as_ref().and_then(|n| n.fd.clone()) {
             let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
             // SAFETY: dup2/fcntl are async-signal-safe; `fd` outlives spawn.
@@ -212,20 +191,74 @@ impl Qemu {
                 });
             }
         }
-        let qpid = match process::spawn_detached(&mut qcmd, &log, &marker) {
+        let qpid = process::spawn_detached(&mut qcmd, &log, &marker)?;
+        // The bridge waits for QEMU's chardev socket by itself.
+        let mut bcmd = tokio::process::Command::new(&self.bridge);
+        bcmd.arg("--serial").arg(&channel).arg("--uds").arg(&uds);
+        let bpid = match process::spawn_detached(&mut bcmd, &log, &marker) {
             Ok(p) => p,
             Err(e) => {
-                process::kill(vpid, &marker).await;
+                process::kill(qpid, &marker).await;
                 return Err(e);
             }
         };
+        if let Some(r) = &spec.restore {
+            if let Err(e) = load_state(&qmp, &r.state, qpid, &marker).await {
+                process::kill(bpid, &marker).await;
+                process::kill(qpid, &marker).await;
+                return Err(e);
+            }
+        }
         Ok(Launched {
             kind: VmmKind::Qemu,
             pid: qpid,
-            aux_pids: vec![vpid],
+            aux_pids: vec![bpid],
             api_socket: qmp,
             vsock_uds: uds,
             serial_log: serial,
         })
     }
+}
+
+/// Loads a saved state into a QEMU started with `-incoming defer`, through
+/// a Unix socket QEMU listens on (see [`crate::pause::snapshot_qemu`]),
+/// and runs the VM.
+async fn load_state(qmp: &Path, state: &Path, pid: u32, marker: &str) -> Result<(), VmmError> {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut q = loop {
+        match crate::qmp::Qmp::connect(qmp).await {
+            Ok(q) => break q,
+            Err(e) if !process::alive(pid, marker) || Instant::now() > end => {
+                return Err(VmmError::Failed(format!(
+                    "QEMU's QMP socket did not come up: {e}"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
+    let sock = qmp.with_file_name("incoming.sock");
+    let _ = std::fs::remove_file(&sock);
+    q.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
+    )
+    .await?;
+    let input =
+        std::fs::File::open(state).map_err(|e| VmmError::io(format!("opening {}", state.display()), e))?;
+    let feed_sock = sock.clone();
+    let feeder = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let mut conn = std::os::unix::net::UnixStream::connect(&feed_sock)?;
+        let mut input = input;
+        std::io::copy(&mut input, &mut conn)
+    });
+    let loaded = q.wait_migration(Duration::from_secs(120)).await;
+    let fed = feeder.await;
+    let _ = std::fs::remove_file(&sock);
+    loaded?;
+    match fed {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(VmmError::io(format!("feeding {}", state.display()), e)),
+        Err(e) => return Err(VmmError::Failed(format!("feeding {}: {e}", state.display()))),
+    }
+    q.execute("cont", None).await.map(drop)
 }

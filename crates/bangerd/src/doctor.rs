@@ -561,17 +561,10 @@ pub fn run(cfg: &Config) -> Report {
         "apt-get install qemu-system-x86 (scripts/install-deps)",
     ));
     checks.push(binary(
-        "vhost-device-vsock",
-        std::env::var_os("BANGER_VHOST_VSOCK")
-            .map(PathBuf::from)
-            .or_else(|| banger_vmm::which("vhost-device-vsock"))
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|h| PathBuf::from(h).join(".cargo/bin/vhost-device-vsock"))
-                    .filter(|p| p.exists())
-            }),
+        banger_vmm::qemu::BRIDGE,
+        banger_vmm::which(banger_vmm::qemu::BRIDGE),
         cfg.vmm != "firecracker",
-        "cargo install vhost-device-vsock (scripts/install-deps)",
+        "build the workspace: it ships beside bangerd (cargo build)",
     ));
     checks.push(binary(
         "firecracker",

@@ -96,6 +96,20 @@ pub struct Seed {
     /// The guest's hostname (a DNS label), set and written to /etc/hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The guest's network identity, applied to `eth0`: a guest restored
+    /// from a snapshot still wears the source's MAC and address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<SeedNet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeedNet {
+    /// `aa:bb:cc:dd:ee:ff`, a unicast address.
+    pub mac: String,
+    /// `a.b.c.d/prefix`.
+    pub address: String,
+    /// The default route's gateway.
+    pub gateway: String,
 }
 
 /// The most entropy one [`Seed`] carries (the agent refuses more).

@@ -627,6 +627,8 @@ pub struct VmSnapshot {
 /// `vm restore`: a new VM `name` from `snapshot`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmRestore {
+    /// Empty: the daemon generates one.
+    #[serde(default)]
     pub name: String,
     pub snapshot: String,
 }

@@ -90,10 +90,17 @@ impl VmService {
             }
             Err((e, false)) => return Err(self.fail_start(vm, e).await),
         };
-        // A restored guest still has its snapshot's name, entropy and clock.
+        // A restored guest still has its snapshot's name, entropy, clock
+        // and network identity.
         let hostname = restoring.is_some().then(|| vm.name.clone());
-        self.seed_as(&vm, &launched.vsock_uds, &op, hostname.as_deref())
-            .await;
+        let net = restoring.as_ref().and_then(|_| self.seed_net(&vm));
+        if let Err(e) = self
+            .seed_as(&vm, &launched.vsock_uds, &op, hostname.as_deref(), net)
+            .await
+        {
+            self.teardown(&vm, self.cached(&vm.id).as_ref()).await;
+            return Err(self.fail_start(vm, e).await);
+        }
         vm.runtime.state = VmState::Running;
         vm.runtime.restore_from = None;
         self.save(&vm)?;
@@ -103,7 +110,10 @@ impl VmService {
             return Ok(vm);
         }
         crate::ops::stage("ssh");
-        if let Err(e) = self.ssh_setup(&vm, &launched.vsock_uds, &op).await {
+        if let Err(e) = self
+            .ssh_setup(&vm, &launched.vsock_uds, &op, restoring.is_some())
+            .await
+        {
             // An image without sshd still runs; only `vm ssh` is affected.
             tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up failed");
         }

@@ -15,8 +15,17 @@ impl VmService {
     /// Gives a guest that just came up the host's time and 64 bytes of the
     /// host's entropy, and names it `hostname` when given (a claimed pool
     /// VM, a restored one). A guest that cannot take them still runs (its
-    /// clock is the VMM's RTC), so a failure is logged, not returned.
-    pub(super) async fn seed_as(&self, vm: &VmRecord, uds: &Path, op: &OpId, hostname: Option<&str>) {
+    /// clock is the VMM's RTC), so that failure is logged, not returned;
+    /// one that cannot take its network identity `net` (a restored one)
+    /// would answer as another VM, so that failure is returned.
+    pub(super) async fn seed_as(
+        &self,
+        vm: &VmRecord,
+        uds: &Path,
+        op: &OpId,
+        hostname: Option<&str>,
+        net: Option<a::SeedNet>,
+    ) -> Result<(), RpcError> {
         use base64::Engine;
         let mut entropy = [0u8; 64];
         // SAFETY: getrandom into a buffer we own, of that length.
@@ -29,23 +38,69 @@ impl VmService {
             unix_nanos,
             entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
             hostname: hostname.map(String::from),
+            net: net.clone(),
         };
         match agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await {
-            Ok(s) => tracing::info!(
-                vm = %vm.name,
-                clock_step_ms = s.clock_step_ms,
-                entropy_bytes = s.entropy_bytes,
-                "guest clock and entropy seeded"
-            ),
+            Ok(s) => {
+                tracing::info!(
+                    vm = %vm.name,
+                    clock_step_ms = s.clock_step_ms,
+                    entropy_bytes = s.entropy_bytes,
+                    address = net.as_ref().map(|n| n.address.as_str()),
+                    "guest seeded"
+                );
+                Ok(())
+            }
+            Err(e) if net.is_some() => Err(RpcError::failed(format!(
+                "could not give the guest its network identity: {}",
+                e.message
+            ))),
             Err(e) => {
-                tracing::warn!(vm = %vm.name, error = %e.message, "could not seed the guest's clock and entropy")
+                tracing::warn!(vm = %vm.name, error = %e.message, "could not seed the guest's clock and entropy");
+                Ok(())
             }
         }
     }
 
-    /// Authorises banger's key in the guest and pins the guest's host key.
-    pub(super) async fn ssh_setup(&self, vm: &VmRecord, uds: &Path, op: &OpId) -> Result<(), RpcError> {
+    /// The MAC, address and gateway a VM's guest must wear, when it has a
+    /// network.
+    pub(super) fn seed_net(&self, vm: &VmRecord) -> Option<a::SeedNet> {
+        let address = vm.runtime.guest_ip.clone()?;
+        let gateway = match &vm.runtime.guest_gw {
+            Some(g) => g.clone(),
+            None => self.network.cidr().ok()?.0.to_string(),
+        };
+        Some(a::SeedNet {
+            mac: vm
+                .runtime
+                .guest_mac
+                .clone()
+                .unwrap_or_else(|| super::alloc::mac_for(&vm.id)),
+            address,
+            gateway,
+        })
+    }
+
+    /// Authorises banger's key in the guest and pins the guest's host key;
+    /// with `new_host_keys` (a guest restored from a snapshot, which holds
+    /// the source's keys) the guest's host keys are made anew first.
+    pub(super) async fn ssh_setup(
+        &self,
+        vm: &VmRecord,
+        uds: &Path,
+        op: &OpId,
+        new_host_keys: bool,
+    ) -> Result<(), RpcError> {
         use base64::Engine;
+        if new_host_keys {
+            // sshd reads its host keys for each connection: no restart.
+            self.guest_sh(
+                uds,
+                op,
+                "command -v ssh-keygen >/dev/null || exit 0; rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; ssh-keygen -A >/dev/null".into(),
+            )
+            .await?;
+        }
         let public = self.ssh.public_key().await?;
         let req = a::ExecRequest {
             argv: vec![

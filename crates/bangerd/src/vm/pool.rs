@@ -146,12 +146,15 @@ impl VmService {
             }
         }
         self.pool_frozen.locked().remove(&vm.id);
-        self.seed_as(vm, &h.launched.vsock_uds, op, Some(&vm.name)).await;
+        // No network identity: a pool VM booted with its own.
+        let _ = self
+            .seed_as(vm, &h.launched.vsock_uds, op, Some(&vm.name), None)
+            .await;
         match self.ssh.rename(old, &vm.name) {
             Ok(true) => {}
             Ok(false) if vm.runtime.guest_ip.is_some() => {
                 // Its boot could not pin it: try once more under the new name.
-                if let Err(e) = self.ssh_setup(vm, &h.launched.vsock_uds, op).await {
+                if let Err(e) = self.ssh_setup(vm, &h.launched.vsock_uds, op, false).await {
                     tracing::warn!(vm = %vm.name, error = %e.message, "ssh set-up of the claimed VM failed");
                 }
             }

@@ -1,5 +1,6 @@
-//! Snapshots: a running Firecracker VM's memory, device state and disks
-//! saved (`vm snapshot`), and new VMs restored from them (`vm restore`).
+//! Snapshots: a running VM's memory, device state and disks saved (`vm
+//! snapshot`), and new VMs restored from them (`vm restore`). Firecracker
+//! writes its snapshot files; QEMU migrates the VM into one file.
 //!
 //! A snapshot's files are written into `<snapshots>/<id>.tmp`, renamed
 //! into place, and only then given a row: a crash leaves nothing, or a
@@ -7,9 +8,6 @@
 //! A restore is an ordinary create whose disks are then replaced by the
 //! snapshot's copies and whose first start loads the snapshot instead of
 //! booting; if that start fails, the VM goes.
-//!
-//! QEMU VMs cannot be saved: their vsock (the agent's channel) is a
-//! vhost-user device, which QEMU refuses to migrate.
 
 use super::{alloc, names, VmService};
 use crate::image::store_err;
@@ -28,6 +26,15 @@ const STATE: &str = "state";
 const MEMORY: &str = "memory";
 const OVERLAY: &str = "overlay.ext4";
 const WORK: &str = "work.ext4";
+/// The files a snapshot of a `kind` VM holds.
+fn files(kind: VmmKind) -> &'static [&'static str] {
+    match kind {
+        VmmKind::Firecracker => &[STATE, MEMORY, OVERLAY, WORK],
+        // QEMU's migration stream holds the memory too.
+        VmmKind::Qemu => &[STATE, OVERLAY, WORK],
+    }
+}
+
 /// A snapshot's copies of a VM's overlay and work disks.
 pub(super) fn disks(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join(OVERLAY), dir.join(WORK))
@@ -160,24 +167,28 @@ impl VmService {
             )));
         }
         let (_g, vm) = self.locked(&p.name).await?;
-        if VmmKind::parse(&vm.spec.vmm) != Some(VmmKind::Firecracker) {
-            return Err(RpcError::bad_request(format!(
-                "VM {} runs on {}: {}",
-                vm.name,
-                vm.spec.vmm,
-                banger_vmm::QEMU_NO_SNAPSHOTS
-            )));
-        }
+        let kind = VmmKind::parse(&vm.spec.vmm)
+            .ok_or_else(|| RpcError::failed(format!("VM {} has an unknown VMM {}", vm.name, vm.spec.vmm)))?;
         if vm.runtime.pooled {
             return Err(RpcError::bad_request(format!(
                 "VM {} is the warm pool's",
                 vm.name
             )));
         }
-        if vm.spec.network || vm.spec.netns.is_some() {
+        if vm.spec.netns.is_some() {
             return Err(RpcError::bad_request(format!(
-                "VM {} has a network: a VM restored from it would wear its address and MAC, \
-                 so snapshots are taken of VMs made with --no-network",
+                "VM {} lives in a container engine's network namespace, whose address a \
+                 restored VM could not take",
+                vm.name
+            )));
+        }
+        // A restored QEMU guest is given its own MAC and address by the
+        // agent; Firecracker's guests here are not agents, so that cannot
+        // be shown for them, and they are kept off the network.
+        if kind == VmmKind::Firecracker && (vm.spec.network || vm.spec.netns.is_some()) {
+            return Err(RpcError::bad_request(format!(
+                "VM {} has a network: a Firecracker VM restored from it would wear its address \
+                 and MAC, so Firecracker snapshots are taken of VMs made with --no-network",
                 vm.name
             )));
         }
@@ -186,9 +197,10 @@ impl VmService {
         }
         let h = self.running_handles(&vm)?;
         // Firecracker resets every vsock connection of the VM when it
-        // takes a snapshot: an exec or copy in flight would be cut.
+        // takes a snapshot: an exec or copy in flight would be cut. (QEMU's
+        // channel is untouched by a save: the VM only pauses.)
         let in_flight = self.busy.locked().get(&vm.id).copied().unwrap_or(0);
-        if in_flight > 0 {
+        if in_flight > 0 && kind == VmmKind::Firecracker {
             return Err(RpcError::bad_request(format!(
                 "VM {} has {in_flight} exec, copy or workspace call(s) in flight, which a snapshot \
                  would cut (Firecracker resets the VM's vsock connections); try again when they end",
@@ -201,9 +213,9 @@ impl VmService {
         let tmp = root.join(format!("{id}.tmp"));
         std::fs::create_dir(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
         let api = h.launched.api_socket.clone();
-        let made = self.write_snapshot(&vm, &api, &tmp).await;
+        let made = self.write_snapshot(&vm, kind, &api, &tmp).await;
         // The VM runs on whatever happened.
-        if let Err(e) = banger_vmm::pause::set_paused(VmmKind::Firecracker, &api, false).await {
+        if let Err(e) = banger_vmm::pause::set_paused(kind, &api, false).await {
             tracing::warn!(vm = %vm.name, error = %e, "could not resume the VM after its snapshot");
         }
         if let Err(e) = made {
@@ -236,8 +248,21 @@ impl VmService {
     }
 
     /// Pauses the VM and fills `tmp` with its snapshot; leaves it paused.
-    async fn write_snapshot(&self, vm: &VmRecord, api: &Path, tmp: &Path) -> Result<(), RpcError> {
+    async fn write_snapshot(
+        &self,
+        vm: &VmRecord,
+        kind: VmmKind,
+        api: &Path,
+        tmp: &Path,
+    ) -> Result<(), RpcError> {
         let failed = |e: banger_vmm::VmmError| RpcError::failed(format!("snapshot of VM {}: {e}", vm.name));
+        if kind == VmmKind::Qemu {
+            crate::ops::stage("save");
+            banger_vmm::pause::snapshot_qemu(api, &tmp.join(STATE))
+                .await
+                .map_err(failed)?;
+            return self.finish_snapshot(vm, kind, tmp);
+        }
         // Firecracker writes where it can: inside its jail, or straight here.
         let jail_root = match &self.settings.jail {
             Some(_) => {
@@ -274,6 +299,12 @@ impl VmService {
                     .map_err(io(format!("owning {}", dst.display())))?;
             }
         }
+        self.finish_snapshot(vm, kind, tmp)
+    }
+
+    /// Copies the paused VM's writable disks beside its saved state and
+    /// makes every file private.
+    fn finish_snapshot(&self, vm: &VmRecord, kind: VmmKind, tmp: &Path) -> Result<(), RpcError> {
         for (src, name) in [
             (&vm.runtime.overlay_path, OVERLAY),
             (&vm.runtime.work_disk_path, WORK),
@@ -284,22 +315,25 @@ impl VmService {
                 .map_err(io(format!("copying {}", src.display())))?;
         }
         use std::os::unix::fs::PermissionsExt;
-        for f in [STATE, MEMORY, OVERLAY, WORK] {
+        for f in files(kind) {
             let _ = std::fs::set_permissions(tmp.join(f), std::fs::Permissions::from_mode(0o600));
         }
         Ok(())
     }
 
     /// A new VM `p.name` from snapshot `p.snapshot`.
-    pub async fn restore(self: &Arc<Self>, op: &OpHandle, p: VmRestore) -> Result<VmInfo, RpcError> {
+    pub async fn restore(self: &Arc<Self>, op: &OpHandle, mut p: VmRestore) -> Result<VmInfo, RpcError> {
+        if p.name.is_empty() {
+            p.name = names::generate();
+        }
         names::validate(&p.name).map_err(RpcError::bad_request)?;
         let snap = self.snapshot_record(&p.snapshot)?;
-        if VmmKind::parse(&snap.vmm) != Some(VmmKind::Firecracker) {
-            return Err(RpcError::bad_request(banger_vmm::QEMU_NO_SNAPSHOTS));
-        }
-        self.check_vmm(VmmKind::Firecracker)?;
+        let kind = VmmKind::parse(&snap.vmm).ok_or_else(|| {
+            RpcError::failed(format!("snapshot {} has an unknown VMM {}", snap.name, snap.vmm))
+        })?;
+        self.check_vmm(kind)?;
         let dir = PathBuf::from(&snap.dir);
-        for f in [STATE, MEMORY, OVERLAY, WORK] {
+        for f in files(kind) {
             if !dir.join(f).is_file() {
                 return Err(RpcError::not_found(format!(
                     "snapshot {} is missing its file {f}",

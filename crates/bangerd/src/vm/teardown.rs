@@ -39,7 +39,13 @@ impl VmService {
             process::terminate(*pid, &marker, Duration::from_secs(2)).await;
         }
         let dir = Path::new(&marker);
-        for f in ["qmp.sock", "vsock.sock", "vhost-vsock.sock", "firecracker.sock"] {
+        for f in [
+            "qmp.sock",
+            "vsock.sock",
+            "agent.serial",
+            "incoming.sock",
+            "firecracker.sock",
+        ] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         if let Ok(entries) = std::fs::read_dir(dir) {

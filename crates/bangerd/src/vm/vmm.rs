@@ -41,7 +41,7 @@ impl VmService {
         BackendPaths {
             qemu: self.settings.qemu.clone(),
             firecracker: self.settings.firecracker.clone(),
-            vhost_vsock: None,
+            bridge: None,
             jail: self.settings.jail.clone(),
         }
     }

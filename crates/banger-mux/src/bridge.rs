@@ -1,0 +1,166 @@
+//! The host's end of the channel: one process per VM, beside QEMU. It
+//! connects to the port's chardev socket and serves the guest's streams on
+//! a Unix socket in the hybrid-vsock protocol Firecracker speaks
+//! (`CONNECT <port>\n` → `OK <port>\n`; streams the guest opens to host port
+//! P arrive at `<socket>_P`), so the daemon needs no second client.
+//!
+//! A session that stops answering (its guest agent restarted, or the VM
+//! was restored from a snapshot while this bridge held an older session)
+//! is dropped and the chardev reconnected: the guest reads the hang-up,
+//! forgets its session, and the handshake starts a new one.
+
+use crate::session::{self, Mode, Opener};
+use crate::{handshake, io, MuxError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+/// How often the hello is repeated while the guest boots.
+const HELLO_EVERY: Duration = Duration::from_millis(25);
+/// How long a guest may take to say whether a port is served before its
+/// session counts as dead.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long QEMU may take to create the chardev socket.
+const SOCKET_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs until the chardev socket goes away (QEMU exited).
+pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
+    let _ = std::fs::remove_file(uds);
+    let listener = UnixListener::bind(uds).map_err(io("binding the vsock socket"))?;
+    let (current, watching) = watch::channel::<Option<Opener>>(None);
+    let (broken_tx, mut broken) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(accept(listener, watching, broken_tx));
+    let mut first = true;
+    loop {
+        let mut chan = match connect(serial, if first { SOCKET_WITHIN } else { Duration::ZERO }).await {
+            Ok(c) => c,
+            Err(e) if first => return Err(e),
+            // The VMM is gone: so is the VM.
+            Err(_) => return Ok(()),
+        };
+        first = false;
+        match handshake::host(&mut chan, HELLO_EVERY).await {
+            Ok(()) => {}
+            Err(MuxError::Closed(_)) => continue,
+            Err(e) => return Err(e),
+        }
+        tracing::info!("agent channel up");
+        let (opener, inbound, driver) = session::start(chan, Mode::Client);
+        current.send_replace(Some(opener));
+        let from_guest = tokio::spawn(guest_opened(inbound, uds.to_path_buf()));
+        while broken.try_recv().is_ok() {}
+        tokio::select! {
+            r = driver => tracing::info!(result = ?r, "agent channel ended"),
+            _ = broken.recv() => tracing::warn!("the guest stopped answering; starting a new session"),
+        }
+        current.send_replace(None);
+        from_guest.abort();
+    }
+}
+
+async fn connect(serial: &Path, within: Duration) -> Result<UnixStream, MuxError> {
+    let end = Instant::now() + within;
+    loop {
+        match UnixStream::connect(serial).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= end => {
+                return Err(MuxError::Io {
+                    what: "connecting to the VMM's chardev",
+                    source: e,
+                })
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+async fn accept(
+    listener: UnixListener,
+    session: watch::Receiver<Option<Opener>>,
+    broken: mpsc::UnboundedSender<()>,
+) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let opener = session.borrow().clone();
+        let broken = broken.clone();
+        tokio::spawn(async move {
+            // No session yet: closing is this protocol's "nothing listens".
+            let Some(opener) = opener.filter(|o| !o.is_closed()) else {
+                return;
+            };
+            if let Err(e) = serve_client(client, opener, broken).await {
+                tracing::debug!(error = %e, "client connection");
+            }
+        });
+    }
+}
+
+async fn serve_client(
+    mut client: UnixStream,
+    opener: Opener,
+    broken: mpsc::UnboundedSender<()>,
+) -> Result<(), MuxError> {
+    let port = tokio::time::timeout(Duration::from_secs(5), connect_line(&mut client))
+        .await
+        .map_err(|_| MuxError::Timeout(Duration::from_secs(5)))??;
+    let mut stream = match opener.open_port(port, Some(ANSWER_WITHIN)).await {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(e, MuxError::Timeout(_)) {
+                let _ = broken.send(());
+            }
+            return Err(e);
+        }
+    };
+    client
+        .write_all(format!("OK {port}\n").as_bytes())
+        .await
+        .map_err(io("answering the client"))?;
+    tokio::io::copy_bidirectional(&mut client, &mut stream)
+        .await
+        .map_err(io("relaying"))?;
+    Ok(())
+}
+
+/// `CONNECT <port>\n`, read byte by byte: what follows is the guest's.
+async fn connect_line(client: &mut UnixStream) -> Result<u32, MuxError> {
+    let mut line = Vec::new();
+    loop {
+        let b = client.read_u8().await.map_err(io("reading CONNECT"))?;
+        if b == b'\n' {
+            break;
+        }
+        line.push(b);
+        if line.len() > 32 {
+            return Err(MuxError::Closed("an over-long CONNECT line"));
+        }
+    }
+    String::from_utf8_lossy(&line)
+        .strip_prefix("CONNECT ")
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or(MuxError::Closed("a malformed CONNECT line"))
+}
+
+/// Streams the guest opened, each to the listener at `<uds>_<port>`.
+async fn guest_opened(mut inbound: mpsc::UnboundedReceiver<session::Stream>, uds: PathBuf) {
+    while let Some(mut s) = inbound.recv().await {
+        let uds = uds.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(port)) = tokio::time::timeout(Duration::from_secs(5), session::read_port(&mut s)).await
+            else {
+                return;
+            };
+            let path = format!("{}_{port}", uds.display());
+            match UnixStream::connect(&path).await {
+                Ok(mut host) => {
+                    let _ = tokio::io::copy_bidirectional(&mut host, &mut s).await;
+                }
+                Err(e) => tracing::debug!(port, error = %e, "nothing listens for the guest"),
+            }
+        });
+    }
+}

@@ -1,0 +1,147 @@
+//! Where a session begins. Lines start with a newline of their own so that
+//! they stand apart from whatever an earlier session left in the stream.
+
+use crate::{io, MuxError};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+const HELLO: &str = "BANGER-MUX-HELLO";
+const OK: &str = "BANGER-MUX-OK";
+const GO: &str = "BANGER-MUX-GO";
+/// Longer lines are not ours: the scanner drops them.
+const MAX_LINE: usize = 96;
+
+/// The host's side: repeats the hello every `every` until the guest
+/// answers (a guest may still be booting, or may first have to notice that
+/// its old session is gone), then marks the start of the session.
+pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duration) -> Result<(), MuxError> {
+    let nonce = format!("{:016x}", rand::random::<u64>());
+    let hello = format!("\n{HELLO} {nonce}\n");
+    let want = format!("{OK} {nonce}");
+    let mut lines = Lines::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        io_.write_all(hello.as_bytes())
+            .await
+            .map_err(io("writing the hello"))?;
+        let tick = tokio::time::sleep(every);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = &mut tick => break,
+                n = io_.read(&mut buf) => {
+                    let n = n.map_err(io("reading the guest's answer"))?;
+                    if n == 0 {
+                        return Err(MuxError::Closed("the handshake"));
+                    }
+                    for &b in &buf[..n] {
+                        if lines.push(b).is_some_and(|l| l == want) {
+                            io_.write_all(format!("\n{GO} {nonce}\n").as_bytes())
+                                .await
+                                .map_err(io("writing go"))?;
+                            io_.flush().await.map_err(io("writing go"))?;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The guest's side: answers every hello, and returns once the host's `GO`
+/// for an answered hello has been read, no byte further. `idle` is how long
+/// to wait when the channel reads as closed (no host connected).
+pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, idle: Duration) -> Result<(), MuxError> {
+    let mut lines = Lines::default();
+    let mut answered: Vec<String> = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        // One byte at a time: the session's first byte follows `GO`.
+        let n = io_.read(&mut b).await.map_err(io("reading the hello"))?;
+        if n == 0 {
+            tokio::time::sleep(idle).await;
+            continue;
+        }
+        let Some(line) = lines.push(b[0]) else { continue };
+        if let Some(nonce) = line.strip_prefix(HELLO).and_then(|r| r.strip_prefix(' ')) {
+            // Once per host: hellos it repeated while this guest was not
+            // listening are queued behind the first, and a second answer
+            // would reach the host after its session began.
+            if answered.iter().any(|a| a == nonce) {
+                continue;
+            }
+            answered.push(nonce.to_string());
+            io_.write_all(format!("\n{OK} {nonce}\n").as_bytes())
+                .await
+                .map_err(io("answering the hello"))?;
+            io_.flush().await.map_err(io("answering the hello"))?;
+        } else if let Some(nonce) = line.strip_prefix(GO).and_then(|r| r.strip_prefix(' ')) {
+            if answered.iter().any(|a| a == nonce) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Splits bytes into lines, dropping over-long ones.
+#[derive(Default)]
+struct Lines {
+    cur: Vec<u8>,
+    overflow: bool,
+}
+
+impl Lines {
+    fn push(&mut self, b: u8) -> Option<String> {
+        if b == b'\n' {
+            let line = (!self.overflow).then(|| String::from_utf8_lossy(&self.cur).into_owned());
+            self.cur.clear();
+            self.overflow = false;
+            return line.filter(|l| !l.is_empty());
+        }
+        if self.cur.len() >= MAX_LINE {
+            self.overflow = true;
+        } else {
+            self.cur.push(b);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn both_ends_agree_after_leftovers_and_a_stale_session() {
+        let (mut h, mut g) = tokio::io::duplex(1 << 16);
+        // What an earlier session left in the guest's direction: binary
+        // yamux frames and a hello of a host that is gone.
+        h.write_all(&[0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 0, 9, 1, 2])
+            .await
+            .unwrap();
+        h.write_all(b"\nBANGER-MUX-HELLO dead\n").await.unwrap();
+        let guest = tokio::spawn(async move {
+            guest(&mut g, Duration::from_millis(5)).await.unwrap();
+            // The first byte of the session is the guest's to read.
+            let mut b = [0u8; 5];
+            g.read_exact(&mut b).await.unwrap();
+            b
+        });
+        host(&mut h, Duration::from_millis(20)).await.unwrap();
+        h.write_all(b"yamux").await.unwrap();
+        assert_eq!(&guest.await.unwrap(), b"yamux");
+    }
+
+    #[tokio::test]
+    async fn a_go_for_a_hello_never_answered_is_ignored() {
+        let (mut h, mut g) = tokio::io::duplex(1 << 16);
+        h.write_all(b"\nBANGER-MUX-GO forged\nrest").await.unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            guest(&mut g, Duration::from_millis(5)),
+        )
+        .await;
+        assert!(r.is_err(), "the guest must still be waiting for a hello");
+    }
+}

@@ -1,0 +1,105 @@
+//! A QMP client: one connection, capabilities negotiated, commands with
+//! arguments, the events QEMU interleaves skipped.
+
+use crate::VmmError;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+pub struct Qmp {
+    sock: String,
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    wr: OwnedWriteHalf,
+}
+
+impl Qmp {
+    pub async fn connect(sock: &Path) -> Result<Self, VmmError> {
+        let name = sock.display().to_string();
+        let stream = tokio::net::UnixStream::connect(sock)
+            .await
+            .map_err(|e| VmmError::io(format!("QMP connect on {name}"), e))?;
+        let (rd, wr) = stream.into_split();
+        let mut q = Qmp {
+            sock: name,
+            lines: BufReader::new(rd).lines(),
+            wr,
+        };
+        // The greeting, then capabilities negotiation.
+        q.lines
+            .next_line()
+            .await
+            .map_err(|e| VmmError::io(format!("QMP greeting on {}", q.sock), e))?;
+        q.execute("qmp_capabilities", None).await?;
+        Ok(q)
+    }
+
+    /// Runs `command`; its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+        let mut msg = serde_json::json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let io = |e| VmmError::io(format!("QMP {command} on {}", self.sock), e);
+        self.wr
+            .write_all(format!("{msg}\n").as_bytes())
+            .await
+            .map_err(io)?;
+        loop {
+            let Some(reply) = self
+                .lines
+                .next_line()
+                .await
+                .map_err(|e| VmmError::io(format!("QMP {command} on {}", self.sock), e))?
+            else {
+                return Err(VmmError::Failed(format!("QMP closed during {command}")));
+            };
+            let v: Value = serde_json::from_str(&reply)
+                .map_err(|e| VmmError::Failed(format!("QMP answered {reply:?}: {e}")))?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(err) = v.get("error") {
+                return Err(VmmError::Failed(format!("QMP {command}: {err}")));
+            }
+            return Ok(v.get("return").cloned().unwrap_or(Value::Null));
+        }
+    }
+
+    /// Lifts the migration's bandwidth limit (128 MiB/s by default): a
+    /// snapshot goes to a local file, and the VM waits paused meanwhile.
+    pub async fn unthrottle(&mut self) -> Result<(), VmmError> {
+        self.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Polls `query-migrate` until the migration completed, failed, or
+    /// `within` passed.
+    pub async fn wait_migration(&mut self, within: Duration) -> Result<(), VmmError> {
+        let end = Instant::now() + within;
+        loop {
+            let v = self.execute("query-migrate", None).await?;
+            match v.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => return Ok(()),
+                s @ ("failed" | "cancelled") => {
+                    let why = v
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(VmmError::Failed(format!("QEMU's migration {s}: {why}")));
+                }
+                _ if Instant::now() >= end => {
+                    return Err(VmmError::Failed(format!(
+                        "QEMU's migration did not finish within {within:?}"
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+}
