@@ -27,25 +27,13 @@ pub(crate) async fn raw_qemu_boot(
         .find(|l| l.starts_with("cpu MHz"))
         .and_then(|l| l.split(':').nth(1)?.trim().parse().ok())
         .unwrap_or(2000.0);
-    let vhost = work.join("vhost.sock");
-    let uds = work.join("vsock.sock");
+    let channel = work.join("agent.serial");
     let t = Instant::now();
-    let mut v = Command::new("vhost-device-vsock")
-        .args(["--guest-cid", "3", "--socket"])
-        .arg(&vhost)
-        .arg("--uds-path")
-        .arg(&uds)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    while !vhost.exists() {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
     let d = |f: &str| work.join(f).display().to_string();
     let mut q = Command::new("qemu-system-x86_64")
         .args([
             "-M",
-            "microvm,acpi=on,memory-backend=mem",
+            "microvm,acpi=on",
             "-accel",
             "tcg",
             "-cpu",
@@ -55,7 +43,6 @@ pub(crate) async fn raw_qemu_boot(
             "-m",
             "1024M",
         ])
-        .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on"])
         .args([
             "-nodefaults",
             "-no-user-config",
@@ -71,7 +58,7 @@ pub(crate) async fn raw_qemu_boot(
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 banger.hostname=raw tsc_early_khz={}",
+            "console=ttyS0 quiet panic=-1 banger.hostname=raw banger.channel=serial tsc_early_khz={}",
             (mhz * 1000.0) as u64
         ))
         .args([
@@ -93,22 +80,55 @@ pub(crate) async fn raw_qemu_boot(
             "virtio-blk-device,drive=work",
         ])
         .args([
-            "-chardev",
-            &format!("socket,id=vs,path={}", vhost.display()),
             "-device",
-            "vhost-user-vsock-device,chardev=vs",
+            "virtio-serial-device,max_ports=2",
+            "-chardev",
+            &format!("socket,id=agent,path={},server=on,wait=off", channel.display()),
+            "-device",
+            "virtserialport,chardev=agent,name=banger.agent",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let ready = banger_vmm::vsock::connect_with_retry(&uds, 52, Duration::from_secs(120), || true).await;
+    let ready = agent_answers(&channel, Duration::from_secs(120)).await;
     let elapsed = t.elapsed();
     let _ = q.kill();
-    let _ = v.kill();
     let _ = q.wait();
-    let _ = v.wait();
     ready?;
     Ok(elapsed)
+}
+
+/// Waits until the guest agent answers the serial channel's handshake:
+/// the point at which banger's daemon can reach it.
+pub(crate) async fn agent_answers(channel: &Path, within: Duration) -> Result<()> {
+    let end = Instant::now() + within;
+    let mut s = loop {
+        match tokio::net::UnixStream::connect(channel).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > end => return Err(e).context("QEMU's chardev socket"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
+    tokio::time::timeout(
+        end.saturating_duration_since(Instant::now()),
+        banger_mux::handshake::host(&mut s, Duration::from_millis(25)),
+    )
+    .await
+    .context("the agent did not answer")??;
+    Ok(())
+}
+
+/// The initramfs banger boots guests of kernel directory `kdir` with
+/// (made by its first boot).
+pub(crate) fn initramfs(kdir: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(kdir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with("initramfs-")
+                && p.extension().is_some_and(|e| e == "cpio")
+        })
+        .context("no initramfs")
 }
 
 pub(crate) async fn run_vs_qemu(b: &Bench, runs: usize) -> Result<()> {
@@ -117,14 +137,7 @@ pub(crate) async fn run_vs_qemu(b: &Bench, runs: usize) -> Result<()> {
     let rootfs = img["rootfs"].as_str().unwrap().to_string();
     // Warm-up: builds the initramfs banger boots with, reused as the baseline's.
     b.banger(&["vm", "run", "--rm", "--", "true"])?;
-    let initrd = std::fs::read_dir(&kdir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name().unwrap().to_string_lossy().starts_with("initramfs-")
-                && p.extension().is_some_and(|e| e == "cpio")
-        })
-        .context("no initramfs")?;
+    let initrd = initramfs(&kdir)?;
     let work = b.home.join("raw-qemu");
     let (mut banger, mut raw) = (vec![], vec![]);
     for _ in 0..runs {
@@ -157,10 +170,17 @@ pub(crate) fn warm_run(b: &mut Bench, runs: usize) -> Result<()> {
     restart(b, "0")?;
     // Warm-up: the initramfs and the disk templates are made once.
     b.banger(&["vm", "run", "--rm", "--", "true"])?;
-    let mut cold = vec![];
+    // A snapshot of a VM of the same (default) spec, taken once.
+    let _ = b.banger(&["snapshot", "rm", "warm-snap"]);
+    b.banger(&["vm", "create", "--name", "warm-src"])?;
+    b.banger(&["vm", "snapshot", "warm-src", "--name", "warm-snap"])?;
+    b.banger(&["vm", "delete", "warm-src"])?;
+    let (mut cold, mut snap) = (vec![], vec![]);
     for _ in 0..runs {
         cold.push(b.timed(&["vm", "run", "--rm", "--", "true"])?);
+        snap.push(b.timed(&["vm", "run", "--rm", "--snapshot", "warm-snap", "--", "true"])?);
     }
+    b.banger(&["snapshot", "rm", "warm-snap"])?;
     restart(b, "1")?;
     let mut warm = vec![];
     for _ in 0..runs {
@@ -173,6 +193,13 @@ pub(crate) fn warm_run(b: &mut Bench, runs: usize) -> Result<()> {
         "vm run --rm -- true, QEMU/TCG",
         "from the warm pool",
         warm,
+        "cold (a boot)",
+        cold.clone(),
+    );
+    report(
+        "vm run --rm -- true, QEMU/TCG",
+        "from a snapshot (no pool)",
+        snap,
         "cold (a boot)",
         cold,
     );

@@ -14,14 +14,16 @@
 //!                              banger shim vs `banger vm run --rm` of the
 //!                              same image (needs containerd and ctr)
 //!   banger-bench warm-run      `vm run --rm -- true` taking a VM from the
-//!                              warm pool vs booting one
+//!                              warm pool, and from a snapshot, vs booting
+//!   banger-bench qemu-restore  `vm restore` of a real guest vs QEMU's own
+//!                              restore of the same snapshot by hand
 //!   banger-bench fc-parallel   50 tiny guests started at once (VMs/s) vs
 //!                              as many firecracker processes by hand
 //!   banger-bench fc-restore    `vm snapshot` / `vm restore` of a tiny guest
 //!                              vs Firecracker's snapshot API by hand
 //!
 //! Each bench lives in a module of its own (`boot`, `create_flat`, `ctr`,
-//! `transfer`, `fc`, `fc_restore`, `chaos`); this file holds the command
+//! `transfer`, `fc`, `fc_restore`, `qemu_restore`, `chaos`); this file holds the command
 //! line, the `Bench` harness and the report.
 //! It drives the release or debug binaries next to itself with a private
 //! BANGER_HOME (default target/bench-home, kept so the image is built once).
@@ -32,6 +34,7 @@ mod create_flat;
 mod ctr;
 mod fc;
 mod fc_restore;
+mod qemu_restore;
 mod transfer;
 
 use boot::{run_vs_qemu, warm_run};
@@ -63,6 +66,7 @@ enum Cmd {
     CreateFlat,
     RunVsQemu,
     WarmRun,
+    QemuRestore,
     CtrRun,
     /// Workspace copy of a generated repo vs `git archive HEAD | ssh tar -x`.
     WorkspaceCopy {
@@ -211,6 +215,7 @@ async fn main() -> Result<()> {
         Cmd::CreateFlat => create_flat(&b, cli.runs)?,
         Cmd::RunVsQemu => run_vs_qemu(&b, cli.runs).await?,
         Cmd::WarmRun => warm_run(&mut b, cli.runs)?,
+        Cmd::QemuRestore => qemu_restore::qemu_restore(&b, cli.runs).await?,
         Cmd::CtrRun => ctr_run(&b, cli.runs)?,
         Cmd::WorkspaceCopy {
             files,

@@ -17,8 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-/// How often the hello is repeated while the guest boots.
-const HELLO_EVERY: Duration = Duration::from_millis(25);
+/// How often the hello is repeated while the guest boots or resumes: what
+/// a restored guest waits at most, once its old session has ended, before
+/// its new one begins.
+const HELLO_EVERY: Duration = Duration::from_millis(5);
 /// How long a guest may take to say whether a port is served before its
 /// session counts as dead.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);

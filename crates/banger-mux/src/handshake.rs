@@ -11,20 +11,23 @@ const GO: &str = "BANGER-MUX-GO";
 /// Longer lines are not ours: the scanner drops them.
 const MAX_LINE: usize = 96;
 
-/// The host's side: repeats the hello every `every` until the guest
-/// answers (a guest may still be booting, or may first have to notice that
-/// its old session is gone), then marks the start of the session.
+/// The host's side: repeats the hello until the guest answers (a guest may
+/// still be booting, or may first have to notice that its old session is
+/// gone), then marks the start of the session. The hello goes every
+/// `every` at first, then less and less often: a booting guest reads the
+/// hellos queued for it one byte at a time.
 pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duration) -> Result<(), MuxError> {
     let nonce = format!("{:016x}", rand::random::<u64>());
     let hello = format!("\n{HELLO} {nonce}\n");
     let want = format!("{OK} {nonce}");
     let mut lines = Lines::default();
     let mut buf = [0u8; 4096];
-    loop {
+    for sent in 0u32.. {
         io_.write_all(hello.as_bytes())
             .await
             .map_err(io("writing the hello"))?;
-        let tick = tokio::time::sleep(every);
+        // 20 at `every`, 20 at twice that, and so on up to 32 times.
+        let tick = tokio::time::sleep(every * (1 << (sent / 20).min(5)));
         tokio::pin!(tick);
         loop {
             tokio::select! {
@@ -47,6 +50,7 @@ pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duratio
             }
         }
     }
+    unreachable!("the hello count ran out")
 }
 
 /// The guest's side: answers every hello, and returns once the host's `GO`

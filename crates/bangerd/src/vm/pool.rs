@@ -12,9 +12,8 @@
 //! guest keeps the address and MAC it booted with, as any new VM would
 //! get its own. Refilling happens in the background after each claim.
 //!
-//! The pool keeps booted VMs, not memory snapshots: the QEMU back-end's
-//! vsock device (vhost-user) cannot be migrated, so a saved machine state
-//! could not be restored with its agent channel.
+//! Ready pool VMs wait paused (no CPU spent on a waiting guest's timers);
+//! a claim resumes one.
 
 use super::spec::{self, Defaults};
 use super::VmService;
@@ -229,21 +228,14 @@ impl VmService {
         }
     }
 
-    /// Pauses the ready pool VMs not paused yet, on Firecracker: a waiting
-    /// guest still spends CPU on its timers (5-8 % of a core under QEMU's
-    /// emulation). A claim resumes it (and sets its clock). After a daemon
-    /// restart the set is empty and pausing again is harmless.
-    ///
-    /// QEMU VMs wait running: with its vhost-user vsock backend, a QMP
-    /// `stop`/`cont` left the agent unreachable after the resume in one
-    /// claim of seven here, which a pool must never hand out.
+    /// Pauses the ready pool VMs not paused yet: a waiting guest still
+    /// spends CPU on its timers (5-8 % of a core under QEMU's emulation).
+    /// A claim resumes it (and sets its clock). After a daemon restart the
+    /// set is empty and pausing again is harmless.
     async fn freeze_ready(&self) {
         let Ok(members) = self.pool_members() else { return };
         for vm in members {
-            if vm.runtime.state != VmState::Running
-                || self.pool_frozen.locked().contains(&vm.id)
-                || banger_vmm::VmmKind::parse(&vm.spec.vmm) != Some(banger_vmm::VmmKind::Firecracker)
-            {
+            if vm.runtime.state != VmState::Running || self.pool_frozen.locked().contains(&vm.id) {
                 continue;
             }
             let Ok(_busy) = self.lock_for(&vm.id).try_lock_owned() else {
