@@ -55,12 +55,16 @@ pub async fn serve(router: Arc<Router>, sessions: Arc<Sessions>) {
                 continue;
             }
         };
-        if let Err(e) = banger_mux::handshake::guest(&mut port, Duration::from_millis(10)).await {
-            tracing::warn!(error = %e, "channel handshake");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
+        let early = match banger_mux::handshake::guest(&mut port, Duration::from_millis(10)).await {
+            Ok(early) => early,
+            Err(e) => {
+                tracing::warn!(error = %e, "channel handshake");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         tracing::info!(dev = %dev.display(), "agent channel up");
+        let port = banger_mux::handshake::Prefixed::new(early, port);
         let (opener, mut inbound, driver) = session::start(port, Mode::Server);
         let driving = tokio::spawn(driver);
         tokio::spawn(announce_ready(opener));

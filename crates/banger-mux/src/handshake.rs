@@ -53,38 +53,99 @@ pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duratio
     unreachable!("the hello count ran out")
 }
 
-/// The guest's side: answers every hello, and returns once the host's `GO`
-/// for an answered hello has been read, no byte further. `idle` is how long
-/// to wait when the channel reads as closed (no host connected).
-pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, idle: Duration) -> Result<(), MuxError> {
+/// The guest's side: answers each host's hello once, and returns once that
+/// host's `GO` has been read, with the bytes read past it: the session's
+/// first bytes, for the caller to read before the channel's next ones
+/// (see [`Prefixed`]). Reading in chunks matters: a guest that booted or
+/// resumed late finds many repeated hellos queued. `idle` is how long to
+/// wait when the channel reads as closed (no host connected).
+pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(
+    io_: &mut S,
+    idle: Duration,
+) -> Result<Vec<u8>, MuxError> {
     let mut lines = Lines::default();
     let mut answered: Vec<String> = Vec::new();
-    let mut b = [0u8; 1];
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
-        // One byte at a time: the session's first byte follows `GO`.
-        let n = io_.read(&mut b).await.map_err(io("reading the hello"))?;
+        let n = io_.read(&mut buf).await.map_err(io("reading the hello"))?;
         if n == 0 {
             tokio::time::sleep(idle).await;
             continue;
         }
-        let Some(line) = lines.push(b[0]) else { continue };
-        if let Some(nonce) = line.strip_prefix(HELLO).and_then(|r| r.strip_prefix(' ')) {
-            // Once per host: hellos it repeated while this guest was not
-            // listening are queued behind the first, and a second answer
-            // would reach the host after its session began.
-            if answered.iter().any(|a| a == nonce) {
-                continue;
-            }
-            answered.push(nonce.to_string());
-            io_.write_all(format!("\n{OK} {nonce}\n").as_bytes())
-                .await
-                .map_err(io("answering the hello"))?;
-            io_.flush().await.map_err(io("answering the hello"))?;
-        } else if let Some(nonce) = line.strip_prefix(GO).and_then(|r| r.strip_prefix(' ')) {
-            if answered.iter().any(|a| a == nonce) {
-                return Ok(());
+        for (i, &b) in buf[..n].iter().enumerate() {
+            let Some(line) = lines.push(b) else { continue };
+            if let Some(nonce) = line.strip_prefix(HELLO).and_then(|r| r.strip_prefix(' ')) {
+                // Once per host: hellos it repeated while this guest was not
+                // listening are queued behind the first, and a second answer
+                // would reach the host after its session began.
+                if answered.iter().any(|a| a == nonce) {
+                    continue;
+                }
+                answered.push(nonce.to_string());
+                io_.write_all(format!("\n{OK} {nonce}\n").as_bytes())
+                    .await
+                    .map_err(io("answering the hello"))?;
+                io_.flush().await.map_err(io("answering the hello"))?;
+            } else if let Some(nonce) = line.strip_prefix(GO).and_then(|r| r.strip_prefix(' ')) {
+                if answered.iter().any(|a| a == nonce) {
+                    return Ok(buf[i + 1..n].to_vec());
+                }
             }
         }
+    }
+}
+
+/// A byte stream with bytes already read from it put back in front.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed { prefix, at: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -126,8 +187,10 @@ mod tests {
             .unwrap();
         h.write_all(b"\nBANGER-MUX-HELLO dead\n").await.unwrap();
         let guest = tokio::spawn(async move {
-            guest(&mut g, Duration::from_millis(5)).await.unwrap();
-            // The first byte of the session is the guest's to read.
+            let early = guest(&mut g, Duration::from_millis(5)).await.unwrap();
+            // The session's first bytes are the guest's to read, whether
+            // the handshake read them along or not.
+            let mut g = Prefixed::new(early, g);
             let mut b = [0u8; 5];
             g.read_exact(&mut b).await.unwrap();
             b

@@ -5,8 +5,10 @@
 //! are clear errors; what a crash leaves in the snapshot directory is
 //! removed when the daemon comes back.
 
-use banger_tests::Env;
+use banger_tests::{wait_for, Env};
 use serde_json::Value;
+use std::process::Stdio;
+use std::time::Duration;
 
 fn exec(env: &Env, vm: &str, script: &str) -> String {
     env.banger_ok(&["vm", "exec", vm, "--", "sh", "-c", script])
@@ -218,5 +220,89 @@ fn networked_clones_get_their_own_address_mac_and_host_key_and_answer_ssh() {
         env.banger_ok(&["vm", "delete", vm]);
     }
     env.banger_ok(&["snapshot", "rm", "ns1"]);
+    assert!(env.vm_processes().is_empty(), "{:?}", env.vm_processes());
+}
+
+/// bangerd killed with SIGKILL in the middle of a QEMU snapshot, then of a
+/// restore: the source runs (not left paused), no half snapshot stays, and
+/// the half-restored VM is gone or runs as itself.
+#[test]
+fn a_daemon_killed_mid_snapshot_or_mid_restore_leaves_running_vms_and_whole_snapshots() {
+    let env = Env::with_image();
+    env.banger_ok(&[
+        "vm",
+        "create",
+        "--name",
+        "k1",
+        "--no-network",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    let snaps = env.home().join("snapshots");
+    let tmp_exists = || {
+        std::fs::read_dir(&snaps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .then_some(())
+    };
+    let mut taking = env
+        .cmd("banger")
+        .args(["vm", "snapshot", "k1", "--name", "ks"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the snapshot to begin", Duration::from_secs(30), tmp_exists);
+    env.kill_daemon();
+    let _ = taking.wait();
+    // The next command starts a daemon, which adopts k1 and resumes it.
+    assert_eq!(exec(&env, "k1", "echo runs").trim(), "runs");
+    assert!(tmp_exists().is_none(), "an unfinished snapshot was left");
+    let listed: Value = serde_json::from_str(&env.banger_ok(&["snapshot", "list", "--json"])).unwrap();
+    for s in listed.as_array().unwrap() {
+        let dir = snaps.join(s["id"].as_str().unwrap());
+        assert!(
+            dir.join("state").is_file(),
+            "a listed snapshot without its files: {s}"
+        );
+    }
+
+    let _ = env.banger(&["snapshot", "rm", "ks"]);
+    env.banger_ok(&["vm", "snapshot", "k1", "--name", "ks"]);
+    let before = env.vm_processes().len();
+    let mut restoring = env
+        .cmd("banger")
+        .args(["vm", "restore", "ks", "--name", "kr"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the restored VM's QEMU to start", Duration::from_secs(30), || {
+        (env.vm_processes().len() > before).then_some(())
+    });
+    env.kill_daemon();
+    let _ = restoring.wait();
+    let vms: Value = serde_json::from_str(&env.banger_ok(&["vm", "list", "--json"])).unwrap();
+    let names: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    if names.contains(&"kr") {
+        // Kept: then it starts from its snapshot and is itself.
+        env.banger_ok(&["vm", "start", "kr"]);
+        assert_eq!(exec(&env, "kr", "hostname").trim(), "kr");
+        env.banger_ok(&["vm", "delete", "kr"]);
+    }
+    assert_eq!(exec(&env, "k1", "echo still").trim(), "still");
+    env.banger_ok(&["vm", "delete", "k1"]);
+    env.banger_ok(&["snapshot", "rm", "ks"]);
     assert!(env.vm_processes().is_empty(), "{:?}", env.vm_processes());
 }

@@ -80,15 +80,12 @@ impl VmService {
                 Recovery::AdoptOrCleanUp => match handles::read(&dir) {
                     Some(h) if process::alive(h.launched.pid, &vm.runtime.vm_dir) => {
                         tracing::info!(vm = %vm.name, pid = h.launched.pid, "reconcile: adopted running VM");
-                        // A daemon killed while it claimed a paused pool VM
-                        // left it renamed but paused: a VM that is nobody's
-                        // pool VM runs its vCPUs (resuming a running one is
-                        // a no-op). Only Firecracker pool VMs are ever
-                        // paused, so only those are asked.
-                        let firecracker = banger_vmm::VmmKind::parse(&vm.spec.vmm)
-                            == Some(banger_vmm::VmmKind::Firecracker);
-                        if firecracker && !vm.runtime.pooled {
-                            let kind = banger_vmm::VmmKind::Firecracker;
+                        // A daemon killed while it claimed a paused pool VM,
+                        // or while it snapshotted a VM, left it paused: a VM
+                        // that is nobody's pool VM runs its vCPUs (resuming
+                        // a running one is a no-op).
+                        let kind = banger_vmm::VmmKind::parse(&vm.spec.vmm);
+                        if let (Some(kind), false) = (kind, vm.runtime.pooled) {
                             if let Err(e) =
                                 banger_vmm::pause::set_paused(kind, &h.launched.api_socket, false).await
                             {
