@@ -97,9 +97,27 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
         "the pool name lives on"
     );
     // The pool refills in the background with a VM of its own.
+    // The first pool VM was booted, and its snapshot is the pool's base:
+    // the refill is restored from it.
+    let base = wait_for("the pool's base snapshot", Duration::from_secs(60), || {
+        let snaps: Value = serde_json::from_str(&env.banger_ok(&["snapshot", "list", "--json"])).unwrap();
+        snaps.as_array().unwrap().iter().find_map(|s| {
+            s["name"]
+                .as_str()
+                .filter(|n| n.starts_with("pool-base-"))
+                .map(String::from)
+        })
+    });
     let refill = wait_for("the pool to refill", Duration::from_secs(120), || {
         ready(&env).pop().filter(|n| *n != member)
     });
+    let log = std::fs::read_to_string(env.daemon_log()).unwrap_or_default();
+    let restored = log.lines().any(|l| {
+        l.contains("pool VM ready")
+            && l.contains(&format!("\"vm\":\"{refill}\""))
+            && l.contains("\"restored\":true")
+    });
+    assert!(restored, "the refill {refill} was not restored from {base}");
     assert_ne!(env.vm(&refill)["id"], member_id);
 
     // Another spec is not the pool's: it boots its own VM, the pool keeps its.
@@ -135,6 +153,8 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
     // Drained: the pool's VMs go and it stays empty.
     let d: Value = serde_json::from_str(&env.banger_ok(&["pool", "drain", "--json"])).unwrap();
     assert_eq!(d["removed"][0], refill.as_str());
+    // Its base snapshot goes with it.
+    assert_eq!(env.banger_ok(&["snapshot", "list", "--json"]).trim(), "[]");
     let st = status(&env);
     assert!(
         st["paused"].as_bool().unwrap() && st["ready"].as_array().unwrap().is_empty(),

@@ -33,6 +33,17 @@ pub async fn call<M: Method>(
     let stream = vsock::connect_with_retry(uds, AGENT_PORT, Duration::from_secs(3), || true)
         .await
         .map_err(|e| RpcError::not_running(format!("guest agent unreachable: {e}")))?;
+    call_on::<M>(stream, uds, op, params, on_event).await
+}
+
+/// [`call`] on a connection to the agent's port already open.
+pub async fn call_on<M: Method>(
+    stream: tokio::net::UnixStream,
+    uds: &Path,
+    op: &OpId,
+    params: &M::Params,
+    on_event: impl FnMut(M::Event) + Send,
+) -> Result<M::Output, RpcError> {
     Client::new(uds)
         .with_idle_timeout(IDLE_DEADLINE)
         .call_on::<M, _>(vsock::CreditAcked::new(stream), params, Some(op), on_event)

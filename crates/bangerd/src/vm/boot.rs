@@ -76,7 +76,9 @@ impl VmService {
         self.save(&vm)?;
         // A guest that boots but never answers on vsock (seen, rarely, with
         // the userspace vsock backend under load) gets one fresh boot.
-        let launched = match self
+        // `agent`: the connection that found the guest's agent up, which
+        // the seed call then uses (a round trip fewer).
+        let (launched, agent) = match self
             .boot_once(&mut vm, &op, spec.clone(), FIRST_BOOT_DEADLINE)
             .await
         {
@@ -95,7 +97,14 @@ impl VmService {
         let hostname = restoring.is_some().then(|| vm.name.clone());
         let net = restoring.as_ref().and_then(|_| self.seed_net(&vm));
         if let Err(e) = self
-            .seed_as(&vm, &launched.vsock_uds, &op, hostname.as_deref(), net)
+            .seed_as(
+                &vm,
+                &launched.vsock_uds,
+                Some(agent),
+                &op,
+                hostname.as_deref(),
+                net,
+            )
             .await
         {
             self.teardown(&vm, self.cached(&vm.id).as_ref()).await;
@@ -166,7 +175,7 @@ impl VmService {
         op: &OpId,
         mut spec: LaunchSpec,
         deadline: Duration,
-    ) -> Result<Launched, (RpcError, bool)> {
+    ) -> Result<(Launched, tokio::net::UnixStream), (RpcError, bool)> {
         if let Some(tap) = vm.runtime.tap.clone() {
             crate::ops::stage("network");
             if let Some(ns) = vm.spec.netns.clone() {
@@ -248,9 +257,9 @@ impl VmService {
         let interrupted = self.interrupt_token(&vm.id);
         let wait_guest = async {
             if launched.kind == VmmKind::Qemu {
-                // The agent announces itself; polling a guest whose vsock
-                // driver is not up yet is what occasionally wedged
-                // vhost-device-vsock. Firecracker's own vsock is polled at once.
+                // The agent announces itself when its channel is up: the
+                // daemon connects then, not at the next tick of a poll.
+                // Firecracker's own vsock is polled at once.
                 wait_for_ready(&launched.vsock_uds, pid, &marker, READY_WAIT.min(deadline)).await;
             }
             banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, deadline, || {
@@ -266,17 +275,20 @@ impl VmService {
                 return Err((RpcError::new(banger_proto::ErrorCode::Cancelled, "start cut short by vm kill"), false));
             }
         };
-        if let Err(e) = ready {
-            let serial = tail(&launched.serial_log, 1500);
-            let vmm_died = !process::alive(pid, &marker);
-            let vmm_log = tail(&Path::new(&vm.runtime.vm_dir).join("vmm.log"), 600);
-            let e = RpcError::failed(format!(
+        let agent = match ready {
+            Ok(s) => s,
+            Err(e) => {
+                let serial = tail(&launched.serial_log, 1500);
+                let vmm_died = !process::alive(pid, &marker);
+                let vmm_log = tail(&Path::new(&vm.runtime.vm_dir).join("vmm.log"), 600);
+                let e = RpcError::failed(format!(
                 "the guest did not come up: {e}\n--- serial console (tail) ---\n{serial}\n--- VMM log (tail) ---\n{vmm_log}"
             ));
-            self.teardown(vm, self.cached(&vm.id).as_ref()).await;
-            return Err((e, !vmm_died));
-        }
-        Ok(launched)
+                self.teardown(vm, self.cached(&vm.id).as_ref()).await;
+                return Err((e, !vmm_died));
+            }
+        };
+        Ok((launched, agent))
     }
 
     async fn fail_start(&self, mut vm: VmRecord, e: RpcError) -> RpcError {

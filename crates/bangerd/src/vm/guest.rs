@@ -22,6 +22,7 @@ impl VmService {
         &self,
         vm: &VmRecord,
         uds: &Path,
+        connected: Option<tokio::net::UnixStream>,
         op: &OpId,
         hostname: Option<&str>,
         net: Option<a::SeedNet>,
@@ -40,7 +41,11 @@ impl VmService {
             hostname: hostname.map(String::from),
             net: net.clone(),
         };
-        match agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await {
+        let answer = match connected {
+            Some(s) => agent::call_on::<a::SeedGuest>(s, uds, op, &req, |_| ()).await,
+            None => agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await,
+        };
+        match answer {
             Ok(s) => {
                 tracing::info!(
                     vm = %vm.name,
@@ -94,10 +99,14 @@ impl VmService {
         use base64::Engine;
         if new_host_keys {
             // sshd reads its host keys for each connection: no restart.
+            // Ed25519 only: RSA key generation takes seconds under emulation,
+            // and the pin is the Ed25519 key.
             self.guest_sh(
                 uds,
                 op,
-                "command -v ssh-keygen >/dev/null || exit 0; rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; ssh-keygen -A >/dev/null".into(),
+                "command -v ssh-keygen >/dev/null || exit 0; rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; \
+                 ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key"
+                    .into(),
             )
             .await?;
         }

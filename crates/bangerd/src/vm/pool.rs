@@ -14,18 +14,29 @@
 //!
 //! Ready pool VMs wait paused (no CPU spent on a waiting guest's timers);
 //! a claim resumes one.
+//!
+//! The first pool VM of a spec is booted; a snapshot of it, taken once it
+//! is ready, becomes the pool's base (`pool-base-<key>`, the key naming
+//! the spec and the image file), and later pool VMs are restored from it:
+//! a fraction of a boot, each with its own identity (see `snapshot`). A
+//! base that no longer restores is removed, and the next VM boots again.
+//! Firecracker VMs with a network cannot be snapshotted: their pool boots.
 
 use super::spec::{self, Defaults};
 use super::VmService;
 use crate::image::store_err;
 use crate::sync::Locked;
 use banger_proto::methods::daemon::{PoolDrained, PoolStatus, VmCreate};
+use banger_proto::methods::daemon::{VmRestore, VmSnapshot};
 use banger_proto::{opid, OpId, RpcError};
 use banger_store::{VmRecord, VmSpec, VmState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// The name of every pool base snapshot starts so.
+const POOL_BASE: &str = "pool-base-";
 
 /// How long `pool fill --wait` waits for a full pool.
 const FILL_WAIT: Duration = Duration::from_secs(600);
@@ -147,7 +158,7 @@ impl VmService {
         self.pool_frozen.locked().remove(&vm.id);
         // No network identity: a pool VM booted with its own.
         let _ = self
-            .seed_as(vm, &h.launched.vsock_uds, op, Some(&vm.name), None)
+            .seed_as(vm, &h.launched.vsock_uds, None, op, Some(&vm.name), None)
             .await;
         match self.ssh.rename(old, &vm.name) {
             Ok(true) => {}
@@ -199,31 +210,108 @@ impl VmService {
             let name = format!("pool-{:06x}", crate::kernel::rand_u32() & 0xff_ffff);
             let op = OpId::mint();
             let handle = self.ops.begin(&op, "pool.fill", &name);
-            let (svc, h, spec) = (self.clone(), handle.clone(), spec.clone());
+            let base = self.pool_base(&spec);
+            let from = base
+                .as_ref()
+                .and_then(|b| self.store.get_snapshot(b).ok().flatten());
+            let (svc, h, spec, snapshot) = (
+                self.clone(),
+                handle.clone(),
+                spec.clone(),
+                from.as_ref().map(|s| s.name.clone()),
+            );
             let made = opid::run_as(op.clone(), "pool.fill", async move {
                 handle
                     .run(async move {
+                        if let Some(snapshot) = snapshot {
+                            let p = VmRestore { name, snapshot };
+                            return svc.restore_as(&h, p, true).await.map(|v| v.name);
+                        }
                         let cancel = CancellationToken::new();
                         let making = super::create::Making {
                             start: true,
                             pooled: true,
                             restore: None,
                         };
-                        svc.create(&h, &name, spec, making, &cancel).await
+                        svc.create(&h, &name, spec, making, &cancel).await.map(|v| v.name)
                     })
                     .await
             })
             .await;
             match made {
                 Ok(vm) => {
-                    tracing::info!(vm = %vm.name, op_id = %op, "pool VM ready");
+                    tracing::info!(vm = %vm, op_id = %op, restored = from.is_some(), "pool VM ready");
+                    if let (None, Some(base)) = (&from, &base) {
+                        opid::run_as(op.clone(), "pool.base", self.make_pool_base(&op, &vm, base)).await;
+                    }
                     self.freeze_ready().await;
                 }
                 Err(e) => {
-                    // The next pass tries again: a failing image must not spin.
                     tracing::warn!(op_id = %op, error = %e.message, "could not make a pool VM");
+                    if let Some(s) = &from {
+                        // A base that does not restore (its image file gone,
+                        // say) is dropped: the next VM boots and makes another.
+                        tracing::warn!(snapshot = %s.name, "removing the pool's base snapshot");
+                        let _ = self.snapshot_rm(&s.name);
+                    }
+                    // The next pass tries again: a failing image must not spin.
                     return;
                 }
+            }
+        }
+    }
+
+    /// The name of the base snapshot for pool VMs of `spec`, made from the
+    /// image file as it is now; `None` where such a VM cannot be
+    /// snapshotted.
+    fn pool_base(&self, spec: &VmSpec) -> Option<String> {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::MetadataExt;
+        let kind = banger_vmm::VmmKind::parse(&spec.vmm)?;
+        if kind == banger_vmm::VmmKind::Firecracker && (spec.network || spec.netns.is_some()) {
+            return None;
+        }
+        let image = self.images.get(&spec.image).ok()?;
+        let meta = std::fs::metadata(&image.rootfs).ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            serde_json::to_string(spec).ok()?,
+            &image.rootfs,
+            meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.len(),
+        )
+            .hash(&mut h);
+        Some(format!("{POOL_BASE}{:08x}", h.finish() as u32))
+    }
+
+    /// Snapshots pool VM `vm` as the pool's base `name`, replacing older
+    /// bases; a failure leaves the pool booting its VMs.
+    async fn make_pool_base(&self, op: &OpId, vm: &str, name: &str) {
+        self.drop_pool_bases(Some(name));
+        let p = VmSnapshot {
+            name: vm.to_string(),
+            snapshot: Some(name.to_string()),
+        };
+        match self.take_snapshot(op, p, true).await {
+            Ok(s) => {
+                tracing::info!(snapshot = %s.name, bytes = s.size_bytes, "the warm pool's base snapshot")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "could not snapshot a pool VM; the pool boots its VMs")
+            }
+        }
+    }
+
+    /// Removes the pool's base snapshots but `keep`.
+    fn drop_pool_bases(&self, keep: Option<&str>) {
+        let Ok(all) = self.store.list_snapshots() else {
+            return;
+        };
+        for s in all {
+            if s.name.starts_with(POOL_BASE) && Some(s.name.as_str()) != keep {
+                let _ = self.snapshot_rm(&s.name);
             }
         }
     }
@@ -321,7 +409,8 @@ impl VmService {
         }
     }
 
-    /// Deletes every pool VM and stops refilling until `pool_fill`.
+    /// Deletes every pool VM and the pool's base snapshot, and stops
+    /// refilling until `pool_fill`.
     pub async fn pool_drain(&self, op: &OpId) -> Result<PoolDrained, RpcError> {
         self.pool_paused.store(true, Ordering::Relaxed);
         let mut removed = Vec::new();
@@ -334,6 +423,7 @@ impl VmService {
             self.delete(op, &vm.name).await?;
             removed.push(vm.name);
         }
+        self.drop_pool_bases(None);
         Ok(PoolDrained { removed })
     }
 }

@@ -154,8 +154,19 @@ impl VmService {
     }
 
     /// Saves running VM `p.name`: paused, its memory and state written by
-    /// Firecracker, its writable disks copied, then resumed.
+    /// the VMM, its writable disks copied, then resumed.
     pub async fn snapshot(&self, op: &OpId, p: VmSnapshot) -> Result<SnapshotInfo, RpcError> {
+        self.take_snapshot(op, p, false).await
+    }
+
+    /// [`Self::snapshot`], of a warm-pool VM too when `of_pool` (the pool's
+    /// base snapshot).
+    pub(super) async fn take_snapshot(
+        &self,
+        op: &OpId,
+        p: VmSnapshot,
+        of_pool: bool,
+    ) -> Result<SnapshotInfo, RpcError> {
         let snap_name = match p.snapshot {
             Some(n) => n,
             None => format!("{}-{:06x}", p.name, crate::kernel::rand_u32() & 0xff_ffff),
@@ -169,7 +180,7 @@ impl VmService {
         let (_g, vm) = self.locked(&p.name).await?;
         let kind = VmmKind::parse(&vm.spec.vmm)
             .ok_or_else(|| RpcError::failed(format!("VM {} has an unknown VMM {}", vm.name, vm.spec.vmm)))?;
-        if vm.runtime.pooled {
+        if vm.runtime.pooled && !of_pool {
             return Err(RpcError::bad_request(format!(
                 "VM {} is the warm pool's",
                 vm.name
@@ -322,7 +333,17 @@ impl VmService {
     }
 
     /// A new VM `p.name` from snapshot `p.snapshot`.
-    pub async fn restore(self: &Arc<Self>, op: &OpHandle, mut p: VmRestore) -> Result<VmInfo, RpcError> {
+    pub async fn restore(self: &Arc<Self>, op: &OpHandle, p: VmRestore) -> Result<VmInfo, RpcError> {
+        self.restore_as(op, p, false).await
+    }
+
+    /// [`Self::restore`], as a warm-pool VM when `pooled`.
+    pub(super) async fn restore_as(
+        self: &Arc<Self>,
+        op: &OpHandle,
+        mut p: VmRestore,
+        pooled: bool,
+    ) -> Result<VmInfo, RpcError> {
         if p.name.is_empty() {
             p.name = names::generate();
         }
@@ -347,6 +368,7 @@ impl VmService {
                 dir: dir.clone(),
                 base_rootfs: snap.base_rootfs.clone(),
             }),
+            pooled,
             ..Default::default()
         };
         let vm = self
