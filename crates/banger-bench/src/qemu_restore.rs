@@ -128,6 +128,7 @@ async fn raw_restore(
             }
         };
         let sock = work.join("incoming.sock");
+        m.migration_events().await?;
         m.execute(
             "migrate-incoming",
             Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),

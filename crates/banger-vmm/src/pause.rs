@@ -91,6 +91,7 @@ pub async fn snapshot_qemu(qmp_sock: &Path, state: &Path) -> Result<(), VmmError
         let mut q = crate::qmp::Qmp::connect(qmp_sock).await?;
         q.execute("stop", None).await?;
         q.unthrottle().await?;
+        q.migration_events().await?;
         q.execute(
             "migrate",
             Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),

@@ -238,6 +238,7 @@ async fn load_state(qmp: &Path, state: &Path, pid: u32, marker: &str) -> Result<
     };
     let sock = qmp.with_file_name("incoming.sock");
     let _ = std::fs::remove_file(&sock);
+    q.migration_events().await?;
     q.execute(
         "migrate-incoming",
         Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),

@@ -67,6 +67,20 @@ impl Qmp {
         }
     }
 
+    /// Asks for `MIGRATION` events, so that [`Self::wait_migration`] hears
+    /// the end at once instead of polling QEMU's main loop (which is also
+    /// the one moving the migration).
+    pub async fn migration_events(&mut self) -> Result<(), VmmError> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({
+                "capabilities": [{ "capability": "events", "state": true }]
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Lifts the migration's bandwidth limit (128 MiB/s by default): a
     /// snapshot goes to a local file, and the VM waits paused meanwhile.
     pub async fn unthrottle(&mut self) -> Result<(), VmmError> {
@@ -78,8 +92,28 @@ impl Qmp {
         .map(drop)
     }
 
-    /// Polls `query-migrate` until the migration completed, failed, or
-    /// `within` passed.
+    /// The next event named `name`, skipping others.
+    async fn next_event(&mut self, name: &str) -> Result<Value, VmmError> {
+        loop {
+            let Some(line) = self
+                .lines
+                .next_line()
+                .await
+                .map_err(|e| VmmError::io(format!("QMP events on {}", self.sock), e))?
+            else {
+                return Err(VmmError::Failed("QMP closed while waiting for an event".into()));
+            };
+            let v: Value = serde_json::from_str(&line)
+                .map_err(|e| VmmError::Failed(format!("QMP sent {line:?}: {e}")))?;
+            if v.get("event").and_then(Value::as_str) == Some(name) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Waits until the migration completed, failed, or `within` passed:
+    /// woken by its `MIGRATION` events (see [`Self::migration_events`]),
+    /// and asking `query-migrate` for the truth each time and every 100 ms.
     pub async fn wait_migration(&mut self, within: Duration) -> Result<(), VmmError> {
         let end = Instant::now() + within;
         loop {
@@ -98,7 +132,12 @@ impl Qmp {
                         "QEMU's migration did not finish within {within:?}"
                     )))
                 }
-                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                _ => {
+                    let wait = end
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(100));
+                    let _ = tokio::time::timeout(wait, self.next_event("MIGRATION")).await;
+                }
             }
         }
     }
