@@ -35,7 +35,11 @@ pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
     let (broken_tx, mut broken) = mpsc::unbounded_channel::<()>();
     tokio::spawn(accept(listener, watching, broken_tx));
     let mut first = true;
+    // A guest whose sessions keep breaking at once (broken, or hostile)
+    // gets the next one later and later: no busy loop, no flood of logs.
+    let mut backoff = Duration::ZERO;
     loop {
+        tokio::time::sleep(backoff).await;
         let mut chan = match connect(serial, if first { SOCKET_WITHIN } else { Duration::ZERO }).await {
             Ok(c) => c,
             Err(e) if first => return Err(e),
@@ -49,6 +53,7 @@ pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
             Err(e) => return Err(e),
         }
         tracing::info!("agent channel up");
+        let began = Instant::now();
         let (opener, inbound, driver) = session::start(chan, Mode::Client);
         current.send_replace(Some(opener));
         let from_guest = tokio::spawn(guest_opened(inbound, uds.to_path_buf()));
@@ -59,6 +64,11 @@ pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
         }
         current.send_replace(None);
         from_guest.abort();
+        backoff = if began.elapsed() < Duration::from_secs(1) {
+            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+        } else {
+            Duration::ZERO
+        };
     }
 }
 
@@ -164,5 +174,87 @@ async fn guest_opened(mut inbound: mpsc::UnboundedReceiver<session::Stream>, uds
                 Err(e) => tracing::debug!(port, error = %e, "nothing listens for the guest"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake;
+
+    /// The guest's end of the chardev, as QEMU would hand it over: one
+    /// connection per bridge session.
+    async fn guest_session(listener: &UnixListener) -> (UnixStream, Vec<u8>) {
+        let (mut chan, _) = listener.accept().await.unwrap();
+        let early = handshake::guest(&mut chan, Duration::from_millis(5))
+            .await
+            .unwrap();
+        (chan, early)
+    }
+
+    #[tokio::test]
+    async fn serves_ports_as_hybrid_vsock_and_survives_a_guest_that_sends_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let (serial, uds) = (d.path().join("agent.serial"), d.path().join("vsock.sock"));
+        let chardev = UnixListener::bind(&serial).unwrap();
+        let bridge = tokio::spawn({
+            let (serial, uds) = (serial.clone(), uds.clone());
+            async move { run(&serial, &uds).await }
+        });
+
+        // A guest that breaks its session at once, with garbage.
+        let (mut chan, _) = guest_session(&chardev).await;
+        chan.write_all(&[0xff; 64]).await.unwrap();
+        // The bridge starts a new session; this guest serves port 52.
+        let (chan, early) = guest_session(&chardev).await;
+        let (_, mut inbound, driver) = session::start(handshake::Prefixed::new(early, chan), Mode::Server);
+        tokio::spawn(driver);
+        tokio::spawn(async move {
+            while let Some(mut s) = inbound.recv().await {
+                let port = session::read_port(&mut s).await.unwrap();
+                session::answer(&mut s, port == 52).await.unwrap();
+                if port == 52 {
+                    let mut line = Vec::new();
+                    s.read_to_end(&mut line).await.unwrap();
+                    s.write_all(b"echo:").await.unwrap();
+                    s.write_all(&line).await.unwrap();
+                    s.shutdown().await.unwrap();
+                }
+            }
+        });
+
+        // A client speaks hybrid vsock to the bridge.
+        let reply = |port: u32| {
+            let uds = uds.clone();
+            async move {
+                let mut c = UnixStream::connect(&uds).await.unwrap();
+                c.write_all(format!("CONNECT {port}\n").as_bytes()).await.unwrap();
+                c.shutdown().await.ok();
+                let mut all = String::new();
+                let _ = c.read_to_string(&mut all).await;
+                all
+            }
+        };
+        let mut got = String::new();
+        for _ in 0..200 {
+            got = reply(52).await;
+            if !got.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got, "OK 52\necho:");
+        // A port nothing serves is closed, as vsock refuses it.
+        assert_eq!(reply(99).await, "");
+        // Malformed requests are closed too, and the bridge serves on.
+        for bad in ["CONNECT x\n", "HELLO\n", &"C".repeat(100)] {
+            let mut c = UnixStream::connect(&uds).await.unwrap();
+            c.write_all(bad.as_bytes()).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest).await;
+            assert!(rest.is_empty(), "{bad:?} got {rest:?}");
+        }
+        assert_eq!(reply(52).await, "OK 52\necho:");
+        bridge.abort();
     }
 }
