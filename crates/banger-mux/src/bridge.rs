@@ -4,16 +4,26 @@
 //! (`CONNECT <port>\n` → `OK <port>\n`; streams the guest opens to host port
 //! P arrive at `<socket>_P`), so the daemon needs no second client.
 //!
-//! A session that stops answering (its guest agent restarted, or the VM
-//! was restored from a snapshot while this bridge held an older session)
-//! is dropped and the chardev reconnected: the guest reads the hang-up,
-//! forgets its session, and the handshake starts a new one.
+//! A session ends when the guest says it has none (a restarted agent, or
+//! one whose session broke, writes a reset line, which this end's yamux
+//! cannot parse) or breaks; the chardev is then reconnected and the
+//! handshake starts a new one. A guest restored from a snapshot sees its
+//! old session break on the first hello.
+//!
+//! Like a guest kernel's vsock, the bridge accepts a connection to a port
+//! before the agent has: the client gets `OK` at once, and the agent's
+//! answer (served or not) arrives as the stream's first byte, which the
+//! bridge turns into a relay or a close. So a stopped or overloaded
+//! agent makes calls time out, as it would on vsock, instead of being
+//! taken for an absent one.
 
 use crate::session::{self, Mode, Opener};
 use crate::{handshake, io, MuxError};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
@@ -21,9 +31,6 @@ use tokio::sync::{mpsc, watch};
 /// a restored guest waits at most, once its old session has ended, before
 /// its new one begins.
 const HELLO_EVERY: Duration = Duration::from_millis(5);
-/// How long a guest may take to say whether a port is served before its
-/// session counts as dead.
-const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// How long QEMU may take to create the chardev socket.
 const SOCKET_WITHIN: Duration = Duration::from_secs(30);
 
@@ -32,8 +39,7 @@ pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
     let _ = std::fs::remove_file(uds);
     let listener = UnixListener::bind(uds).map_err(io("binding the vsock socket"))?;
     let (current, watching) = watch::channel::<Option<Opener>>(None);
-    let (broken_tx, mut broken) = mpsc::unbounded_channel::<()>();
-    tokio::spawn(accept(listener, watching, broken_tx));
+    tokio::spawn(accept(listener, watching));
     let mut first = true;
     // A guest whose sessions keep breaking at once (broken, or hostile)
     // gets the next one later and later: no busy loop, no flood of logs.
@@ -57,11 +63,8 @@ pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
         let (opener, inbound, driver) = session::start(chan, Mode::Client);
         current.send_replace(Some(opener));
         let from_guest = tokio::spawn(guest_opened(inbound, uds.to_path_buf()));
-        while broken.try_recv().is_ok() {}
-        tokio::select! {
-            r = driver => tracing::info!(result = ?r, "agent channel ended"),
-            _ = broken.recv() => tracing::warn!("the guest stopped answering; starting a new session"),
-        }
+        let ended = driver.await;
+        tracing::info!(result = ?ended, "agent channel ended");
         current.send_replace(None);
         from_guest.abort();
         backoff = if began.elapsed() < Duration::from_secs(1) {
@@ -88,54 +91,101 @@ async fn connect(serial: &Path, within: Duration) -> Result<UnixStream, MuxError
     }
 }
 
-async fn accept(
-    listener: UnixListener,
-    session: watch::Receiver<Option<Opener>>,
-    broken: mpsc::UnboundedSender<()>,
-) {
+async fn accept(listener: UnixListener, session: watch::Receiver<Option<Opener>>) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
         let opener = session.borrow().clone();
-        let broken = broken.clone();
         tokio::spawn(async move {
             // No session yet: closing is this protocol's "nothing listens".
             let Some(opener) = opener.filter(|o| !o.is_closed()) else {
                 return;
             };
-            if let Err(e) = serve_client(client, opener, broken).await {
+            if let Err(e) = serve_client(client, opener).await {
                 tracing::debug!(error = %e, "client connection");
             }
         });
     }
 }
 
-async fn serve_client(
-    mut client: UnixStream,
-    opener: Opener,
-    broken: mpsc::UnboundedSender<()>,
-) -> Result<(), MuxError> {
+async fn serve_client(mut client: UnixStream, opener: Opener) -> Result<(), MuxError> {
     let port = tokio::time::timeout(Duration::from_secs(5), connect_line(&mut client))
         .await
         .map_err(|_| MuxError::Timeout(Duration::from_secs(5)))??;
-    let mut stream = match opener.open_port(port, Some(ANSWER_WITHIN)).await {
-        Ok(s) => s,
-        Err(e) => {
-            if matches!(e, MuxError::Timeout(_)) {
-                let _ = broken.send(());
-            }
-            return Err(e);
-        }
-    };
+    let stream = opener.open_port(port, None).await?;
     client
         .write_all(format!("OK {port}\n").as_bytes())
         .await
         .map_err(io("answering the client"))?;
+    let mut stream = Answered::new(stream, port);
     tokio::io::copy_bidirectional(&mut client, &mut stream)
         .await
         .map_err(io("relaying"))?;
     Ok(())
+}
+
+/// A host-opened stream whose first byte, the guest's answer, is checked
+/// and not passed on: 1 lets the stream through, anything else ends it.
+struct Answered<S> {
+    inner: S,
+    port: u32,
+    answered: bool,
+}
+
+impl<S> Answered<S> {
+    fn new(inner: S, port: u32) -> Self {
+        Answered {
+            inner,
+            port,
+            answered: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Answered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.answered {
+            let mut b = [0u8; 1];
+            let mut one = ReadBuf::new(&mut b);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut one))?;
+            match one.filled() {
+                // Closed before answering: the end of the stream.
+                [] => return Poll::Ready(Ok(())),
+                [1] => self.answered = true,
+                _ => {
+                    let refused = format!("nothing in the guest serves port {}", self.port);
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        refused,
+                    )));
+                }
+            }
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Answered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// `CONNECT <port>\n`, read byte by byte: what follows is the guest's.
@@ -244,8 +294,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(got, "OK 52\necho:");
-        // A port nothing serves is closed, as vsock refuses it.
-        assert_eq!(reply(99).await, "");
+        // A port nothing serves: accepted, then closed without a byte of
+        // the guest's (a guest kernel's vsock accepts before its program).
+        assert_eq!(reply(99).await, "OK 99\n");
         // Malformed requests are closed too, and the bridge serves on.
         for bad in ["CONNECT x\n", "HELLO\n", &"C".repeat(100)] {
             let mut c = UnixStream::connect(&uds).await.unwrap();
@@ -255,6 +306,29 @@ mod tests {
             assert!(rest.is_empty(), "{bad:?} got {rest:?}");
         }
         assert_eq!(reply(52).await, "OK 52\necho:");
+        bridge.abort();
+    }
+
+    /// An agent that restarts says so on the channel; the bridge then
+    /// starts a new session instead of talking to one nobody holds.
+    #[tokio::test]
+    async fn a_restarted_agent_gets_a_new_session() {
+        let d = tempfile::tempdir().unwrap();
+        let (serial, uds) = (d.path().join("agent.serial"), d.path().join("vsock.sock"));
+        let chardev = UnixListener::bind(&serial).unwrap();
+        let bridge = tokio::spawn({
+            let (serial, uds) = (serial.clone(), uds.clone());
+            async move { run(&serial, &uds).await }
+        });
+        let (mut old, _) = guest_session(&chardev).await;
+        // The new agent's first words, on the same channel.
+        let restarted = tokio::spawn(async move {
+            let r = handshake::guest(&mut old, Duration::from_millis(5)).await;
+            (old, r)
+        });
+        let next = tokio::time::timeout(Duration::from_secs(10), guest_session(&chardev)).await;
+        assert!(next.is_ok(), "the bridge kept its old session");
+        restarted.abort();
         bridge.abort();
     }
 }

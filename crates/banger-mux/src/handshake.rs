@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const HELLO: &str = "BANGER-MUX-HELLO";
 const OK: &str = "BANGER-MUX-OK";
 const GO: &str = "BANGER-MUX-GO";
+const RESET: &str = "BANGER-MUX-RESET";
 /// Longer lines are not ours: the scanner drops them.
 const MAX_LINE: usize = 96;
 
@@ -63,6 +64,15 @@ pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(
     io_: &mut S,
     idle: Duration,
 ) -> Result<Vec<u8>, MuxError> {
+    // A host still in a session with this guest's previous self (an agent
+    // that restarted) cannot parse this line, ends that session, and says
+    // hello. Written only if a host is there to take it at once.
+    let reset = format!("\n{RESET}\n");
+    let _ = tokio::time::timeout(idle, async {
+        io_.write_all(reset.as_bytes()).await?;
+        io_.flush().await
+    })
+    .await;
     let mut lines = Lines::default();
     let mut answered: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];

@@ -52,7 +52,7 @@ impl VmService {
                     clock_step_ms = s.clock_step_ms,
                     entropy_bytes = s.entropy_bytes,
                     address = net.as_ref().map(|n| n.address.as_str()),
-                    "guest seeded"
+                    "guest clock and entropy seeded"
                 );
                 Ok(())
             }
