@@ -106,10 +106,8 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
                 std::io::Error::last_os_error()
             )));
         }
-        // What a later boot (or a tool reading the file) sees; off the
-        // answer's path (a disk write, slow in a guest just restored).
-        let line = format!("{h}\n");
-        std::thread::spawn(move || std::fs::write("/etc/hostname", line));
+        // What a later boot (or a tool reading the file) sees.
+        let _ = std::fs::write("/etc/hostname", format!("{h}\n"));
         tracing::info!(hostname = %h, "hostname set by the host");
     }
     if let Some(id) = &net {

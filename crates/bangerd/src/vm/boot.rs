@@ -252,14 +252,17 @@ impl VmService {
         vm.runtime.log_path = launched.serial_log.display().to_string();
 
         crate::ops::stage("guest");
+        let restoring = spec.restore.is_some();
         let marker = vm.runtime.vm_dir.clone();
         let pid = launched.pid;
         let interrupted = self.interrupt_token(&vm.id);
         let wait_guest = async {
-            if launched.kind == VmmKind::Qemu {
-                // The agent announces itself when its channel is up: the
-                // daemon connects then, not at the next tick of a poll.
-                // Firecracker's own vsock is polled at once.
+            if launched.kind == VmmKind::Qemu && !restoring {
+                // A booting agent announces itself when its channel is up:
+                // the daemon connects then, not at the next tick of a poll.
+                // A restored one is up within milliseconds, sooner found by
+                // polling than by its announcement's trip; Firecracker's own
+                // vsock is polled at once.
                 wait_for_ready(&launched.vsock_uds, pid, &marker, READY_WAIT.min(deadline)).await;
             }
             banger_vmm::vsock::connect_with_retry(&launched.vsock_uds, a::AGENT_PORT, deadline, || {

@@ -96,36 +96,25 @@ impl VmService {
         op: &OpId,
         new_host_keys: bool,
     ) -> Result<(), RpcError> {
-        use base64::Engine;
-        if new_host_keys {
-            // sshd reads its host keys for each connection: no restart.
-            // Ed25519 only: RSA key generation takes seconds under emulation,
-            // and the pin is the Ed25519 key.
-            self.guest_sh(
-                uds,
-                op,
-                "command -v ssh-keygen >/dev/null || exit 0; rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; \
-                 ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key"
-                    .into(),
-            )
-            .await?;
-        }
-        let public = self.ssh.public_key().await?;
-        let req = a::ExecRequest {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                "umask 077; mkdir -p /root/.ssh && cat > /root/.ssh/authorized_keys".into(),
-            ],
-            stdin_b64: Some(base64::engine::general_purpose::STANDARD.encode(format!("{public}\n"))),
-            ..Default::default()
+        // One exec (each is a round trip, slow in a guest just resumed):
+        // sshd reads its host keys for each connection, so new ones need
+        // no restart; Ed25519 only, because RSA key generation takes
+        // seconds under emulation and the pin is the Ed25519 key.
+        let renew = if new_host_keys {
+            "if command -v ssh-keygen >/dev/null; then \
+               rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; \
+               ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; \
+             fi; "
+        } else {
+            ""
         };
-        let st = agent::call::<a::Exec>(uds, op, &req, |_| ()).await?;
-        if st.shell_code() != 0 {
-            return Err(RpcError::failed("could not write authorized_keys in the guest"));
-        }
+        let script = format!(
+            "set -e; umask 077; {renew}mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys; \
+             cat /etc/ssh/ssh_host_ed25519_key.pub"
+        );
+        let public = self.ssh.public_key().await?;
         let host_key = self
-            .guest_sh(uds, op, "cat /etc/ssh/ssh_host_ed25519_key.pub".into())
+            .guest_sh_with(uds, op, script, Some(format!("{public}\n").into_bytes()))
             .await?;
         let host_key = String::from_utf8_lossy(&host_key);
         let mut parts = host_key.split_whitespace();
@@ -139,14 +128,26 @@ impl VmService {
 
     /// Runs a shell snippet in the guest and fails with its stderr.
     pub(super) async fn guest_sh(&self, uds: &Path, op: &OpId, script: String) -> Result<Vec<u8>, RpcError> {
+        self.guest_sh_with(uds, op, script, None).await
+    }
+
+    /// [`Self::guest_sh`] with `stdin` for the snippet.
+    async fn guest_sh_with(
+        &self,
+        uds: &Path,
+        op: &OpId,
+        script: String,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, RpcError> {
+        use base64::Engine;
         let out = Arc::new(Mutex::new((Vec::new(), Vec::new())));
         let sink = out.clone();
         let req = a::ExecRequest {
             argv: vec!["sh".into(), "-c".into(), script],
+            stdin_b64: stdin.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
             ..Default::default()
         };
         let st = agent::call::<a::Exec>(uds, op, &req, move |ev| {
-            use base64::Engine;
             if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(&ev.data_b64) {
                 let mut o = sink.locked();
                 match ev.stream {
