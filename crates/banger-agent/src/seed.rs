@@ -51,7 +51,12 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
     // snapshot would read the same "random" bytes. Reseed now.
     // SAFETY: an ioctl without argument on a descriptor we own.
     if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
-        return Err(std::io::Error::last_os_error());
+        let e = std::io::Error::last_os_error();
+        // Kernels before 4.17 lack it: the entropy is in, reseeded later.
+        if !matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, "this kernel cannot reseed on demand");
     }
     Ok(())
 }

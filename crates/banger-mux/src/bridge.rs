@@ -31,6 +31,13 @@ use tokio::sync::{mpsc, watch};
 /// a restored guest waits at most, once its old session has ended, before
 /// its new one begins.
 const HELLO_EVERY: Duration = Duration::from_millis(5);
+/// How long opening a stream may wait (yamux holds opens back while too
+/// many of the guest's are unacknowledged).
+const OPEN_WITHIN: Duration = Duration::from_secs(10);
+/// How long the guest's agent may take to say whether it serves a port
+/// (a stopped agent never does): a stream waiting longer is closed, so a
+/// guest cannot hold the bridge's descriptors without end.
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 /// How long QEMU may take to create the chardev socket.
 const SOCKET_WITHIN: Duration = Duration::from_secs(30);
 
@@ -93,8 +100,14 @@ async fn connect(serial: &Path, within: Duration) -> Result<UnixStream, MuxError
 
 async fn accept(listener: UnixListener, session: watch::Receiver<Option<Opener>>) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
+        let client = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // Out of descriptors, say: no busy loop while it lasts.
+                tracing::warn!(error = %e, "accepting a client");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let opener = session.borrow().clone();
         tokio::spawn(async move {
@@ -113,15 +126,14 @@ async fn serve_client(mut client: UnixStream, opener: Opener) -> Result<(), MuxE
     let port = tokio::time::timeout(Duration::from_secs(5), connect_line(&mut client))
         .await
         .map_err(|_| MuxError::Timeout(Duration::from_secs(5)))??;
-    let stream = opener.open_port(port, None).await?;
+    let stream = tokio::time::timeout(OPEN_WITHIN, opener.open_port(port, None))
+        .await
+        .map_err(|_| MuxError::Timeout(OPEN_WITHIN))??;
     client
         .write_all(format!("OK {port}\n").as_bytes())
         .await
         .map_err(io("answering the client"))?;
-    let mut stream = Answered::new(stream, port);
-    tokio::io::copy_bidirectional(&mut client, &mut stream)
-        .await
-        .map_err(io("relaying"))?;
+    crate::relay(client, Answered::new(stream, port)).await;
     Ok(())
 }
 
@@ -130,7 +142,8 @@ async fn serve_client(mut client: UnixStream, opener: Opener) -> Result<(), MuxE
 struct Answered<S> {
     inner: S,
     port: u32,
-    answered: bool,
+    /// Until the answer: when waiting for it ends.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Answered<S> {
@@ -138,7 +151,7 @@ impl<S> Answered<S> {
         Answered {
             inner,
             port,
-            answered: false,
+            deadline: Some(Box::pin(tokio::time::sleep(ANSWER_WITHIN))),
         }
     }
 }
@@ -149,14 +162,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Answered<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.answered {
+        if let Some(deadline) = &mut self.deadline {
+            use std::future::Future;
+            if deadline.as_mut().poll(cx).is_ready() {
+                let late = format!(
+                    "no answer from the guest for port {} within {ANSWER_WITHIN:?}",
+                    self.port
+                );
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, late)));
+            }
             let mut b = [0u8; 1];
             let mut one = ReadBuf::new(&mut b);
             ready!(Pin::new(&mut self.inner).poll_read(cx, &mut one))?;
             match one.filled() {
                 // Closed before answering: the end of the stream.
                 [] => return Poll::Ready(Ok(())),
-                [1] => self.answered = true,
+                [1] => self.deadline = None,
                 _ => {
                     let refused = format!("nothing in the guest serves port {}", self.port);
                     return Poll::Ready(Err(std::io::Error::new(
@@ -218,8 +239,8 @@ async fn guest_opened(mut inbound: mpsc::UnboundedReceiver<session::Stream>, uds
             };
             let path = format!("{}_{port}", uds.display());
             match UnixStream::connect(&path).await {
-                Ok(mut host) => {
-                    let _ = tokio::io::copy_bidirectional(&mut host, &mut s).await;
+                Ok(host) => {
+                    crate::relay(host, s).await;
                 }
                 Err(e) => tracing::debug!(port, error = %e, "nothing listens for the guest"),
             }

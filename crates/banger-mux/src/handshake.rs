@@ -9,6 +9,8 @@ const HELLO: &str = "BANGER-MUX-HELLO";
 const OK: &str = "BANGER-MUX-OK";
 const GO: &str = "BANGER-MUX-GO";
 const RESET: &str = "BANGER-MUX-RESET";
+/// More than the largest yamux frame (a 16 KiB body and its header).
+const FLUSH: usize = 16 * 1024 + 64;
 /// Longer lines are not ours: the scanner drops them.
 const MAX_LINE: usize = 96;
 
@@ -23,6 +25,13 @@ pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duratio
     let want = format!("{OK} {nonce}");
     let mut lines = Lines::default();
     let mut buf = [0u8; 4096];
+    // A guest saved in the middle of a frame reads this as the rest of it
+    // (frames carry at most 16 KiB): the hellos then reach its parser as
+    // garbage at once, instead of being eaten one by one as frame bytes.
+    // Empty lines are nothing to the guest's scanner.
+    io_.write_all(&[b'\n'; FLUSH])
+        .await
+        .map_err(io("writing the hello"))?;
     for sent in 0u32.. {
         io_.write_all(hello.as_bytes())
             .await

@@ -46,6 +46,33 @@ pub enum MuxError {
     Session(String),
 }
 
+/// Copies both ways between `a` and `b` until both directions end. Unlike
+/// `tokio::io::copy_bidirectional`, a direction that fails (its reader went
+/// away) does not cut the other short: the bytes still travelling the other
+/// way (a process's last output, say, while an acknowledgement of it finds
+/// the process gone) all arrive. Each direction's end is passed on as a
+/// half-close. Returns the bytes copied a→b and b→a.
+pub async fn relay<A, B>(a: A, b: B) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let there = async {
+        let n = tokio::io::copy(&mut ar, &mut bw).await.unwrap_or(0);
+        let _ = bw.shutdown().await;
+        n
+    };
+    let back = async {
+        let n = tokio::io::copy(&mut br, &mut aw).await.unwrap_or(0);
+        let _ = aw.shutdown().await;
+        n
+    };
+    tokio::join!(there, back)
+}
+
 pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MuxError {
     move |source| MuxError::Io { what, source }
 }

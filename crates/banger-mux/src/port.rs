@@ -24,7 +24,20 @@ fn find_in(sys: &Path, dev: &Path, name: &str) -> Option<PathBuf> {
 
 /// An open port. Reads return 0 while no host is connected to its other
 /// end (the kernel reports a hang-up); writes wait for one.
-pub struct Port(AsyncFd<File>);
+///
+/// The hang-up the driver reports while no host is connected sticks to the
+/// descriptor's readiness for good (tokio never clears "closed"), so from
+/// then on "ready" no longer means "try again and it may work": after a
+/// would-block on a descriptor in that state, the port retries on a short
+/// timer instead of spinning. The channel opens the device anew for each
+/// session, which starts a clean registration.
+pub struct Port {
+    fd: AsyncFd<File>,
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How often a port whose host hung up once is tried again.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Port {
     pub fn open(path: &Path) -> std::io::Result<Self> {
@@ -35,7 +48,25 @@ impl Port {
             .open(path)?;
         // SAFETY: the file is owned by the AsyncFd and closed only with it.
         let fd = unsafe { AsyncFd::register(f) }.map_err(|e| e.into_parts().1)?;
-        Ok(Port(fd))
+        Ok(Port { fd, retry: None })
+    }
+
+    /// After a would-block: whether to wait for the retry timer (the
+    /// readiness says "closed", which will not change) rather than for the
+    /// kernel to say ready again.
+    fn must_wait(&mut self, cx: &mut Context<'_>, closed: bool) -> bool {
+        use std::future::Future;
+        if !closed {
+            return false;
+        }
+        let t = self
+            .retry
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(RETRY)));
+        if t.as_mut().poll(cx).is_ready() {
+            self.retry = None;
+            return false;
+        }
+        true
     }
 }
 
@@ -45,15 +76,21 @@ impl AsyncRead for Port {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
         loop {
-            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            let mut guard = ready!(this.fd.poll_read_ready(cx))?;
+            let closed = guard.ready().is_read_closed();
             match guard.try_io(|f| f.get_ref().read(buf.initialize_unfilled())) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(_would_block) => {
+                    if this.must_wait(cx, closed) {
+                        return Poll::Pending;
+                    }
+                }
             }
         }
     }
@@ -61,11 +98,17 @@ impl AsyncRead for Port {
 
 impl AsyncWrite for Port {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
         loop {
-            let mut guard = ready!(self.0.poll_write_ready(cx))?;
+            let mut guard = ready!(this.fd.poll_write_ready(cx))?;
+            let closed = guard.ready().is_write_closed();
             match guard.try_io(|f| f.get_ref().write(data)) {
                 Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+                Err(_would_block) => {
+                    if this.must_wait(cx, closed) {
+                        return Poll::Pending;
+                    }
+                }
             }
         }
     }

@@ -27,8 +27,8 @@ const PIPE: usize = 256 * 1024;
 fn pumped(s: yamux::Stream) -> Stream {
     let (near, far) = tokio::io::duplex(PIPE);
     tokio::spawn(async move {
-        let (mut near, mut y): (_, Compat<yamux::Stream>) = (near, s.compat());
-        let _ = tokio::io::copy_bidirectional(&mut near, &mut y).await;
+        let y: Compat<yamux::Stream> = s.compat();
+        crate::relay(near, y).await;
     });
     far
 }
@@ -93,6 +93,21 @@ pub async fn answer(s: &mut Stream, served: bool) -> Result<(), MuxError> {
     s.flush().await.map_err(io("answering"))
 }
 
+/// Most streams open at once on one channel: an agent's execs, copies and
+/// attached sessions, with room to spare.
+pub const MAX_STREAMS: usize = 128;
+
+/// Bounds what either end buffers for the other, whatever the other does:
+/// yamux's default lets one connection's windows grow to 1 GiB, and a
+/// guest paces the round trips that grow them.
+fn config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    // In this order: each setting is checked against the other.
+    c.set_max_num_streams(MAX_STREAMS);
+    c.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
+    c
+}
+
 /// Starts a session on `io_`. The returned future drives it and ends with
 /// the session (the channel closed or broke); until it is polled nothing
 /// moves, so the caller spawns it.
@@ -109,22 +124,20 @@ where
 {
     let (open_tx, mut open_rx) = mpsc::unbounded_channel::<Reply>();
     let (in_tx, in_rx) = mpsc::unbounded_channel();
-    let mut conn = yamux::Connection::new(io_.compat(), yamux::Config::default(), mode);
+    let mut conn = yamux::Connection::new(io_.compat(), config(), mode);
     let driver = async move {
         let mut waiting: std::collections::VecDeque<Reply> = Default::default();
         let end = std::future::poll_fn(|cx| {
             while let Poll::Ready(Some(r)) = open_rx.poll_recv(cx) {
                 waiting.push_back(r);
             }
+            // A refused open (too many streams) fails that open alone; a
+            // connection that broke shows in the inbound poll below.
             while !waiting.is_empty() {
                 match conn.poll_new_outbound(cx) {
                     Poll::Ready(r) => {
-                        let failed = r.is_err();
                         if let Some(w) = waiting.pop_front() {
                             let _ = w.send(r);
-                        }
-                        if failed {
-                            return Poll::Ready(Err(MuxError::Session("cannot open streams".into())));
                         }
                     }
                     Poll::Pending => break,

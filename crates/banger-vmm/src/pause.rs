@@ -101,13 +101,18 @@ pub async fn snapshot_qemu(qmp_sock: &Path, state: &Path) -> Result<(), VmmError
     }
     .await;
     if migrated.is_err() {
-        // Unblocks the writer if QEMU never connected.
+        // QEMU stops sending, and the writer stops waiting for it to connect.
+        if let Ok(mut q) = crate::qmp::Qmp::connect(qmp_sock).await {
+            let _ = q.execute("migrate_cancel", None).await;
+        }
         let _ = std::os::unix::net::UnixStream::connect(&sock);
     }
-    let written = writer.await;
+    // A QEMU that neither finishes nor lets go leaves the thread behind,
+    // never the caller.
+    let written = tokio::time::timeout(Duration::from_secs(30), writer).await;
     let _ = std::fs::remove_file(&sock);
     migrated?;
-    match written {
+    match written.map_err(|_| VmmError::Failed(format!("writing {} did not end", state.display())))? {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(VmmError::io(format!("writing {}", state.display()), e)),
         Err(e) => Err(VmmError::Failed(format!("writing {}: {e}", state.display()))),

@@ -253,9 +253,10 @@ async fn load_state(qmp: &Path, state: &Path, pid: u32, marker: &str) -> Result<
         std::io::copy(&mut input, &mut conn)
     });
     let loaded = q.wait_migration(Duration::from_secs(120)).await;
-    let fed = feeder.await;
     let _ = std::fs::remove_file(&sock);
+    // On failure the caller kills QEMU, which ends the feeder's write.
     loaded?;
+    let fed = feeder.await;
     match fed {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(VmmError::io(format!("feeding {}", state.display()), e)),

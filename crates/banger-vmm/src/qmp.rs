@@ -15,7 +15,15 @@ pub struct Qmp {
 }
 
 impl Qmp {
+    /// Connects and negotiates, within 5 s: a QEMU that accepts but never
+    /// greets (stopped, say) is an error, not a hang.
     pub async fn connect(sock: &Path) -> Result<Self, VmmError> {
+        tokio::time::timeout(Duration::from_secs(5), Self::connect_now(sock))
+            .await
+            .map_err(|_| VmmError::Failed(format!("no QMP greeting on {} within 5 s", sock.display())))?
+    }
+
+    async fn connect_now(sock: &Path) -> Result<Self, VmmError> {
         let name = sock.display().to_string();
         let stream = tokio::net::UnixStream::connect(sock)
             .await

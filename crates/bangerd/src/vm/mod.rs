@@ -115,6 +115,8 @@ pub struct VmService {
     pool_kick: tokio::sync::Notify,
     /// `pool drain` stopped refilling until `pool fill`.
     pool_paused: std::sync::atomic::AtomicBool,
+    /// Restores from the pool's base that failed in a row.
+    pool_base_failures: std::sync::atomic::AtomicU32,
     /// Pool VMs whose vCPUs this daemon paused while they wait.
     pool_frozen: Mutex<std::collections::HashSet<String>>,
 }
@@ -146,6 +148,7 @@ impl VmService {
             agent_features: Mutex::new(HashMap::new()),
             pool_kick: tokio::sync::Notify::new(),
             pool_paused: Default::default(),
+            pool_base_failures: Default::default(),
             pool_frozen: Mutex::new(Default::default()),
         }
     }

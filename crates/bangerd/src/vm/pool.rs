@@ -38,6 +38,11 @@ use tokio_util::sync::CancellationToken;
 /// The name of every pool base snapshot starts so.
 const POOL_BASE: &str = "pool-base-";
 
+/// Whether snapshot `name` is a pool's base.
+pub(super) fn is_pool_base(name: &str) -> bool {
+    name.starts_with(POOL_BASE)
+}
+
 /// How long `pool fill --wait` waits for a full pool.
 const FILL_WAIT: Duration = Duration::from_secs(600);
 
@@ -241,18 +246,26 @@ impl VmService {
             match made {
                 Ok(vm) => {
                     tracing::info!(vm = %vm, op_id = %op, restored = from.is_some(), "pool VM ready");
-                    if let (None, Some(base)) = (&from, &base) {
+                    // Not once drained: the drain removed the bases.
+                    let drained = self.pool_paused.load(Ordering::Relaxed);
+                    if let (None, Some(base), false) = (&from, &base, drained) {
                         opid::run_as(op.clone(), "pool.base", self.make_pool_base(&op, &vm, base)).await;
                     }
+                    self.pool_base_failures.store(0, Ordering::Relaxed);
                     self.freeze_ready().await;
                 }
                 Err(e) => {
                     tracing::warn!(op_id = %op, error = %e.message, "could not make a pool VM");
                     if let Some(s) = &from {
                         // A base that does not restore (its image file gone,
-                        // say) is dropped: the next VM boots and makes another.
-                        tracing::warn!(snapshot = %s.name, "removing the pool's base snapshot");
-                        let _ = self.snapshot_rm(&s.name);
+                        // say) is dropped, the next VM then boots and makes
+                        // another; one failure may be the host's (memory,
+                        // addresses), so it takes two in a row.
+                        if self.pool_base_failures.fetch_add(1, Ordering::Relaxed) >= 1 {
+                            tracing::warn!(snapshot = %s.name, "removing the pool's base snapshot");
+                            let _ = self.snapshot_rm(&s.name);
+                            self.pool_base_failures.store(0, Ordering::Relaxed);
+                        }
                     }
                     // The next pass tries again: a failing image must not spin.
                     return;
@@ -310,7 +323,7 @@ impl VmService {
             return;
         };
         for s in all {
-            if s.name.starts_with(POOL_BASE) && Some(s.name.as_str()) != keep {
+            if is_pool_base(&s.name) && Some(s.name.as_str()) != keep {
                 let _ = self.snapshot_rm(&s.name);
             }
         }

@@ -140,8 +140,12 @@ impl VmService {
         let Ok(all) = self.store.list_snapshots() else {
             return;
         };
-        let mut total: u64 = all.iter().map(|s| s.size_bytes).sum();
-        for s in all.iter().filter(|s| s.id != keep) {
+        // The pool's base is the pool's to replace: it neither counts
+        // against the budget nor is evicted by it (a refill would evict the
+        // user's snapshots to make room for it, or the other way round).
+        let users = all.iter().filter(|s| !super::pool::is_pool_base(&s.name));
+        let mut total: u64 = users.clone().map(|s| s.size_bytes).sum();
+        for s in users.filter(|s| s.id != keep) {
             if total <= max {
                 break;
             }
@@ -254,7 +258,9 @@ impl VmService {
             return Err(store_err(e));
         }
         tracing::info!(vm = %vm.name, snapshot = %rec.name, bytes = rec.size_bytes, "snapshot taken");
-        self.enforce_snapshot_budget(&id);
+        if !of_pool {
+            self.enforce_snapshot_budget(&id);
+        }
         Ok(self.snapshot_info(&rec))
     }
 
