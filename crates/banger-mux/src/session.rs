@@ -272,4 +272,43 @@ mod tests {
         assert_eq!(echoed.expect("the stream stalled"), TOTAL);
         writer.await.unwrap();
     }
+
+    /// The guest writes its last bytes and hangs up while the host is still
+    /// acknowledging what it read: every byte must arrive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tail_of_a_stream_arrives_while_the_other_side_still_writes() {
+        const TOTAL: usize = 4 << 20;
+        for _ in 0..5 {
+            let (h, g) = tokio::io::duplex(64 * 1024);
+            let (host, _, hd) = start(h, Mode::Client);
+            let (_, mut guest_in, gd) = start(g, Mode::Server);
+            tokio::spawn(hd);
+            tokio::spawn(gd);
+            tokio::spawn(async move {
+                let mut s = guest_in.recv().await.unwrap();
+                read_port(&mut s).await.unwrap();
+                answer(&mut s, true).await.unwrap();
+                s.write_all(&vec![3u8; TOTAL]).await.unwrap();
+                // Gone, both ways, the moment its output is written.
+                drop(s);
+            });
+            let s = host.open_port(54, Some(Duration::from_secs(5))).await.unwrap();
+            let (mut rd, mut wr) = tokio::io::split(s);
+            let mut got = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf))
+                    .await
+                    .expect("stalled")
+                    .unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got += n;
+                // An acknowledgement, as the exec protocol sends.
+                let _ = wr.write_all(b"ack").await;
+            }
+            assert_eq!(got, TOTAL);
+        }
+    }
 }
