@@ -96,25 +96,34 @@ impl VmService {
         op: &OpId,
         new_host_keys: bool,
     ) -> Result<(), RpcError> {
-        // One exec (each is a round trip, slow in a guest just resumed):
-        // sshd reads its host keys for each connection, so new ones need
-        // no restart; Ed25519 only, because RSA key generation takes
-        // seconds under emulation and the pin is the Ed25519 key.
-        let renew = if new_host_keys {
-            "if command -v ssh-keygen >/dev/null; then \
-               rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; \
-               ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; \
-             fi; "
-        } else {
-            ""
-        };
-        let script = format!(
-            "set -e; umask 077; {renew}mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys; \
-             cat /etc/ssh/ssh_host_ed25519_key.pub"
-        );
+        // One exec (each is a round trip, slow in a guest just resumed).
+        // A restored guest holds its source's host keys: it gets a new
+        // Ed25519 pair made here (sshd reads its keys for each connection,
+        // so no restart), and the pin is that key. Otherwise the guest's
+        // own key is read back and pinned.
         let public = self.ssh.public_key().await?;
+        let (script, stdin) = if new_host_keys {
+            let (private, host_public) = self.ssh.new_host_key().await?;
+            (
+                "set -e; umask 077; mkdir -p /root/.ssh; IFS= read -r auth; IFS= read -r hostpub; \
+                 printf '%s\\n' \"$auth\" > /root/.ssh/authorized_keys; \
+                 if [ -d /etc/ssh ]; then rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; \
+                 cat > /etc/ssh/ssh_host_ed25519_key; \
+                 printf '%s\\n' \"$hostpub\" > /etc/ssh/ssh_host_ed25519_key.pub; fi; \
+                 printf '%s\\n' \"$hostpub\""
+                    .to_string(),
+                format!("{public}\n{host_public}\n{private}"),
+            )
+        } else {
+            (
+                "set -e; umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys; \
+                 cat /etc/ssh/ssh_host_ed25519_key.pub"
+                    .to_string(),
+                format!("{public}\n"),
+            )
+        };
         let host_key = self
-            .guest_sh_with(uds, op, script, Some(format!("{public}\n").into_bytes()))
+            .guest_sh_with(uds, op, script, Some(stdin.into_bytes()))
             .await?;
         let host_key = String::from_utf8_lossy(&host_key);
         let mut parts = host_key.split_whitespace();
