@@ -263,15 +263,27 @@ mod tests {
         (chan, early)
     }
 
-    #[tokio::test]
-    async fn serves_ports_as_hybrid_vsock_and_survives_a_guest_that_sends_garbage() {
+    /// A bridge run against a chardev socket this test holds: (its
+    /// directory, the vsock socket it serves, the chardev, the bridge).
+    fn start_bridge() -> (
+        tempfile::TempDir,
+        PathBuf,
+        UnixListener,
+        tokio::task::JoinHandle<Result<(), MuxError>>,
+    ) {
         let d = tempfile::tempdir().unwrap();
         let (serial, uds) = (d.path().join("agent.serial"), d.path().join("vsock.sock"));
         let chardev = UnixListener::bind(&serial).unwrap();
         let bridge = tokio::spawn({
-            let (serial, uds) = (serial.clone(), uds.clone());
+            let uds = uds.clone();
             async move { run(&serial, &uds).await }
         });
+        (d, uds, chardev, bridge)
+    }
+
+    #[tokio::test]
+    async fn serves_ports_as_hybrid_vsock_and_survives_a_guest_that_sends_garbage() {
+        let (_d, uds, chardev, bridge) = start_bridge();
 
         // A guest that breaks its session at once, with garbage.
         let (mut chan, _) = guest_session(&chardev).await;
@@ -334,13 +346,7 @@ mod tests {
     /// starts a new session instead of talking to one nobody holds.
     #[tokio::test]
     async fn a_restarted_agent_gets_a_new_session() {
-        let d = tempfile::tempdir().unwrap();
-        let (serial, uds) = (d.path().join("agent.serial"), d.path().join("vsock.sock"));
-        let chardev = UnixListener::bind(&serial).unwrap();
-        let bridge = tokio::spawn({
-            let (serial, uds) = (serial.clone(), uds.clone());
-            async move { run(&serial, &uds).await }
-        });
+        let (_d, _uds, chardev, bridge) = start_bridge();
         let (mut old, _) = guest_session(&chardev).await;
         // The new agent's first words, on the same channel.
         let restarted = tokio::spawn(async move {

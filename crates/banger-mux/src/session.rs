@@ -166,13 +166,27 @@ where
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn streams_both_ways_with_half_close_and_refusal() {
-        let (h, g) = tokio::io::duplex(1 << 16);
-        let (host, mut host_in, hd) = start(h, Mode::Client);
-        let (guest, mut guest_in, gd) = start(g, Mode::Server);
+    /// A host and a guest session over an in-memory pipe of `buf` bytes,
+    /// driven: (host opener, host inbound, guest opener, guest inbound).
+    fn pair(
+        buf: usize,
+    ) -> (
+        Opener,
+        mpsc::UnboundedReceiver<Stream>,
+        Opener,
+        mpsc::UnboundedReceiver<Stream>,
+    ) {
+        let (h, g) = tokio::io::duplex(buf);
+        let (host, host_in, hd) = start(h, Mode::Client);
+        let (guest, guest_in, gd) = start(g, Mode::Server);
         tokio::spawn(hd);
         tokio::spawn(gd);
+        (host, host_in, guest, guest_in)
+    }
+
+    #[tokio::test]
+    async fn streams_both_ways_with_half_close_and_refusal() {
+        let (host, mut host_in, guest, mut guest_in) = pair(1 << 16);
         // The guest serves port 52 only: it echoes until EOF, then says bye.
         tokio::spawn(async move {
             while let Some(mut s) = guest_in.recv().await {
@@ -225,11 +239,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_read_and_written_from_two_tasks_keeps_flowing() {
         const TOTAL: usize = 16 << 20;
-        let (h, g) = tokio::io::duplex(16 * 1024);
-        let (host, _, hd) = start(h, Mode::Client);
-        let (_, mut guest_in, gd) = start(g, Mode::Server);
-        tokio::spawn(hd);
-        tokio::spawn(gd);
+        let (host, _, _, mut guest_in) = pair(16 * 1024);
         tokio::spawn(async move {
             let mut s = guest_in.recv().await.unwrap();
             read_port(&mut s).await.unwrap();
@@ -279,11 +289,7 @@ mod tests {
     async fn the_tail_of_a_stream_arrives_while_the_other_side_still_writes() {
         const TOTAL: usize = 4 << 20;
         for _ in 0..5 {
-            let (h, g) = tokio::io::duplex(64 * 1024);
-            let (host, _, hd) = start(h, Mode::Client);
-            let (_, mut guest_in, gd) = start(g, Mode::Server);
-            tokio::spawn(hd);
-            tokio::spawn(gd);
+            let (host, _, _, mut guest_in) = pair(64 * 1024);
             tokio::spawn(async move {
                 let mut s = guest_in.recv().await.unwrap();
                 read_port(&mut s).await.unwrap();

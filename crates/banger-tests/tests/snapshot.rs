@@ -17,19 +17,7 @@ fn exec(env: &Env, vm: &str, script: &str) -> String {
 #[test]
 fn two_guests_restored_from_one_snapshot_have_its_files_and_their_own_identity() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "src",
-        "--no-network",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("src", &["--no-network"]);
     exec(
         &env,
         "src",
@@ -229,19 +217,7 @@ fn networked_clones_get_their_own_address_mac_and_host_key_and_answer_ssh() {
 #[test]
 fn a_daemon_killed_mid_snapshot_or_mid_restore_leaves_running_vms_and_whole_snapshots() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--name",
-        "k1",
-        "--no-network",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("k1", &["--no-network"]);
     let snaps = env.home().join("snapshots");
     let tmp_exists = || {
         std::fs::read_dir(&snaps)

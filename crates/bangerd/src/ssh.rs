@@ -38,22 +38,7 @@ impl SshService {
         if !key.exists() {
             banger_config::ensure_private_dir(&self.dir, 0o700)
                 .map_err(sys::io("creating the ssh directory"))?;
-            sys::run(
-                "ssh-keygen",
-                [
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    "banger",
-                    "-f",
-                    key.to_str().unwrap(),
-                ],
-                None,
-            )
-            .await?;
+            keygen(&key, "banger").await?;
         }
         std::fs::read_to_string(key.with_extension("pub"))
             .map(|s| s.trim().to_string())
@@ -70,22 +55,7 @@ impl SshService {
             std::process::id(),
             crate::kernel::rand_u32()
         ));
-        let made = sys::run(
-            "ssh-keygen",
-            [
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "",
-                "-f",
-                tmp.to_str().unwrap(),
-            ],
-            None,
-        )
-        .await;
+        let made = keygen(&tmp, "").await;
         let read =
             |p: &std::path::Path| std::fs::read_to_string(p).map_err(sys::io("reading a new host key"));
         let pair = made.and_then(|_| Ok((read(&tmp)?, read(&tmp.with_extension("pub"))?.trim().to_string())));
@@ -173,6 +143,27 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), SysError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(sys::io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(sys::io(format!("writing {}", path.display())))
+}
+
+/// A new Ed25519 key pair without passphrase at `path` (and `path.pub`).
+async fn keygen(path: &std::path::Path, comment: &str) -> Result<(), SysError> {
+    sys::run(
+        "ssh-keygen",
+        [
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            comment,
+            "-f",
+            path.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await
+    .map(drop)
 }
 
 #[cfg(test)]
