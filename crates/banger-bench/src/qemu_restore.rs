@@ -4,7 +4,7 @@
 
 use crate::boot::{agent_answers, initramfs};
 use crate::{report, run, Bench};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use banger_vmm::{Drive, LaunchSpec};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -64,8 +64,9 @@ pub(crate) async fn qemu_restore(b: &Bench, runs: usize) -> Result<()> {
 }
 
 /// QEMU started on copies of the snapshot's disks, with the command line
-/// banger's back-end would give it, its state loaded over QMP, resumed, and
-/// waited on until the agent answers. The disk copies are not timed.
+/// banger's back-end would give it, its state loaded and resumed the way
+/// the back-end does it (`load_state`), and waited on until the agent
+/// answers. The disk copies are not timed.
 async fn raw_restore(
     kernel: &Path,
     initrd: &Path,
@@ -118,30 +119,7 @@ async fn raw_restore(
         .stderr(Stdio::null())
         .spawn()?;
     let restored = async {
-        let mut m = loop {
-            match banger_vmm::qmp::Qmp::connect(&qmp).await {
-                Ok(m) => break m,
-                Err(_) if t.elapsed() < Duration::from_secs(10) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await
-                }
-                Err(e) => return Err(e).context("QMP"),
-            }
-        };
-        let sock = work.join("incoming.sock");
-        m.migration_events().await?;
-        m.execute(
-            "migrate-incoming",
-            Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
-        )
-        .await?;
-        let state = snap.join("state");
-        let feed = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-            let mut conn = std::os::unix::net::UnixStream::connect(&sock)?;
-            std::io::copy(&mut std::fs::File::open(state)?, &mut conn)
-        });
-        m.wait_migration(Duration::from_secs(120)).await?;
-        feed.await??;
-        m.execute("cont", None).await?;
+        banger_vmm::qemu::load_state(&qmp, &snap.join("state"), q.id()).await?;
         agent_answers(&channel, Duration::from_secs(30)).await
     }
     .await;

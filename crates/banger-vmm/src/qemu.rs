@@ -130,8 +130,8 @@ impl Qemu {
             format!("virtserialport,chardev=agent,name={}", banger_mux::PORT_NAME),
         ]);
         if spec.restore.is_some() {
-            // The state arrives over QMP (`migrate-incoming`), after the
-            // capabilities it was written with are set.
+            // The state arrives later, through QMP's `migrate-incoming`
+            // (see `load_state`).
             a.extend(["-incoming".into(), "defer".into()]);
         }
         a
@@ -203,7 +203,7 @@ impl Qemu {
             }
         };
         if let Some(r) = &spec.restore {
-            if let Err(e) = load_state(&qmp, &r.state, qpid, &marker).await {
+            if let Err(e) = load_state(&qmp, &r.state, qpid).await {
                 process::kill(bpid, &marker).await;
                 process::kill(qpid, &marker).await;
                 return Err(e);
@@ -222,13 +222,16 @@ impl Qemu {
 
 /// Loads a saved state into a QEMU started with `-incoming defer`, through
 /// a Unix socket QEMU listens on (see [`crate::pause::snapshot_qemu`]),
-/// and runs the VM.
-async fn load_state(qmp: &Path, state: &Path, pid: u32, marker: &str) -> Result<(), VmmError> {
+/// and runs the VM. `pid` is the QEMU just started: while its QMP socket
+/// comes up it is only checked to be running, because a process caught in
+/// its exec shows no environment yet, so no marker (see
+/// [`process::running`]).
+pub async fn load_state(qmp: &Path, state: &Path, pid: u32) -> Result<(), VmmError> {
     let end = Instant::now() + Duration::from_secs(10);
     let mut q = loop {
         match crate::qmp::Qmp::connect(qmp).await {
             Ok(q) => break q,
-            Err(e) if !process::alive(pid, marker) || Instant::now() > end => {
+            Err(e) if !process::running(pid) || Instant::now() > end => {
                 return Err(VmmError::Failed(format!(
                     "QEMU's QMP socket did not come up: {e}"
                 )))
