@@ -85,7 +85,7 @@ pub(crate) async fn raw_qemu_boot(
             "-chardev",
             &format!("socket,id=agent,path={},server=on,wait=off", channel.display()),
             "-device",
-            "virtserialport,chardev=agent,name=banger.agent",
+            &format!("virtserialport,chardev=agent,name={}", banger_mux::PORT_NAME),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

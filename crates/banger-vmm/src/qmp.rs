@@ -49,22 +49,12 @@ impl Qmp {
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
-        let io = |e| VmmError::io(format!("QMP {command} on {}", self.sock), e);
         self.wr
             .write_all(format!("{msg}\n").as_bytes())
             .await
-            .map_err(io)?;
+            .map_err(|e| VmmError::io(format!("QMP {command} on {}", self.sock), e))?;
         loop {
-            let Some(reply) = self
-                .lines
-                .next_line()
-                .await
-                .map_err(|e| VmmError::io(format!("QMP {command} on {}", self.sock), e))?
-            else {
-                return Err(VmmError::Failed(format!("QMP closed during {command}")));
-            };
-            let v: Value = serde_json::from_str(&reply)
-                .map_err(|e| VmmError::Failed(format!("QMP answered {reply:?}: {e}")))?;
+            let v = self.message(command).await?;
             if v.get("event").is_some() {
                 continue;
             }
@@ -73,6 +63,20 @@ impl Qmp {
             }
             return Ok(v.get("return").cloned().unwrap_or(Value::Null));
         }
+    }
+
+    /// The next message QEMU sends (an answer or an event), read while
+    /// waiting for `during`.
+    async fn message(&mut self, during: &str) -> Result<Value, VmmError> {
+        let Some(line) = self
+            .lines
+            .next_line()
+            .await
+            .map_err(|e| VmmError::io(format!("QMP {during} on {}", self.sock), e))?
+        else {
+            return Err(VmmError::Failed(format!("QMP closed during {during}")));
+        };
+        serde_json::from_str(&line).map_err(|e| VmmError::Failed(format!("QMP sent {line:?}: {e}")))
     }
 
     /// Asks for `MIGRATION` events, so that [`Self::wait_migration`] hears
@@ -103,16 +107,7 @@ impl Qmp {
     /// The next event named `name`, skipping others.
     async fn next_event(&mut self, name: &str) -> Result<Value, VmmError> {
         loop {
-            let Some(line) = self
-                .lines
-                .next_line()
-                .await
-                .map_err(|e| VmmError::io(format!("QMP events on {}", self.sock), e))?
-            else {
-                return Err(VmmError::Failed("QMP closed while waiting for an event".into()));
-            };
-            let v: Value = serde_json::from_str(&line)
-                .map_err(|e| VmmError::Failed(format!("QMP sent {line:?}: {e}")))?;
+            let v = self.message(name).await?;
             if v.get("event").and_then(Value::as_str) == Some(name) {
                 return Ok(v);
             }

@@ -95,7 +95,7 @@ impl VmService {
         // A restored guest still has its snapshot's name, entropy, clock
         // and network identity.
         let hostname = restoring.is_some().then(|| vm.name.clone());
-        let net = restoring.as_ref().and_then(|_| self.seed_net(&vm));
+        let net = restoring.is_some().then(|| self.seed_net(&vm)).flatten();
         if let Err(e) = self
             .seed_as(
                 &vm,

@@ -281,7 +281,7 @@ impl VmService {
         use std::hash::{Hash, Hasher};
         use std::os::unix::fs::MetadataExt;
         let kind = banger_vmm::VmmKind::parse(&spec.vmm)?;
-        if kind == banger_vmm::VmmKind::Firecracker && (spec.network || spec.netns.is_some()) {
+        if super::snapshot::refusal(spec, kind).is_some() {
             return None;
         }
         let image = self.images.get(&spec.image).ok()?;

@@ -16,7 +16,7 @@ use crate::sync::Locked;
 use crate::sys::{self, io};
 use banger_proto::methods::daemon::{SnapshotInfo, VmInfo, VmRestore, VmSnapshot};
 use banger_proto::{OpId, RpcError};
-use banger_store::{SnapshotRecord, VmRecord, VmState};
+use banger_store::{SnapshotRecord, VmRecord, VmSpec, VmState};
 use banger_vmm::VmmKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +33,25 @@ fn files(kind: VmmKind) -> &'static [&'static str] {
         // QEMU's migration stream holds the memory too.
         VmmKind::Qemu => &[STATE, OVERLAY, WORK],
     }
+}
+
+/// Why a VM of `spec` on `kind` cannot be snapshotted, if it cannot.
+pub(super) fn refusal(spec: &VmSpec, kind: VmmKind) -> Option<&'static str> {
+    if spec.netns.is_some() {
+        return Some(
+            "lives in a container engine's network namespace, whose address a restored VM could not take",
+        );
+    }
+    // A restored QEMU guest is given its own MAC and address by the agent;
+    // Firecracker's guests here are not agents, so that cannot be shown for
+    // them, and they are kept off the network.
+    if kind == VmmKind::Firecracker && spec.network {
+        return Some(
+            "has a network: a Firecracker VM restored from it would wear its address and MAC, \
+             so Firecracker snapshots are taken of VMs made with --no-network",
+        );
+    }
+    None
 }
 
 /// A snapshot's copies of a VM's overlay and work disks.
@@ -190,22 +209,8 @@ impl VmService {
                 vm.name
             )));
         }
-        if vm.spec.netns.is_some() {
-            return Err(RpcError::bad_request(format!(
-                "VM {} lives in a container engine's network namespace, whose address a \
-                 restored VM could not take",
-                vm.name
-            )));
-        }
-        // A restored QEMU guest is given its own MAC and address by the
-        // agent; Firecracker's guests here are not agents, so that cannot
-        // be shown for them, and they are kept off the network.
-        if kind == VmmKind::Firecracker && (vm.spec.network || vm.spec.netns.is_some()) {
-            return Err(RpcError::bad_request(format!(
-                "VM {} has a network: a Firecracker VM restored from it would wear its address \
-                 and MAC, so Firecracker snapshots are taken of VMs made with --no-network",
-                vm.name
-            )));
+        if let Some(why) = refusal(&vm.spec, kind) {
+            return Err(RpcError::bad_request(format!("VM {} {why}", vm.name)));
         }
         if vm.runtime.state != VmState::Running {
             return Err(RpcError::not_running(format!("VM {} is not running", vm.name)));
