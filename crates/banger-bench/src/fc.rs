@@ -87,7 +87,9 @@ pub(crate) async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
             .await?;
         banger.push(t.elapsed());
         b.banger(&["vm", "kill", "fcbench"])?;
-        raw.push(raw_fc(fc, &guest, &initrd, &rootfs, &vm_dir, &raw_dir, 3).await?);
+        let (d, child) = raw_fc(fc, &guest, &initrd, &rootfs, &vm_dir, &raw_dir, 3).await?;
+        stop(child).await;
+        raw.push(d);
     }
     b.banger(&["vm", "delete", "fcbench"])?;
     report(
@@ -110,16 +112,17 @@ pub(crate) async fn put(api: &Path, method: &str, path: &str, body: Value) -> Re
 
 /// Firecracker started in `dir` (its API socket there; relative paths,
 /// such as a snapshot's `drive-*` names, resolve there), until its API
-/// socket answers.
-pub(crate) async fn spawn_fc(fc: &Path, dir: &Path) -> Result<(std::process::Child, PathBuf)> {
+/// socket answers. Dropping the handle kills it.
+pub(crate) async fn spawn_fc(fc: &Path, dir: &Path) -> Result<(tokio::process::Child, PathBuf)> {
     let api = dir.join("api.sock");
     let _ = std::fs::remove_file(&api);
-    let child = Command::new(fc)
+    let child = tokio::process::Command::new(fc)
         .arg("--api-sock")
         .arg(&api)
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()?;
     while tokio::net::UnixStream::connect(&api).await.is_err() {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -127,15 +130,23 @@ pub(crate) async fn spawn_fc(fc: &Path, dir: &Path) -> Result<(std::process::Chi
     Ok((child, api))
 }
 
-/// The time from `t` until the guest answers on vsock port 52 of `vs`;
-/// the Firecracker is stopped either way.
-pub(crate) async fn vsock_ready(mut child: std::process::Child, vs: &Path, t: Instant) -> Result<Duration> {
+/// The time from `t` until the guest answers on vsock port 52 of `vs`.
+/// The Firecracker is handed back, still running, so that stopping it is
+/// not timed: many started at once must not wait on each other's ends.
+pub(crate) async fn vsock_ready(
+    child: tokio::process::Child,
+    vs: &Path,
+    t: Instant,
+) -> Result<(Duration, tokio::process::Child)> {
     let ready = banger_vmm::vsock::connect_with_retry(vs, 52, Duration::from_secs(10), || true).await;
     let elapsed = t.elapsed();
-    let _ = child.kill();
-    let _ = child.wait();
     ready?;
-    Ok(elapsed)
+    Ok((elapsed, child))
+}
+
+/// Stops a Firecracker started by hand and waits for its end.
+pub(crate) async fn stop(mut child: tokio::process::Child) {
+    let _ = child.kill().await;
 }
 
 pub(crate) async fn raw_fc(
@@ -146,7 +157,7 @@ pub(crate) async fn raw_fc(
     vm_dir: &Path,
     dir: &Path,
     cid: u32,
-) -> Result<Duration> {
+) -> Result<(Duration, tokio::process::Child)> {
     let vs = dir.join("v.sock");
     let _ = std::fs::remove_file(&vs);
     let t = Instant::now();
@@ -236,10 +247,14 @@ pub(crate) async fn fc_parallel(b: &Bench, count: usize, fc: &Path) -> Result<()
         std::fs::create_dir_all(&dir)?;
         set.spawn(async move { raw_fc(&fc, &guest, &initrd, &rootfs, &vm_dir, &dir, 3 + i as u32).await });
     }
+    let mut running = vec![];
     while let Some(r) = set.join_next().await {
-        r??;
+        running.push(r??.1);
     }
     let raw = t.elapsed();
+    for child in running {
+        stop(child).await;
+    }
     let _ = std::fs::remove_dir_all(&raw_root);
     for n in &names {
         b.banger(&["vm", "delete", n])?;

@@ -9,7 +9,7 @@
 //! with resume, and the guest answering on vsock. `vm.snapshot` is timed
 //! against pause + `PUT /snapshot/create` + resume by hand the same way.
 
-use crate::fc::{put, spawn_fc, tiny_image, tiny_vm, vsock_ready};
+use crate::fc::{put, spawn_fc, stop, tiny_image, tiny_vm, vsock_ready};
 use crate::{report, Bench};
 use anyhow::{Context, Result};
 use banger_proto::methods::daemon as d;
@@ -38,7 +38,9 @@ async fn raw_restore(fc: &Path, dir: &Path, snap: &Path) -> Result<Duration> {
         }),
     )
     .await?;
-    vsock_ready(child, &vs, t).await
+    let (d, child) = vsock_ready(child, &vs, t).await?;
+    stop(child).await;
+    Ok(d)
 }
 
 /// One snapshot by hand of a VM booted by hand: pause, create, resume.
