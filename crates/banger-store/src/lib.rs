@@ -82,6 +82,12 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The connection's `PRAGMA synchronous` (2: FULL), for diagnostics
+    /// and for the check that an intent write leaves it as it was.
+    pub fn synchronous(&self) -> Result<i64> {
+        Ok(self.conn().query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+    }
+
     pub fn schema_version(&self) -> Result<i64> {
         migrations::current_version(&self.conn())
     }
@@ -144,6 +150,26 @@ impl Store {
             "UPDATE vms SET state = ?2, runtime = ?3, updated_at = ?4 WHERE id = ?1",
             params![id, runtime.state.as_str(), to_json(runtime), now()],
         )?;
+        Ok(())
+    }
+
+    /// [`Store::update_vm_runtime`] for an intent that a later write
+    /// settles (the `starting` before a VMM is launched): committed to the
+    /// WAL, which outlives a killed daemon, but not synced to disk, which
+    /// only a power loss would need, and the settling write syncs it with
+    /// everything before it. A power loss leaves the state before the
+    /// intent, right for a machine on which nothing runs any more.
+    pub fn update_vm_runtime_intent(&self, id: &str, runtime: &VmRuntime) -> Result<()> {
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let res = conn.execute(
+            "UPDATE vms SET state = ?2, runtime = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, runtime.state.as_str(), to_json(runtime), now()],
+        );
+        // Every other write syncs again, whatever this one did.
+        let full = conn.pragma_update(None, "synchronous", "FULL");
+        res?;
+        full?;
         Ok(())
     }
 

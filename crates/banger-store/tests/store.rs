@@ -108,6 +108,29 @@ fn wal_and_full_sync_are_on() {
 }
 
 #[test]
+fn an_intent_write_is_committed_at_once_and_later_writes_sync_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let s = Store::open(&db).unwrap();
+    assert_eq!(s.synchronous().unwrap(), 2, "FULL");
+    s.insert_image(&image("default")).unwrap();
+    let mut v = vm("a");
+    s.insert_vm(&v).unwrap();
+    v.runtime.state = VmState::Starting;
+    s.update_vm_runtime_intent(&v.id, &v.runtime).unwrap();
+    // Committed: another connection (another process) reads it already.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let state: String = c
+        .query_row("SELECT state FROM vms WHERE id = ?1", [&v.id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "starting");
+    assert_eq!(s.synchronous().unwrap(), 2, "the next write syncs again");
+    drop(s);
+    let s = Store::open(&db).unwrap();
+    assert_eq!(s.get_vm("a").unwrap().unwrap().runtime.state, VmState::Starting);
+}
+
+#[test]
 fn an_empty_database_file_is_refused_not_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");

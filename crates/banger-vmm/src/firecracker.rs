@@ -491,18 +491,15 @@ impl Firecracker {
         let vmm_log = dir.join("vmm.log");
         let pid = process::spawn_detached(&mut cmd, &vmm_log, &marker)?;
         let end = Instant::now() + Duration::from_secs(10);
+        let mut poll = Duration::from_micros(250);
         loop {
             if UnixStream::connect(&host.api).await.is_ok() {
                 break;
             }
-            // A jailer is recognised as the VM's only once in its jail;
-            // until then, the child just started is simply watched.
-            let up = if self.jail.is_some() {
-                process::running(pid)
-            } else {
-                process::alive(pid, &marker)
-            };
-            if !up || Instant::now() > end {
+            // The child just started is simply watched: a jailer is
+            // recognised as the VM's only once in its jail, and a process
+            // caught in its exec shows no marker yet.
+            if !process::running(pid) || Instant::now() > end {
                 process::kill(pid, &marker).await;
                 crate::jailer::cleanup(dir).await;
                 let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
@@ -511,7 +508,10 @@ impl Firecracker {
                     log.trim()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Firecracker opens its socket about 2 ms after its start:
+            // polled finely at first, so the start is not rounded up.
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(2));
         }
         if let Err(e) = self.configure(&host.api, &jailed, &inside).await {
             process::kill(pid, &marker).await;

@@ -32,13 +32,11 @@ pub fn spawn_detached(cmd: &mut tokio::process::Command, log: &Path, marker: &st
         .stdout(out)
         .stderr(err)
         .kill_on_drop(false);
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    // A process group of its own keeps the terminal's signals (a Ctrl-C to
+    // a daemon run by hand) from reaching the VMM. It is set by
+    // posix_spawn itself, where a `pre_exec` hook (setsid) would force a
+    // fork of the whole daemon: half a millisecond off every VM start.
+    cmd.process_group(0);
     let child = cmd
         .spawn()
         .map_err(|e| VmmError::io(format!("starting {:?}", cmd.as_std().get_program()), e))?;

@@ -73,7 +73,7 @@ impl VmService {
         // leaves "starting", which reconcile undoes (tap, rules, processes).
         vm.runtime.state = VmState::Starting;
         vm.runtime.last_error = None;
-        self.save(&vm)?;
+        self.save_intent(&vm)?;
         // A guest that boots but never answers on vsock (seen, rarely, with
         // the userspace vsock backend under load) gets one fresh boot.
         // `agent`: the connection that found the guest's agent up, which

@@ -241,7 +241,13 @@ impl VmService {
         }
         let mut vm = vm;
         vm.runtime.state = VmState::Stopped;
-        self.save(&vm)?;
+        // A start follows at once (a restore always starts), and its end
+        // is the write that must reach the disk.
+        if making.start || making.restore.is_some() {
+            self.save_intent(&vm)?;
+        } else {
+            self.save(&vm)?;
+        }
         if making.start {
             op.stage("boot");
             let lock = self.lock_for(&vm.id);
