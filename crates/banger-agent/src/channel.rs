@@ -55,14 +55,17 @@ pub async fn serve(router: Arc<Router>, sessions: Arc<Sessions>) {
                 continue;
             }
         };
-        let early = match banger_mux::handshake::guest(&mut port, Duration::from_millis(10)).await {
-            Ok(early) => early,
-            Err(e) => {
-                tracing::warn!(error = %e, "channel handshake");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let early =
+            match banger_mux::handshake::guest_seeded(&mut port, Duration::from_millis(10), Some(&mut seed))
+                .await
+            {
+                Ok(early) => early,
+                Err(e) => {
+                    tracing::warn!(error = %e, "channel handshake");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
         tracing::info!(dev = %dev.display(), "agent channel up");
         let port = banger_mux::handshake::Prefixed::new(early, port);
         let (opener, mut inbound, driver) = session::start(port, Mode::Server);
@@ -101,4 +104,27 @@ async fn announce_ready(opener: Opener) {
         }
         Err(e) => tracing::debug!(error = %e, "no ready stream"),
     }
+}
+
+/// A seed the host gives in the handshake (a guest just restored from a
+/// snapshot): applied as `agent.seed` would, under the host's op id, and
+/// answered in one line.
+fn seed(line: &str) -> String {
+    let answer = match serde_json::from_str::<a::HandshakeSeed>(line) {
+        Ok(h) => {
+            let op = banger_proto::OpId::adopt_or_mint(h.op_id.as_deref());
+            let _span = tracing::info_span!("seed", op_id = %op).entered();
+            match crate::seed::apply(h.seed) {
+                Ok(s) => a::SeedAnswer::Seeded(s),
+                Err(e) => a::SeedAnswer::Failed(e.message),
+            }
+        }
+        Err(e) => a::SeedAnswer::Failed(format!("not a seed: {e}")),
+    };
+    // Whole JSON within the line's limit: a long error is cut, not the line.
+    let answer = match answer {
+        a::SeedAnswer::Failed(m) if m.len() > 1000 => a::SeedAnswer::Failed(m.chars().take(1000).collect()),
+        a => a,
+    };
+    serde_json::to_string(&answer).expect("serialisable")
 }

@@ -104,6 +104,7 @@ async fn raw_restore(
         restore: Some(banger_vmm::Restore {
             state: snap.join("state"),
             memory: snap.join("state"),
+            seed: None,
         }),
     };
     let qemu = banger_vmm::qemu::Qemu {

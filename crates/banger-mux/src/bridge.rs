@@ -41,8 +41,17 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 /// How long QEMU may take to create the chardev socket.
 const SOCKET_WITHIN: Duration = Duration::from_secs(30);
 
+/// A seed for the guest's first session (see
+/// [`handshake::host_seeded`]): made when it is sent, and its answer
+/// handed to `answered` before any client is served, so that the first
+/// client finds it recorded.
+pub struct Seeding {
+    pub make: Box<dyn Fn() -> String + Send + Sync>,
+    pub answered: Box<dyn FnOnce(Option<String>) + Send>,
+}
+
 /// Runs until the chardev socket goes away (QEMU exited).
-pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
+pub async fn run(serial: &Path, uds: &Path, mut seeding: Option<Seeding>) -> Result<(), MuxError> {
     let _ = std::fs::remove_file(uds);
     let listener = UnixListener::bind(uds).map_err(io("binding the vsock socket"))?;
     let (current, watching) = watch::channel::<Option<Opener>>(None);
@@ -60,10 +69,15 @@ pub async fn run(serial: &Path, uds: &Path) -> Result<(), MuxError> {
             Err(_) => return Ok(()),
         };
         first = false;
-        match handshake::host(&mut chan, HELLO_EVERY).await {
-            Ok(()) => {}
-            Err(MuxError::Closed(_)) => continue,
-            Err(e) => return Err(e),
+        let answer =
+            match handshake::host_seeded(&mut chan, HELLO_EVERY, seeding.as_ref().map(|s| &*s.make)).await {
+                Ok(a) => a,
+                Err(MuxError::Closed(_)) => continue,
+                Err(e) => return Err(e),
+            };
+        if let Some(s) = seeding.take() {
+            tracing::info!(answered = answer.is_some(), "seed given in the handshake");
+            (s.answered)(answer);
         }
         tracing::info!("agent channel up");
         let began = Instant::now();
@@ -109,11 +123,16 @@ async fn accept(listener: UnixListener, session: watch::Receiver<Option<Opener>>
                 continue;
             }
         };
-        let opener = session.borrow().clone();
+        let mut session = session.clone();
         tokio::spawn(async move {
-            // No session yet: closing is this protocol's "nothing listens".
-            let Some(opener) = opener.filter(|o| !o.is_closed()) else {
-                return;
+            // No session yet (a guest being restored or booted, an agent
+            // restarting): the client is held until there is one, so it
+            // is served the moment the agent is, not at its next retry.
+            // Closing after OPEN_WITHIN is this protocol's "nothing listens".
+            let up = |o: &Option<Opener>| o.as_ref().is_some_and(|o| !o.is_closed());
+            let opener = match tokio::time::timeout(OPEN_WITHIN, session.wait_for(up)).await {
+                Ok(Ok(o)) => o.clone().expect("a session is up"),
+                _ => return,
             };
             if let Err(e) = serve_client(client, opener).await {
                 tracing::debug!(error = %e, "client connection");
@@ -276,9 +295,46 @@ mod tests {
         let chardev = UnixListener::bind(&serial).unwrap();
         let bridge = tokio::spawn({
             let uds = uds.clone();
-            async move { run(&serial, &uds).await }
+            async move { run(&serial, &uds, None).await }
         });
         (d, uds, chardev, bridge)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_comes_before_the_agent_is_served_once_it_is_up() {
+        let (_d, uds, chardev, _bridge) = start_bridge();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !uds.exists() {
+            assert!(Instant::now() < deadline, "the bridge never listened");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The daemon's first try at a guest being restored: before the
+        // agent has even answered the handshake.
+        let mut c = UnixStream::connect(&uds).await.unwrap();
+        c.write_all(b"CONNECT 52\n").await.unwrap();
+        c.shutdown().await.ok();
+        let client = tokio::spawn(async move {
+            let mut all = String::new();
+            let _ = c.read_to_string(&mut all).await;
+            all
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (chan, early) = guest_session(&chardev).await;
+        let (_, mut inbound, driver) = session::start(handshake::Prefixed::new(early, chan), Mode::Server);
+        tokio::spawn(driver);
+        tokio::spawn(async move {
+            while let Some(mut s) = inbound.recv().await {
+                session::read_port(&mut s).await.unwrap();
+                session::answer(&mut s, true).await.unwrap();
+                s.write_all(b"up").await.unwrap();
+                s.shutdown().await.unwrap();
+            }
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, "OK 52\nup", "the held client is served, not closed");
     }
 
     #[tokio::test]

@@ -9,10 +9,18 @@ const HELLO: &str = "BANGER-MUX-HELLO";
 const OK: &str = "BANGER-MUX-OK";
 const GO: &str = "BANGER-MUX-GO";
 const RESET: &str = "BANGER-MUX-RESET";
+const SEED: &str = "BANGER-MUX-SEED";
+const SEEDED: &str = "BANGER-MUX-SEEDED";
 /// More than the largest yamux frame (a 16 KiB body and its header).
 const FLUSH: usize = 16 * 1024 + 64;
-/// Longer lines are not ours: the scanner drops them.
-const MAX_LINE: usize = 96;
+/// Longer lines are not ours: the scanner drops them. Room for a seed and
+/// its answer, one line of JSON each.
+const MAX_LINE: usize = 2048;
+/// The longest seed or answer a line carries.
+pub const MAX_SEED_LINE: usize = MAX_LINE - 64;
+/// How long the host waits for a seed's answer before the session begins
+/// without one (an agent that does not know seeds ignores the line).
+const SEED_WITHIN: Duration = Duration::from_secs(3);
 
 /// The host's side: repeats the hello until the guest answers (a guest may
 /// still be booting, or may first have to notice that its old session is
@@ -20,6 +28,21 @@ const MAX_LINE: usize = 96;
 /// `every` at first, then less and less often: a booting guest reads the
 /// hellos queued for it one byte at a time.
 pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duration) -> Result<(), MuxError> {
+    host_seeded(io_, every, None).await.map(drop)
+}
+
+/// [`host`], with a seed: one line that `seed` makes (at the moment it is
+/// sent, so a clock in it is fresh), given to the guest once it answered
+/// the hello and before the session begins; the guest's one-line answer
+/// is returned. A guest just restored from a snapshot gets what must
+/// differ between clones there, without a round trip on a stream of its
+/// own. `None` when the guest did not answer within [`SEED_WITHIN`] (an
+/// agent that knows no seeds).
+pub async fn host_seeded<S: AsyncRead + AsyncWrite + Unpin>(
+    io_: &mut S,
+    every: Duration,
+    seed: Option<&(dyn Fn() -> String + Send + Sync)>,
+) -> Result<Option<String>, MuxError> {
     let nonce = format!("{:016x}", rand::random::<u64>());
     let hello = format!("\n{HELLO} {nonce}\n");
     let want = format!("{OK} {nonce}");
@@ -49,11 +72,15 @@ pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duratio
                     }
                     for &b in &buf[..n] {
                         if lines.push(b).is_some_and(|l| l == want) {
+                            let answer = match seed {
+                                Some(make) => give_seed(io_, &nonce, &make()).await?,
+                                None => None,
+                            };
                             io_.write_all(format!("\n{GO} {nonce}\n").as_bytes())
                                 .await
                                 .map_err(io("writing go"))?;
                             io_.flush().await.map_err(io("writing go"))?;
-                            return Ok(());
+                            return Ok(answer);
                         }
                     }
                 }
@@ -61,6 +88,50 @@ pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duratio
         }
     }
     unreachable!("the hello count ran out")
+}
+
+/// Sends the seed line and waits for its answer (see [`host_seeded`]).
+async fn give_seed<S: AsyncRead + AsyncWrite + Unpin>(
+    io_: &mut S,
+    nonce: &str,
+    seed: &str,
+) -> Result<Option<String>, MuxError> {
+    if seed.len() > MAX_SEED_LINE || seed.contains('\n') {
+        return Err(MuxError::Invalid(format!(
+            "a seed must be one line of at most {MAX_SEED_LINE} bytes"
+        )));
+    }
+    io_.write_all(format!("\n{SEED} {nonce} {seed}\n").as_bytes())
+        .await
+        .map_err(io("writing the seed"))?;
+    io_.flush().await.map_err(io("writing the seed"))?;
+    let prefix = format!("{SEEDED} {nonce} ");
+    let mut lines = Lines::default();
+    let mut buf = [0u8; 4096];
+    let answer = tokio::time::timeout(SEED_WITHIN, async {
+        loop {
+            let n = io_
+                .read(&mut buf)
+                .await
+                .map_err(io("reading the seed's answer"))?;
+            if n == 0 {
+                return Err(MuxError::Closed("the handshake"));
+            }
+            for &b in &buf[..n] {
+                if let Some(a) = lines
+                    .push(b)
+                    .and_then(|l| l.strip_prefix(&prefix).map(String::from))
+                {
+                    return Ok(a);
+                }
+            }
+        }
+    })
+    .await;
+    match answer {
+        Ok(a) => a.map(Some),
+        Err(_) => Ok(None),
+    }
 }
 
 /// The guest's side: answers each host's hello once, and returns once that
@@ -73,6 +144,18 @@ pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(
     io_: &mut S,
     idle: Duration,
 ) -> Result<Vec<u8>, MuxError> {
+    guest_seeded(io_, idle, None).await
+}
+
+/// [`guest`], answering a host's seed (see [`host_seeded`]) with what
+/// `on_seed` makes of it: once per host, one line (cut to
+/// [`MAX_SEED_LINE`] bytes; a newline in it ends it). Without `on_seed`
+/// a seed is ignored, as an agent that knows none does.
+pub async fn guest_seeded<S: AsyncRead + AsyncWrite + Unpin>(
+    io_: &mut S,
+    idle: Duration,
+    mut on_seed: Option<&mut (dyn FnMut(&str) -> String + Send)>,
+) -> Result<Vec<u8>, MuxError> {
     // A host still in a session with this guest's previous self (an agent
     // that restarted) cannot parse this line, ends that session, and says
     // hello. Written only if a host is there to take it at once.
@@ -84,6 +167,7 @@ pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(
     .await;
     let mut lines = Lines::default();
     let mut answered: Vec<String> = Vec::new();
+    let mut seeded: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = io_.read(&mut buf).await.map_err(io("reading the hello"))?;
@@ -105,6 +189,31 @@ pub async fn guest<S: AsyncRead + AsyncWrite + Unpin>(
                     .await
                     .map_err(io("answering the hello"))?;
                 io_.flush().await.map_err(io("answering the hello"))?;
+            } else if let Some((nonce, seed)) = line
+                .strip_prefix(SEED)
+                .and_then(|r| r.strip_prefix(' '))
+                .and_then(|r| r.split_once(' '))
+            {
+                // Only from a host this guest answered, and once: a seed
+                // sets the clock, which a replay would set back.
+                let Some(on_seed) = on_seed.as_deref_mut() else {
+                    continue;
+                };
+                if !answered.iter().any(|a| a == nonce) || seeded.iter().any(|a| a == nonce) {
+                    continue;
+                }
+                seeded.push(nonce.to_string());
+                let mut answer = on_seed(seed);
+                answer.retain(|c| c != '\n');
+                let mut cut = answer.len().min(MAX_SEED_LINE);
+                while !answer.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                answer.truncate(cut);
+                io_.write_all(format!("\n{SEEDED} {nonce} {answer}\n").as_bytes())
+                    .await
+                    .map_err(io("answering the seed"))?;
+                io_.flush().await.map_err(io("answering the seed"))?;
             } else if let Some(nonce) = line.strip_prefix(GO).and_then(|r| r.strip_prefix(' ')) {
                 if answered.iter().any(|a| a == nonce) {
                     return Ok(buf[i + 1..n].to_vec());
@@ -217,6 +326,48 @@ mod tests {
         host(&mut h, Duration::from_millis(20)).await.unwrap();
         h.write_all(b"yamux").await.unwrap();
         assert_eq!(&guest.await.unwrap(), b"yamux");
+    }
+
+    #[tokio::test]
+    async fn a_seed_is_answered_once_before_the_session_and_ignored_by_a_guest_without_seeds() {
+        let (mut h, mut g) = tokio::io::duplex(1 << 16);
+        let guest = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut on_seed = |s: &str| {
+                got.push(s.to_string());
+                format!("seeded {s}")
+            };
+            let early = guest_seeded(&mut g, Duration::from_millis(5), Some(&mut on_seed))
+                .await
+                .unwrap();
+            let mut g = Prefixed::new(early, g);
+            let mut b = [0u8; 5];
+            g.read_exact(&mut b).await.unwrap();
+            (got, b)
+        });
+        let make = || "{\"hostname\":\"clone-1\"}".to_string();
+        let answer = host_seeded(&mut h, Duration::from_millis(20), Some(&make))
+            .await
+            .unwrap();
+        assert_eq!(answer.as_deref(), Some("seeded {\"hostname\":\"clone-1\"}"));
+        h.write_all(b"yamux").await.unwrap();
+        let (got, first) = guest.await.unwrap();
+        assert_eq!(
+            got,
+            vec!["{\"hostname\":\"clone-1\"}".to_string()],
+            "applied once"
+        );
+        assert_eq!(&first, b"yamux");
+
+        // An agent that knows no seeds: the session begins without one.
+        let (mut h, mut g) = tokio::io::duplex(1 << 16);
+        let plain =
+            tokio::spawn(async move { super::guest(&mut g, Duration::from_millis(5)).await.map(drop) });
+        let answer = host_seeded(&mut h, Duration::from_millis(20), Some(&make))
+            .await
+            .unwrap();
+        assert_eq!(answer, None);
+        plain.await.unwrap().unwrap();
     }
 
     #[tokio::test]

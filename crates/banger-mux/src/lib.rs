@@ -44,6 +44,8 @@ pub enum MuxError {
     Refused(u32),
     #[error("the session ended: {0}")]
     Session(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Copies both ways between `a` and `b` until both directions end. Unlike

@@ -1,8 +1,10 @@
 //! `banger-vsock-bridge`: the host's end of a QEMU guest's agent channel
 //! (see the crate's documentation). Started beside QEMU, one per VM.
 
+use anyhow::Context;
+use banger_proto::methods::agent as a;
 use clap::Parser;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -17,14 +19,70 @@ struct Cli {
     /// The Unix socket to serve the guest's ports on.
     #[arg(long)]
     uds: PathBuf,
+    /// A seed plan (JSON) for the guest's first session: the guest of a
+    /// restored VM gets it, with the clock and fresh entropy, in the
+    /// channel's handshake.
+    #[arg(long, requires = "seeded")]
+    seed: Option<PathBuf>,
+    /// Where the agent's answer to the seed is written, before any client
+    /// is served.
+    #[arg(long, requires = "seed")]
+    seeded: Option<PathBuf>,
+}
+
+/// The seed of `plan`, made at the moment it is sent: the host's clock
+/// then, and 64 bytes of its entropy.
+fn make_seed(plan: &a::SeedPlan) -> String {
+    use base64::Engine;
+    let mut entropy = [0u8; 64];
+    // SAFETY: getrandom into a buffer we own, of that length.
+    let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    let unix_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let seed = a::HandshakeSeed {
+        op_id: plan.op_id.clone(),
+        seed: a::Seed {
+            unix_nanos,
+            entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
+            hostname: plan.hostname.clone(),
+            net: plan.net.clone(),
+        },
+    };
+    serde_json::to_string(&seed).expect("serialisable")
+}
+
+/// Writes the agent's answer (nothing when there was none) so that it is
+/// whole or absent.
+fn record(path: &Path, answer: Option<String>) {
+    let Some(answer) = answer else { return };
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, answer).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "could not record the seed's answer");
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     banger_log::init("bridge", None, None)?;
+    let seeding = match (&cli.seed, cli.seeded) {
+        (Some(plan), Some(seeded)) => {
+            let text =
+                std::fs::read_to_string(plan).with_context(|| format!("reading {}", plan.display()))?;
+            let plan: a::SeedPlan =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", plan.display()))?;
+            Some(banger_mux::bridge::Seeding {
+                make: Box::new(move || make_seed(&plan)),
+                answered: Box::new(move |answer| record(&seeded, answer)),
+            })
+        }
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(banger_mux::bridge::run(&cli.serial, &cli.uds))?;
+    rt.block_on(banger_mux::bridge::run(&cli.serial, &cli.uds, seeding))?;
     Ok(())
 }

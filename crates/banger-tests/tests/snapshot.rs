@@ -55,6 +55,17 @@ fn two_guests_restored_from_one_snapshot_have_its_files_and_their_own_identity()
         seen.push(lines[3].to_string());
     }
     assert_ne!(seen[0], seen[1], "two clones read the same random bytes");
+    // Each clone took its seed in its channel's handshake, not on a stream
+    // of its own (a round trip fewer in a guest just restored).
+    for name in ["r1", "r2"] {
+        let via: Vec<Value> = env
+            .daemon_records()
+            .into_iter()
+            .filter(|r| r["message"] == "guest clock and entropy seeded" && r["vm"] == name)
+            .map(|r| r["via"].clone())
+            .collect();
+        assert_eq!(via, ["handshake"], "{name}");
+    }
     assert_eq!(exec(&env, "src", "cat /root/in-work").trim(), "later");
     let pid = |vm: &str| -> u64 {
         let v: Value = serde_json::from_str(&env.banger_ok(&["vm", "show", vm, "--json"])).unwrap();

@@ -216,6 +216,7 @@ pub fn prepare(
         jailed.restore = Some(crate::Restore {
             memory: inside.pop().expect("two files"),
             state: inside.pop().expect("two files"),
+            seed: None,
         });
     }
     // Firecracker's own files, made here so they are the VM uid's.

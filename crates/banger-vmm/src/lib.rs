@@ -81,6 +81,10 @@ pub struct LaunchSpec {
 pub struct Restore {
     pub state: PathBuf,
     pub memory: PathBuf,
+    /// A seed plan (`SeedPlan`, JSON) the guest gets in its agent
+    /// channel's handshake, its answer written beside it as
+    /// `seeded.json`. QEMU only: Firecracker's guest is seeded over vsock.
+    pub seed: Option<PathBuf>,
 }
 
 /// The VM's network interface: a tap on the host side.

@@ -195,6 +195,11 @@ impl Qemu {
         // The bridge waits for QEMU's chardev socket by itself.
         let mut bcmd = tokio::process::Command::new(&self.bridge);
         bcmd.arg("--serial").arg(&channel).arg("--uds").arg(&uds);
+        if let Some(plan) = spec.restore.as_ref().and_then(|r| r.seed.as_ref()) {
+            let answer = dir.join("seeded.json");
+            let _ = std::fs::remove_file(&answer);
+            bcmd.arg("--seed").arg(plan).arg("--seeded").arg(answer);
+        }
         let bpid = match process::spawn_detached(&mut bcmd, &log, &marker) {
             Ok(p) => p,
             Err(e) => {

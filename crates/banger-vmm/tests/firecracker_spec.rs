@@ -145,6 +145,7 @@ fn every_body_banger_sends_matches_the_api_description() {
     let r = banger_vmm::Restore {
         state: "/snapshot-state".into(),
         memory: "/snapshot-mem".into(),
+        seed: None,
     };
     let restore = restore_plan(&ls, &Paths::new(&ls.vm_dir), &r);
     let load = restore.last().unwrap();

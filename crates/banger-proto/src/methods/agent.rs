@@ -128,6 +128,38 @@ method!(
     /// its pool.
     SeedGuest = "agent.seed", Seed => Seeded
 );
+
+/// What must differ between clones of one snapshot and is known before
+/// the VM runs: written by the daemon for the channel bridge of a QEMU VM
+/// being restored, which adds the clock and entropy when it gives the
+/// seed in the channel's handshake (a round trip fewer than
+/// [`SeedGuest`] on a stream of its own).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeedPlan {
+    /// The operation the seed belongs to, for the agent's log lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<SeedNet>,
+}
+
+/// The seed as the handshake carries it (one line of JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandshakeSeed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<String>,
+    pub seed: Seed,
+}
+
+/// The agent's answer to a [`HandshakeSeed`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SeedAnswer {
+    Seeded(Seeded),
+    Failed(String),
+}
 method!(
     /// Liveness of the agent.
     Health = "agent.health", Empty => AgentHealth

@@ -63,12 +63,26 @@ impl VmService {
             .as_ref()
             .map(PathBuf::from)
             .filter(|d| d.join("state").is_file());
+        // A restored guest still has its snapshot's name, entropy, clock
+        // and network identity.
+        let hostname = restoring.is_some().then(|| vm.name.clone());
+        let net = restoring.is_some().then(|| self.seed_net(&vm)).flatten();
         if let Some(d) = &restoring {
+            // A QEMU guest takes its seed in its channel's handshake, the
+            // moment its agent is back: a round trip fewer than a call.
+            let seed = match VmmKind::parse(&vm.spec.vmm) {
+                Some(VmmKind::Qemu) => {
+                    Some(self.write_seed_plan(&vm, &op, hostname.as_deref(), net.clone())?)
+                }
+                _ => None,
+            };
             spec.restore = Some(banger_vmm::Restore {
                 state: d.join("state"),
                 memory: d.join("memory"),
+                seed,
             });
         }
+        let seed_plan = spec.restore.as_ref().and_then(|r| r.seed.clone());
         // The intent, before any side effect: a daemon killed from here on
         // leaves "starting", which reconcile undoes (tap, rules, processes).
         vm.runtime.state = VmState::Starting;
@@ -92,21 +106,28 @@ impl VmService {
             }
             Err((e, false)) => return Err(self.fail_start(vm, e).await),
         };
-        // A restored guest still has its snapshot's name, entropy, clock
-        // and network identity.
-        let hostname = restoring.is_some().then(|| vm.name.clone());
-        let net = restoring.is_some().then(|| self.seed_net(&vm)).flatten();
-        if let Err(e) = self
-            .seed_as(
-                &vm,
-                &launched.vsock_uds,
-                Some(agent),
-                &op,
-                hostname.as_deref(),
-                net,
-            )
-            .await
-        {
+        let in_handshake = match &seed_plan {
+            Some(plan) => {
+                let _ = std::fs::remove_file(plan);
+                self.handshake_seeded(&vm, net.as_ref())
+            }
+            None => None,
+        };
+        let seeded = match in_handshake {
+            Some(r) => r,
+            None => {
+                self.seed_as(
+                    &vm,
+                    &launched.vsock_uds,
+                    Some(agent),
+                    &op,
+                    hostname.as_deref(),
+                    net,
+                )
+                .await
+            }
+        };
+        if let Err(e) = seeded {
             self.teardown(&vm, self.cached(&vm.id).as_ref()).await;
             return Err(self.fail_start(vm, e).await);
         }

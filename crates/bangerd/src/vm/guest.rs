@@ -45,26 +45,51 @@ impl VmService {
             Some(s) => agent::call_on::<a::SeedGuest>(s, uds, op, &req, |_| ()).await,
             None => agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await,
         };
-        match answer {
-            Ok(s) => {
-                tracing::info!(
-                    vm = %vm.name,
-                    clock_step_ms = s.clock_step_ms,
-                    entropy_bytes = s.entropy_bytes,
-                    address = net.as_ref().map(|n| n.address.as_str()),
-                    "guest clock and entropy seeded"
-                );
-                Ok(())
-            }
-            Err(e) if net.is_some() => Err(RpcError::failed(format!(
-                "could not give the guest its network identity: {}",
-                e.message
-            ))),
-            Err(e) => {
-                tracing::warn!(vm = %vm.name, error = %e.message, "could not seed the guest's clock and entropy");
-                Ok(())
-            }
-        }
+        seeded(vm, answer.map_err(|e| e.message), net.as_ref(), "stream")
+    }
+
+    /// The seed plan a restored QEMU guest gets in its channel's
+    /// handshake (see `banger_vmm::Restore::seed`), written into its
+    /// directory: its name and network identity; the bridge adds the clock
+    /// and entropy as it sends it.
+    pub(super) fn write_seed_plan(
+        &self,
+        vm: &VmRecord,
+        op: &OpId,
+        hostname: Option<&str>,
+        net: Option<a::SeedNet>,
+    ) -> Result<std::path::PathBuf, RpcError> {
+        let plan = a::SeedPlan {
+            op_id: Some(op.to_string()),
+            hostname: hostname.map(String::from),
+            net,
+        };
+        let path = Path::new(&vm.runtime.vm_dir).join("seed.json");
+        std::fs::write(&path, serde_json::to_vec(&plan).expect("serialisable"))
+            .map_err(|e| RpcError::failed(format!("writing {}: {e}", path.display())))?;
+        Ok(path)
+    }
+
+    /// The guest's answer to the seed given in its handshake, once its
+    /// channel is up: `None` when there is none (an agent that knows no
+    /// seeds), and the seed is then given over a stream instead.
+    pub(super) fn handshake_seeded(
+        &self,
+        vm: &VmRecord,
+        net: Option<&a::SeedNet>,
+    ) -> Option<Result<(), RpcError>> {
+        let path = Path::new(&vm.runtime.vm_dir).join("seeded.json");
+        let bytes = std::fs::read(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        // The guest wrote this: it is read as an answer or as nothing.
+        let answer = (bytes.len() <= 4096)
+            .then(|| serde_json::from_slice::<a::SeedAnswer>(&bytes).ok())
+            .flatten()?;
+        let outcome = match answer {
+            a::SeedAnswer::Seeded(s) => Ok(s),
+            a::SeedAnswer::Failed(e) => Err(e),
+        };
+        Some(seeded(vm, outcome, net, "handshake"))
     }
 
     /// The MAC, address and gateway a VM's guest must wear, when it has a
@@ -194,6 +219,38 @@ impl VmService {
                 "VM {} is not running (start it with `banger vm start {}`)",
                 vm.name, vm.name
             ))),
+        }
+    }
+}
+
+/// What a seed's outcome means for the start: a guest that cannot take its
+/// network identity would answer as another VM (an error); one that
+/// cannot take its clock or entropy still runs (a warning). `via`: how it
+/// was given, a stream of its own or the channel's handshake.
+fn seeded(
+    vm: &VmRecord,
+    outcome: Result<a::Seeded, String>,
+    net: Option<&a::SeedNet>,
+    via: &str,
+) -> Result<(), RpcError> {
+    match outcome {
+        Ok(s) => {
+            tracing::info!(
+                vm = %vm.name,
+                clock_step_ms = s.clock_step_ms,
+                entropy_bytes = s.entropy_bytes,
+                address = net.map(|n| n.address.as_str()),
+                via,
+                "guest clock and entropy seeded"
+            );
+            Ok(())
+        }
+        Err(e) if net.is_some() => Err(RpcError::failed(format!(
+            "could not give the guest its network identity: {e}"
+        ))),
+        Err(e) => {
+            tracing::warn!(vm = %vm.name, error = %e, via, "could not seed the guest's clock and entropy");
+            Ok(())
         }
     }
 }
