@@ -5,6 +5,7 @@
 
 use banger_proto::methods::agent as a;
 use banger_proto::RpcError;
+use std::path::Path;
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
@@ -61,6 +62,22 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` over the start of `path` and cuts it to their length,
+/// never truncating it to nothing first: ext4 flushes a file that was
+/// truncated to zero and rewritten when it is closed (`auto_da_alloc`), a
+/// disk write that takes tens of milliseconds in a guest under emulation,
+/// on the path of every restore.
+fn write_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.set_len(bytes.len() as u64)
+}
+
 pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
     use base64::Engine;
     let entropy = base64::engine::general_purpose::STANDARD
@@ -112,7 +129,7 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
             )));
         }
         // What a later boot (or a tool reading the file) sees.
-        let _ = std::fs::write("/etc/hostname", format!("{h}\n"));
+        let _ = write_in_place(Path::new("/etc/hostname"), format!("{h}\n").as_bytes());
         tracing::info!(hostname = %h, "hostname set by the host");
     }
     if let Some(id) = &net {
@@ -123,4 +140,20 @@ pub fn apply(req: a::Seed) -> Result<a::Seeded, RpcError> {
         clock_step_ms,
         entropy_bytes: entropy.len() as u32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writing_in_place_leaves_exactly_the_new_content() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hostname");
+        write_in_place(&p, b"a-much-longer-source-name\n").unwrap();
+        write_in_place(&p, b"clone-1\n").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"clone-1\n");
+        write_in_place(&p, b"clone-with-a-longer-name\n").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"clone-with-a-longer-name\n");
+    }
 }

@@ -1,7 +1,7 @@
 //! `run-vs-qemu` (`vm run --rm -- true` against a QEMU boot written out
 //! by hand) and `warm-run` (the same from the warm pool against a cold one).
 
-use crate::{report, run, Bench};
+use crate::{report, report_paired, run, Bench};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -145,7 +145,7 @@ pub(crate) async fn run_vs_qemu(b: &Bench, runs: usize) -> Result<()> {
         raw.push(raw_qemu_boot(&kdir.join("vmlinuz"), &initrd, &rootfs, &work).await?);
     }
     let _ = std::fs::remove_dir_all(&work);
-    report(
+    report_paired(
         "boot to a command, QEMU/TCG",
         "banger vm run --rm -- true",
         banger,
@@ -196,7 +196,7 @@ pub(crate) fn warm_run(b: &mut Bench, runs: usize) -> Result<()> {
         "cold (a boot)",
         cold.clone(),
     );
-    report(
+    report_paired(
         "vm run --rm -- true, QEMU/TCG",
         "from a snapshot (no pool)",
         snap,

@@ -1,6 +1,6 @@
 //! `create-flat`: `vm create` with a 1 GiB image against an 8 GiB one.
 
-use crate::{report, run, Bench};
+use crate::{report_paired, run, Bench};
 use anyhow::Result;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -50,7 +50,7 @@ pub(crate) fn create_flat(b: &Bench, runs: usize) -> Result<()> {
             b.banger(&["vm", "delete", &vm])?;
         }
     }
-    report(
+    report_paired(
         "vm create (no start) with an 8 GiB vs a 1 GiB image",
         "8 GiB image",
         big,

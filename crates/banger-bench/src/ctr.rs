@@ -1,7 +1,7 @@
 //! `ctr-run`: `ctr run --rm` through containerd and the shim against
 //! `banger vm run --rm` of the same image.
 
-use crate::{report, Bench};
+use crate::{report_paired, Bench};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -64,7 +64,7 @@ pub(crate) fn ctr_run(b: &Bench, runs: usize) -> Result<()> {
             "true",
         ])?);
     }
-    report(
+    report_paired(
         "container start to exit, QEMU/TCG",
         "ctr run --rm (containerd + shim)",
         via_ctr,

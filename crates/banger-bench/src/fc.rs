@@ -1,7 +1,7 @@
 //! Firecracker with the tiny guest: `fc-start` (against firecracker
 //! configured by hand) and `fc-parallel` (many at once, VMs per second).
 
-use crate::{ms, report, run, Bench};
+use crate::{ms, report_paired, run, Bench};
 use anyhow::{bail, Context, Result};
 use banger_vmm::firecracker::request;
 use serde_json::Value;
@@ -92,7 +92,7 @@ pub(crate) async fn fc_start(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
         raw.push(d);
     }
     b.banger(&["vm", "delete", "fcbench"])?;
-    report(
+    report_paired(
         "Firecracker start of a tiny guest to vsock-ready",
         "banger vm.start RPC",
         banger,

@@ -10,7 +10,7 @@
 //! against pause + `PUT /snapshot/create` + resume by hand the same way.
 
 use crate::fc::{put, spawn_fc, stop, tiny_image, tiny_vm, vsock_ready};
-use crate::{report, Bench};
+use crate::{report_paired, Bench};
 use anyhow::{Context, Result};
 use banger_proto::methods::daemon as d;
 use serde_json::{json, Value};
@@ -93,7 +93,7 @@ pub async fn fc_restore(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
         b.banger(&["snapshot", "rm", &name])?;
         raw_snap.push(raw_snapshot(&src_api, &raw_out).await?);
     }
-    report(
+    report_paired(
         "snapshot of a running tiny guest (128 MiB)",
         "banger vm.snapshot RPC",
         banger_snap,
@@ -143,7 +143,7 @@ pub async fn fc_restore(b: &Bench, runs: usize, fc: &Path) -> Result<()> {
         b.banger(&["vm", "delete", &name])?;
         raw.push(raw_restore(fc, &raw_dir, &snap).await?);
     }
-    report(
+    report_paired(
         "restore of a tiny guest from a snapshot to vsock-ready",
         "banger vm.restore RPC (a new VM)",
         banger,

@@ -141,18 +141,38 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// [`report`] for sides that alternate run by run: each pair saw the
+/// same machine, so the median of the pairs' ratios is also given, the
+/// figure a burst of load on a shared host moves least.
+fn report_paired(name: &str, a_name: &str, a: Vec<Duration>, b_name: &str, b: Vec<Duration>) {
+    let mut pairs: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64())
+        .collect();
+    report(name, a_name, a, b_name, b);
+    pairs.sort_by(f64::total_cmp);
+    if let Some(m) = pairs.get(pairs.len() / 2) {
+        println!("  median of the {} paired ratios = {m:.3}", pairs.len());
+    }
+}
+
 fn report(name: &str, a_name: &str, a: Vec<Duration>, b_name: &str, b: Vec<Duration>) {
     let (ma, mb) = (median(a.clone()), median(b.clone()));
     println!("{name}");
     println!(
         "  {a_name:<40} median {:>9.1} ms  (runs: {:?})",
         ms(ma),
-        a.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
+        a.iter()
+            .map(|d| (ms(*d) * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
     );
     println!(
         "  {b_name:<40} median {:>9.1} ms  (runs: {:?})",
         ms(mb),
-        b.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
+        b.iter()
+            .map(|d| (ms(*d) * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
     );
     println!(
         "  ratio {a_name} / {b_name} = {:.3}   difference = {:+.1} ms",

@@ -3,7 +3,7 @@
 //! agent answers.
 
 use crate::boot::{agent_answers, initramfs};
-use crate::{report, run, Bench};
+use crate::{report_paired, run, Bench};
 use anyhow::Result;
 use banger_vmm::{Drive, LaunchSpec};
 use serde_json::Value;
@@ -53,7 +53,7 @@ pub(crate) async fn qemu_restore(b: &Bench, runs: usize) -> Result<()> {
         "(snapshot of a 2 vCPU, 1024 MiB guest: {} MiB on disk)",
         snap["size_bytes"].as_u64().unwrap_or(0) >> 20
     );
-    report(
+    report_paired(
         "restore to agent-ready, QEMU/TCG",
         "banger vm restore (a whole new VM)",
         banger,
