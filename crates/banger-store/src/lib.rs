@@ -95,7 +95,30 @@ impl Store {
     // ---- VMs ----
 
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
-        let conn = self.conn();
+        Self::insert_vm_on(&self.conn(), vm)
+    }
+
+    /// [`Store::insert_vm`] for a VM being made, whose creation ends with a
+    /// synced write: see [`Store::update_vm_runtime_intent`]. A power loss
+    /// before that end forgets the VM; its directory is then one without a
+    /// record, which the daemon sweeps at start-up.
+    pub fn insert_vm_intent(&self, vm: &VmRecord) -> Result<()> {
+        Self::relaxed(&self.conn(), |c| Self::insert_vm_on(c, vm))
+    }
+
+    /// Runs `f` with `synchronous=NORMAL`: committed to the WAL (a killed
+    /// process loses nothing), not synced; the connection syncs again
+    /// afterwards, whatever `f` did.
+    fn relaxed<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let res = f(conn);
+        let full = conn.pragma_update(None, "synchronous", "FULL");
+        let v = res?;
+        full?;
+        Ok(v)
+    }
+
+    fn insert_vm_on(conn: &Connection, vm: &VmRecord) -> Result<()> {
         let res = conn.execute(
             "INSERT INTO vms (id, name, image, state, spec, runtime, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
@@ -160,17 +183,13 @@ impl Store {
     /// everything before it. A power loss leaves the state before the
     /// intent, right for a machine on which nothing runs any more.
     pub fn update_vm_runtime_intent(&self, id: &str, runtime: &VmRuntime) -> Result<()> {
-        let conn = self.conn();
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let res = conn.execute(
-            "UPDATE vms SET state = ?2, runtime = ?3, updated_at = ?4 WHERE id = ?1",
-            params![id, runtime.state.as_str(), to_json(runtime), now()],
-        );
-        // Every other write syncs again, whatever this one did.
-        let full = conn.pragma_update(None, "synchronous", "FULL");
-        res?;
-        full?;
-        Ok(())
+        Self::relaxed(&self.conn(), |c| {
+            c.execute(
+                "UPDATE vms SET state = ?2, runtime = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, runtime.state.as_str(), to_json(runtime), now()],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn get_vm(&self, name_or_id: &str) -> Result<Option<VmRecord>> {

@@ -172,6 +172,11 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
     let daemon = env.kill_daemon();
     // SAFETY: the VMM this test started.
     unsafe { libc::kill(doomed["pid"].as_u64().unwrap() as i32, libc::SIGKILL) };
+    // What a creation whose record never reached the disk leaves (a power
+    // loss before its end): a VM directory no record names.
+    let stray = std::path::Path::new(&doomed_dir).with_file_name("00000000deadbeef");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("overlay.ext4"), b"half made").unwrap();
 
     // Any command brings the daemon back; reconcile has run before it serves.
     let list: Value = serde_json::from_str(&env.banger_ok(&["vm", "list", "--json"])).unwrap();
@@ -186,6 +191,11 @@ fn daemon_kill_9_adopts_live_vms_and_reaps_dead_ones() {
     );
     let out = env.banger_ok(&["vm", "exec", "alive", "--", "echo", "still here"]);
     assert_eq!(out.trim(), "still here");
+    assert!(!stray.exists(), "a directory without a record was left");
+    assert!(
+        std::path::Path::new(&doomed_dir).is_dir(),
+        "a recorded VM's directory was swept"
+    );
 
     // The dead VM's leftovers (its vsock backend, sockets, scratch file) are gone.
     let doomed_procs = banger_tests::processes_mentioning(&doomed_dir);

@@ -200,7 +200,9 @@ impl VmService {
                 runtime,
                 created_at: banger_store::now(),
             };
-            self.store.insert_vm(&vm).map_err(store_err)?;
+            // Every creation ends with a synced write (its `stopped`, or a
+            // start's `running`), which syncs this one too.
+            self.store.insert_vm_intent(&vm).map_err(store_err)?;
             vm
         };
         tracing::info!(vm = %vm.name, id = %vm.id, image = %image.name, "vm allocated");

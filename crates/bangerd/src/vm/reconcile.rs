@@ -144,6 +144,32 @@ impl VmService {
             }
         }
         self.sweep_guest_rules().await;
+        self.sweep_vm_dirs();
         tracing::info!(adopted, cleaned, "reconcile finished");
+    }
+
+    /// Removes VM directories that no record names: a creation whose
+    /// record never reached the disk (a power loss before its end; see
+    /// `Store::insert_vm_intent`). A record is written before its
+    /// directory, so one looked up after the directory was seen is there
+    /// if the VM is; a directory a process still names is left alone.
+    fn sweep_vm_dirs(&self) {
+        for e in std::fs::read_dir(&self.settings.vms_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = e.path();
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !dir.is_dir() || !matches!(self.store.get_vm(&id), Ok(None)) {
+                continue;
+            }
+            if !process::find_by_marker(&dir.display().to_string()).is_empty() {
+                tracing::warn!(dir = %dir.display(), "a directory without a VM record is still in use; left alone");
+                continue;
+            }
+            tracing::warn!(dir = %dir.display(), "removing the directory of a VM without a record");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
