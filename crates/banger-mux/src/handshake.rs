@@ -9,6 +9,7 @@ const HELLO: &str = "BANGER-MUX-HELLO";
 const OK: &str = "BANGER-MUX-OK";
 const GO: &str = "BANGER-MUX-GO";
 const RESET: &str = "BANGER-MUX-RESET";
+const SEEDS: &str = "BANGER-MUX-SEEDS";
 const SEED: &str = "BANGER-MUX-SEED";
 const SEEDED: &str = "BANGER-MUX-SEEDED";
 /// More than the largest yamux frame (a 16 KiB body and its header).
@@ -18,9 +19,11 @@ const FLUSH: usize = 16 * 1024 + 64;
 const MAX_LINE: usize = 2048;
 /// The longest seed or answer a line carries.
 pub const MAX_SEED_LINE: usize = MAX_LINE - 64;
-/// How long the host waits for a seed's answer before the session begins
-/// without one (an agent that does not know seeds ignores the line).
-const SEED_WITHIN: Duration = Duration::from_secs(3);
+/// How long the host waits for a seed's answer before it gives the session
+/// up (and starts another): the agent said it takes seeds, so an answer
+/// that never comes is a guest in trouble, and a `GO` sent without it
+/// would let the late answer land inside the session.
+const SEED_WITHIN: Duration = Duration::from_secs(30);
 
 /// The host's side: repeats the hello until the guest answers (a guest may
 /// still be booting, or may first have to notice that its old session is
@@ -36,8 +39,9 @@ pub async fn host<S: AsyncRead + AsyncWrite + Unpin>(io_: &mut S, every: Duratio
 /// the hello and before the session begins; the guest's one-line answer
 /// is returned. A guest just restored from a snapshot gets what must
 /// differ between clones there, without a round trip on a stream of its
-/// own. `None` when the guest did not answer within [`SEED_WITHIN`] (an
-/// agent that knows no seeds).
+/// own. `None` when the guest's agent knows no seeds: one that does says
+/// so (`SEEDS`) just before its answer to the hello, a line older hosts
+/// ignore.
 pub async fn host_seeded<S: AsyncRead + AsyncWrite + Unpin>(
     io_: &mut S,
     every: Duration,
@@ -46,6 +50,8 @@ pub async fn host_seeded<S: AsyncRead + AsyncWrite + Unpin>(
     let nonce = format!("{:016x}", rand::random::<u64>());
     let hello = format!("\n{HELLO} {nonce}\n");
     let want = format!("{OK} {nonce}");
+    let takes_seeds = format!("{SEEDS} {nonce}");
+    let mut seeds = false;
     let mut lines = Lines::default();
     let mut buf = [0u8; 4096];
     // A guest saved in the middle of a frame reads this as the rest of it
@@ -71,10 +77,13 @@ pub async fn host_seeded<S: AsyncRead + AsyncWrite + Unpin>(
                         return Err(MuxError::Closed("the handshake"));
                     }
                     for &b in &buf[..n] {
-                        if lines.push(b).is_some_and(|l| l == want) {
+                        let Some(line) = lines.push(b) else { continue };
+                        if line == takes_seeds {
+                            seeds = true;
+                        } else if line == want {
                             let answer = match seed {
-                                Some(make) => give_seed(io_, &nonce, &make()).await?,
-                                None => None,
+                                Some(make) if seeds => Some(give_seed(io_, &nonce, &make()).await?),
+                                _ => None,
                             };
                             io_.write_all(format!("\n{GO} {nonce}\n").as_bytes())
                                 .await
@@ -90,12 +99,15 @@ pub async fn host_seeded<S: AsyncRead + AsyncWrite + Unpin>(
     unreachable!("the hello count ran out")
 }
 
-/// Sends the seed line and waits for its answer (see [`host_seeded`]).
+/// Sends the seed line and waits for its answer (see [`host_seeded`]). An
+/// agent that restarts meanwhile (its reset line), or no answer within
+/// [`SEED_WITHIN`], ends the handshake as closed: the caller starts a new
+/// one, whose hello the guest tells apart from anything late of this one.
 async fn give_seed<S: AsyncRead + AsyncWrite + Unpin>(
     io_: &mut S,
     nonce: &str,
     seed: &str,
-) -> Result<Option<String>, MuxError> {
+) -> Result<String, MuxError> {
     if seed.len() > MAX_SEED_LINE || seed.contains('\n') {
         return Err(MuxError::Invalid(format!(
             "a seed must be one line of at most {MAX_SEED_LINE} bytes"
@@ -118,20 +130,18 @@ async fn give_seed<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(MuxError::Closed("the handshake"));
             }
             for &b in &buf[..n] {
-                if let Some(a) = lines
-                    .push(b)
-                    .and_then(|l| l.strip_prefix(&prefix).map(String::from))
-                {
-                    return Ok(a);
+                let Some(line) = lines.push(b) else { continue };
+                if line == RESET {
+                    return Err(MuxError::Closed("the seed: the agent restarted"));
+                }
+                if let Some(a) = line.strip_prefix(&prefix) {
+                    return Ok(a.to_string());
                 }
             }
         }
     })
     .await;
-    match answer {
-        Ok(a) => a.map(Some),
-        Err(_) => Ok(None),
-    }
+    answer.unwrap_or(Err(MuxError::Closed("the seed: no answer in time")))
 }
 
 /// The guest's side: answers each host's hello once, and returns once that
@@ -185,7 +195,12 @@ pub async fn guest_seeded<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
                 answered.push(nonce.to_string());
-                io_.write_all(format!("\n{OK} {nonce}\n").as_bytes())
+                // An agent that takes seeds says so first, in the same write.
+                let seeds = match on_seed {
+                    Some(_) => format!("\n{SEEDS} {nonce}\n"),
+                    None => String::new(),
+                };
+                io_.write_all(format!("{seeds}\n{OK} {nonce}\n").as_bytes())
                     .await
                     .map_err(io("answering the hello"))?;
                 io_.flush().await.map_err(io("answering the hello"))?;
@@ -359,15 +374,46 @@ mod tests {
         );
         assert_eq!(&first, b"yamux");
 
-        // An agent that knows no seeds: the session begins without one.
+        // An agent that knows no seeds: the session begins without one, at
+        // once.
         let (mut h, mut g) = tokio::io::duplex(1 << 16);
+        let began = std::time::Instant::now();
         let plain =
             tokio::spawn(async move { super::guest(&mut g, Duration::from_millis(5)).await.map(drop) });
         let answer = host_seeded(&mut h, Duration::from_millis(20), Some(&make))
             .await
             .unwrap();
         assert_eq!(answer, None);
+        assert!(began.elapsed() < Duration::from_secs(1), "{:?}", began.elapsed());
         plain.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_restarts_while_it_holds_a_seed_ends_the_handshake() {
+        let (mut h, g) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(g);
+            let mut lines = Lines::default();
+            let mut b = [0u8; 1];
+            while r.read_exact(&mut b).await.is_ok() {
+                let Some(line) = lines.push(b[0]) else { continue };
+                if let Some(nonce) = line.strip_prefix("BANGER-MUX-HELLO ") {
+                    let answer = format!("\n{SEEDS} {nonce}\n\n{OK} {nonce}\n");
+                    w.write_all(answer.as_bytes()).await.unwrap();
+                } else if line.starts_with(SEED) {
+                    // The agent dies holding the seed; its next self says so.
+                    w.write_all(b"\nBANGER-MUX-RESET\n").await.unwrap();
+                }
+            }
+        });
+        let make = || "{}".to_string();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            host_seeded(&mut h, Duration::from_millis(20), Some(&make)),
+        )
+        .await
+        .expect("the host must not wait out the seed");
+        assert!(matches!(r, Err(MuxError::Closed(_))), "{r:?}");
     }
 
     #[tokio::test]

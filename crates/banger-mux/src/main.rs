@@ -30,6 +30,11 @@ struct Cli {
     seeded: Option<PathBuf>,
 }
 
+fn read_plan(path: &Path) -> anyhow::Result<a::SeedPlan> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 /// The seed of `plan`, made at the moment it is sent: the host's clock
 /// then, and 64 bytes of its entropy.
 fn make_seed(plan: &a::SeedPlan) -> String {
@@ -67,17 +72,19 @@ fn record(path: &Path, answer: Option<String>) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     banger_log::init("bridge", None, None)?;
+    // Without a usable plan the guest is still served: the daemon then
+    // seeds it over a stream, as it does an agent that knows no seeds.
     let seeding = match (&cli.seed, cli.seeded) {
-        (Some(plan), Some(seeded)) => {
-            let text =
-                std::fs::read_to_string(plan).with_context(|| format!("reading {}", plan.display()))?;
-            let plan: a::SeedPlan =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", plan.display()))?;
-            Some(banger_mux::bridge::Seeding {
+        (Some(path), Some(seeded)) => match read_plan(path) {
+            Ok(plan) => Some(banger_mux::bridge::Seeding {
                 make: Box::new(move || make_seed(&plan)),
                 answered: Box::new(move |answer| record(&seeded, answer)),
-            })
-        }
+            }),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no seed for the handshake");
+                None
+            }
+        },
         _ => None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

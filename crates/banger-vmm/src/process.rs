@@ -1,4 +1,4 @@
-//! Supervising VMM processes by PID. They are started in their own session
+//! Supervising VMM processes by PID. They are started in their own process group
 //! so they outlive the daemon; after a daemon restart they are found again
 //! by PID.
 //!
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// The environment variable that names the VM a process was started for.
 pub const MARKER_ENV: &str = "BANGER_VM_DIR";
 
-/// Spawns `cmd` detached (new session, stdio to `log`), marked as belonging
+/// Spawns `cmd` detached (own process group, stdio to `log`), marked as belonging
 /// to the VM whose directory is `marker`. Returns its PID.
 pub fn spawn_detached(cmd: &mut tokio::process::Command, log: &Path, marker: &str) -> Result<u32, VmmError> {
     cmd.env(MARKER_ENV, marker);
