@@ -55,7 +55,11 @@ impl VmService {
         let op = current_op();
         // May build the initramfs (file reads, a cpio, busybox): blocking
         // work, off the async workers.
-        let mut spec = tokio::task::block_in_place(|| self.launch_spec(&vm))?;
+        let mut spec = match tokio::task::block_in_place(|| self.launch_spec(&vm)) {
+            Ok(s) => s,
+            // Recorded, and synced: a creation that starts ends here too.
+            Err(e) => return Err(self.fail_start(vm, e).await),
+        };
         // A restore's first start loads its snapshot instead of booting.
         let restoring = vm
             .runtime
@@ -71,9 +75,11 @@ impl VmService {
             // A QEMU guest takes its seed in its channel's handshake, the
             // moment its agent is back: a round trip fewer than a call.
             let seed = match VmmKind::parse(&vm.spec.vmm) {
-                Some(VmmKind::Qemu) => {
-                    Some(self.write_seed_plan(&vm, &op, hostname.as_deref(), net.clone())?)
-                }
+                Some(VmmKind::Qemu) => match self.write_seed_plan(&vm, &op, hostname.as_deref(), net.clone())
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => return Err(self.fail_start(vm, e).await),
+                },
                 _ => None,
             };
             spec.restore = Some(banger_vmm::Restore {
@@ -87,7 +93,9 @@ impl VmService {
         // leaves "starting", which reconcile undoes (tap, rules, processes).
         vm.runtime.state = VmState::Starting;
         vm.runtime.last_error = None;
-        self.save_intent(&vm)?;
+        if let Err(e) = self.save_intent(&vm) {
+            return Err(self.fail_start(vm, e).await);
+        }
         // A guest that boots but never answers on vsock (seen, rarely, with
         // the userspace vsock backend under load) gets one fresh boot.
         // `agent`: the connection that found the guest's agent up, which
