@@ -442,11 +442,24 @@ pub(crate) mod tun {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: `req` is a properly sized, initialised ifreq that outlives the call.
-        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
-            return Err(os("TUNSETIFF"));
+        // A child this helper forks (`nft`, for another VM's rules) holds a
+        // copy of every descriptor until it execs, close-on-exec or not: a
+        // tap whose creating descriptor was just closed can read as still
+        // attached (EBUSY) for that long. A tap a VMM really holds stays
+        // busy, and is refused after the wait.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            // SAFETY: `req` is a properly sized, initialised ifreq that outlives the call.
+            if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } >= 0 {
+                return Ok(f);
+            }
+            let e = os("TUNSETIFF");
+            let busy = std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+            if !busy || std::time::Instant::now() >= end {
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        Ok(f)
     }
 
     pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, NetError> {

@@ -38,22 +38,9 @@ fn read_plan(path: &Path) -> anyhow::Result<a::SeedPlan> {
 /// The seed of `plan`, made at the moment it is sent: the host's clock
 /// then, and 64 bytes of its entropy.
 fn make_seed(plan: &a::SeedPlan) -> String {
-    use base64::Engine;
-    let mut entropy = [0u8; 64];
-    // SAFETY: getrandom into a buffer we own, of that length.
-    let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
-    let unix_nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default();
     let seed = a::HandshakeSeed {
         op_id: plan.op_id.clone(),
-        seed: a::Seed {
-            unix_nanos,
-            entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
-            hostname: plan.hostname.clone(),
-            net: plan.net.clone(),
-        },
+        seed: a::Seed::from_host(plan.hostname.clone(), plan.net.clone()),
     };
     serde_json::to_string(&seed).expect("serialisable")
 }

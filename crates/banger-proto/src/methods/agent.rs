@@ -102,6 +102,28 @@ pub struct Seed {
     pub net: Option<SeedNet>,
 }
 
+impl Seed {
+    /// The host's clock now and 64 bytes of its entropy, with the name and
+    /// network identity given: made at the moment it is sent, so the clock
+    /// is fresh.
+    pub fn from_host(hostname: Option<String>, net: Option<SeedNet>) -> Seed {
+        use base64::Engine;
+        let mut entropy = [0u8; 64];
+        // SAFETY: getrandom into a buffer we own, of that length.
+        let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+        let unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        Seed {
+            unix_nanos,
+            entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
+            hostname,
+            net,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SeedNet {
     /// `aa:bb:cc:dd:ee:ff`, a unicast address.

@@ -27,20 +27,7 @@ impl VmService {
         hostname: Option<&str>,
         net: Option<a::SeedNet>,
     ) -> Result<(), RpcError> {
-        use base64::Engine;
-        let mut entropy = [0u8; 64];
-        // SAFETY: getrandom into a buffer we own, of that length.
-        let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
-        let unix_nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or_default();
-        let req = a::Seed {
-            unix_nanos,
-            entropy_b64: base64::engine::general_purpose::STANDARD.encode(&entropy[..got.max(0) as usize]),
-            hostname: hostname.map(String::from),
-            net: net.clone(),
-        };
+        let req = a::Seed::from_host(hostname.map(String::from), net.clone());
         let answer = match connected {
             Some(s) => agent::call_on::<a::SeedGuest>(s, uds, op, &req, |_| ()).await,
             None => agent::call::<a::SeedGuest>(uds, op, &req, |_| ()).await,
