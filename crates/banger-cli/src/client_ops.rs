@@ -196,6 +196,14 @@ pub async fn call_streaming<M: banger_proto::Method>(
         .await
         .map_err(|e| anyhow!("connecting to bangerd at {}: {e}", c.path().display()))?;
     let (rd, mut wr) = sock.into_split();
+    // Listening for resizes before the request goes, and sending the size
+    // once more after it (below): a resize between the size the request
+    // carries and a handler installed later would be lost for good.
+    let winch = if input.tty {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+    } else {
+        None
+    };
     let envelope = Request {
         version: banger_proto::PROTOCOL_VERSION,
         method: M::NAME.to_string(),
@@ -215,11 +223,14 @@ pub async fn call_streaming<M: banger_proto::Method>(
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; stream::MAX_PAYLOAD];
         let mut open = input.stdin;
-        let mut winch = if input.tty {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
-        } else {
-            None
-        };
+        let mut winch = winch;
+        if winch.is_some() {
+            if let Some(w) = crate::term::size() {
+                if stream::write(&mut wr, &stream::Frame::resize(w)).await.is_err() {
+                    return;
+                }
+            }
+        }
         let mut detached_tx = Some(detached_tx);
         loop {
             let frame = tokio::select! {
