@@ -453,10 +453,12 @@ pub(crate) mod tun {
             if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } >= 0 {
                 return Ok(f);
             }
-            let e = os("TUNSETIFF");
-            let busy = std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
-            if !busy || std::time::Instant::now() >= end {
-                return Err(e);
+            let source = std::io::Error::last_os_error();
+            if source.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= end {
+                return Err(NetError::Os {
+                    what: "TUNSETIFF".into(),
+                    source,
+                });
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
