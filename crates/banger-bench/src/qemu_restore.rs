@@ -106,6 +106,7 @@ async fn raw_restore(
             memory: snap.join("state"),
             seed: None,
         }),
+        fill_drives: None,
     };
     let qemu = banger_vmm::qemu::Qemu {
         qemu: "qemu-system-x86_64".into(),

@@ -6,6 +6,7 @@
 
 mod migrations;
 mod records;
+mod syncer;
 
 pub use records::{ImageRecord, SessionRecord, SnapshotRecord, VmRecord, VmRuntime, VmSpec, VmState};
 
@@ -43,6 +44,9 @@ pub fn schema_latest() -> i64 {
 /// anyway, and every statement here is short.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Syncs the WAL for [`Store::update_vm_runtime_sync_soon`]; none for a
+    /// read-only store.
+    syncer: Option<syncer::Syncer>,
 }
 
 impl Store {
@@ -65,6 +69,7 @@ impl Store {
         migrations::apply(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            syncer: Some(syncer::Syncer::start(&wal_path(path))),
         })
     }
 
@@ -73,6 +78,7 @@ impl Store {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            syncer: None,
         })
     }
 
@@ -190,6 +196,27 @@ impl Store {
             )?;
             Ok(())
         })
+    }
+
+    /// [`Store::update_vm_runtime`] for a state that ends an operation
+    /// (a started VM's `running`) and is answered at once: committed as an
+    /// intent is, then synced to disk by the store's syncer thread moments
+    /// later, off the caller's path, together with every commit before it.
+    /// A power loss in that moment leaves the state before it, right for a
+    /// machine on which nothing runs any more.
+    pub fn update_vm_runtime_sync_soon(&self, id: &str, runtime: &VmRuntime) -> Result<()> {
+        self.update_vm_runtime_intent(id, runtime)?;
+        if let Some(s) = &self.syncer {
+            s.ask();
+        }
+        Ok(())
+    }
+
+    /// Waits until every commit asked to be synced soon is on disk, for at
+    /// most `limit`. False if that did not happen in time, or the last
+    /// sync failed (the next synced commit syncs the WAL again).
+    pub fn wait_synced(&self, limit: std::time::Duration) -> bool {
+        self.syncer.as_ref().is_none_or(|s| s.wait(limit))
     }
 
     pub fn get_vm(&self, name_or_id: &str) -> Result<Option<VmRecord>> {
@@ -482,6 +509,13 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
         created_at: r.get(6)?,
         digest: r.get(7)?,
     })
+}
+
+/// SQLite's write-ahead log beside the database at `db`.
+fn wal_path(db: &Path) -> std::path::PathBuf {
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push("-wal");
+    db.with_file_name(name)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

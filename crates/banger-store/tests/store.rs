@@ -131,6 +131,25 @@ fn an_intent_write_is_committed_at_once_and_later_writes_sync_again() {
 }
 
 #[test]
+fn a_state_synced_soon_is_committed_at_once_and_on_disk_shortly_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let s = Store::open(&db).unwrap();
+    s.insert_image(&image("default")).unwrap();
+    let mut v = vm("a");
+    s.insert_vm(&v).unwrap();
+    v.runtime.state = VmState::Running;
+    s.update_vm_runtime_sync_soon(&v.id, &v.runtime).unwrap();
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let state: String = c
+        .query_row("SELECT state FROM vms WHERE id = ?1", [&v.id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "running");
+    assert!(s.wait_synced(std::time::Duration::from_secs(10)), "never synced");
+    assert_eq!(s.synchronous().unwrap(), 2, "the next write syncs again");
+}
+
+#[test]
 fn an_empty_database_file_is_refused_not_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");

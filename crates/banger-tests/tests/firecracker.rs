@@ -641,6 +641,15 @@ fn a_daemon_killed_mid_snapshot_or_restore_leaves_a_whole_state() {
     let vms: Value = serde_json::from_str(&ok(&["vm", "list", "--json"])).unwrap();
     if let Some(r3) = vms.as_array().unwrap().iter().find(|v| v["name"] == "r3") {
         if r3["state"] != "running" {
+            // Its disks and machine are the snapshot's until it first
+            // runs: resizing it now is refused, and changes nothing.
+            let set = fc(&env, &["vm", "set", "r3", "--vcpus", "2"]);
+            assert!(!set.status.success(), "vm set of an unfinished restore succeeded");
+            assert!(
+                String::from_utf8_lossy(&set.stderr).contains("not yet been started from its snapshot"),
+                "{}",
+                String::from_utf8_lossy(&set.stderr)
+            );
             ok(&["vm", "start", "r3"]);
         }
         let v = show(&env, "r3");

@@ -1,9 +1,10 @@
 //! Firecracker: the production back-end on hosts with a usable KVM.
 //!
-//! The process is started with only `--api-sock`; everything else is
-//! configured through its REST API. The sequence of calls is computed by
-//! [`plan`] as typed bodies, so a test can check every body banger sends
-//! against Firecracker's own API description.
+//! The process is started with its API socket, log and metrics files on
+//! its command line, its standard output the guest's console; everything
+//! else is configured through its REST API. The sequence of calls is
+//! computed by [`plan`] as typed bodies, so a test can check every body
+//! banger sends against Firecracker's own API description.
 
 use crate::{process, LaunchFuture, LaunchSpec, Launched, Vmm, VmmError, VmmKind};
 use serde::Serialize;
@@ -15,23 +16,6 @@ use tokio::net::UnixStream;
 /// Request bodies, named after the API description's definitions.
 pub mod api {
     use serde::Serialize;
-
-    #[derive(Debug, Clone, Serialize)]
-    pub struct Logger {
-        pub log_path: String,
-        pub level: String,
-        pub show_level: bool,
-    }
-
-    #[derive(Debug, Clone, Serialize)]
-    pub struct Metrics {
-        pub metrics_path: String,
-    }
-
-    #[derive(Debug, Clone, Serialize)]
-    pub struct SerialDevice {
-        pub serial_out_path: String,
-    }
 
     #[derive(Debug, Clone, Serialize)]
     pub struct MachineConfiguration {
@@ -135,30 +119,10 @@ fn s(p: &Path) -> String {
 
 /// Every API call that configures and starts `spec`, in order.
 pub fn plan(spec: &LaunchSpec, p: &Paths) -> Vec<Call> {
+    // The logger and metrics are set on the command line ([`log_args`]),
+    // and the console is Firecracker's standard output: three round trips
+    // fewer on every start.
     let mut calls = vec![
-        call(
-            "/logger",
-            "Logger",
-            &api::Logger {
-                log_path: s(&p.log),
-                level: "Info".into(),
-                show_level: true,
-            },
-        ),
-        call(
-            "/metrics",
-            "Metrics",
-            &api::Metrics {
-                metrics_path: s(&p.metrics),
-            },
-        ),
-        call(
-            "/serial",
-            "SerialDevice",
-            &api::SerialDevice {
-                serial_out_path: s(&p.serial),
-            },
-        ),
         call(
             "/machine-config",
             "MachineConfiguration",
@@ -223,18 +187,29 @@ pub fn plan(spec: &LaunchSpec, p: &Paths) -> Vec<Call> {
     calls
 }
 
-/// The calls that bring a VM back from snapshot `r` instead of booting
-/// it: where Firecracker writes its log, metrics and console, then the
+/// Firecracker's arguments that set its log and metrics files, `p` as it
+/// names them: what `PUT /logger` and `PUT /metrics` would set, without
+/// the round trips.
+pub fn log_args(p: &Paths) -> Vec<std::ffi::OsString> {
+    vec![
+        "--log-path".into(),
+        p.log.clone().into_os_string(),
+        "--level".into(),
+        "Info".into(),
+        "--show-level".into(),
+        "--metrics-path".into(),
+        p.metrics.clone().into_os_string(),
+    ]
+}
+
+/// The call that brings a VM back from snapshot `r` instead of booting
+/// it (log, metrics and console are set as the process starts): the
 /// load, which resumes the guest on this VM's own tap and vsock socket.
 /// Machine, kernel and drives come from the snapshot: the drives are
 /// opened at the paths they had when it was taken, which is why they are
 /// always given to Firecracker by a name relative to the VM's own
 /// directory (see [`drive_links`]).
 pub fn restore_plan(spec: &LaunchSpec, p: &Paths, r: &crate::Restore) -> Vec<Call> {
-    let mut calls: Vec<Call> = plan(spec, p)
-        .into_iter()
-        .filter(|c| ["/logger", "/metrics", "/serial"].contains(&c.path.as_str()))
-        .collect();
     let mut load = serde_json::json!({
         "snapshot_path": s(&r.state),
         "mem_backend": { "backend_type": "File", "backend_path": s(&r.memory) },
@@ -244,13 +219,12 @@ pub fn restore_plan(spec: &LaunchSpec, p: &Paths, r: &crate::Restore) -> Vec<Cal
     if let Some(net) = &spec.net {
         load["network_overrides"] = serde_json::json!([{ "iface_id": "eth0", "host_dev_name": net.tap }]);
     }
-    calls.push(Call {
+    vec![Call {
         method: "PUT",
         path: "/snapshot/load".into(),
         definition: "SnapshotLoadParams",
         body: load,
-    });
-    calls
+    }]
 }
 
 /// The call that writes a paused VM's full snapshot to `state` and
@@ -448,29 +422,93 @@ impl Firecracker {
                 path: self.binary.clone(),
             });
         }
+        let filling = crate::FillDrives::start(spec);
+        let dir = &spec.vm_dir;
+        let marker = dir.display().to_string();
+        let (pid, host, inside, jailed) = self.spawn(spec, filling).await?;
+        if let Err(e) = self.configure(&host.api, &jailed, &inside).await {
+            process::kill(pid, &marker).await;
+            let _ = std::fs::remove_file(&host.api);
+            let _ = std::fs::remove_file(&host.vsock);
+            crate::jailer::cleanup(dir).await;
+            return Err(e);
+        }
+        Ok(Launched {
+            kind: VmmKind::Firecracker,
+            pid,
+            aux_pids: vec![],
+            api_socket: host.api,
+            vsock_uds: host.vsock,
+            serial_log: host.serial,
+        })
+    }
+
+    /// Starts the process and waits for its API socket; `filling` ends
+    /// before it returns. Returns the PID, Firecracker's files on the host
+    /// and as it names them, and the spec as it sees it.
+    async fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        filling: crate::Filling,
+    ) -> Result<(u32, Paths, Paths, LaunchSpec), VmmError> {
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
         // Firecracker's files as it names them, and where they are on the
         // host: the same in the VM directory, or its jail's root.
-        let (host, inside, jailed, cmd) = match &self.jail {
-            None => {
+        let prepared = match &self.jail {
+            None => drive_links(dir, &spec.drives).map(|drives| {
                 let mut cmd = tokio::process::Command::new(&self.binary);
                 let paths = Paths::new(dir);
-                cmd.arg("--api-sock").arg(&paths.api).current_dir(dir);
-                let mut own = spec.clone();
-                own.drives = drive_links(dir, &spec.drives)?;
+                cmd.arg("--api-sock")
+                    .arg(&paths.api)
+                    .args(log_args(&paths))
+                    .current_dir(dir);
+                let own = LaunchSpec {
+                    drives,
+                    ..spec.clone()
+                };
                 (Paths::new(dir), paths, own, cmd)
-            }
+            }),
             Some(jail) => {
+                // The jail links the drives: they are filled first.
+                filling.done().await?;
                 let layout = crate::jailer::layout(dir, &self.binary)?;
                 let uid = jail.uid(spec.vsock_cid);
                 let jailed = crate::jailer::prepare(spec, &self.binary, &layout, uid)?;
                 let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
                 let cmd = crate::jailer::command(jail, &self.binary, &layout, uid, spec.memory_mib, netns);
-                (Paths::new(&layout.root), Paths::new(Path::new("/")), jailed, cmd)
+                return self
+                    .spawn_prepared(
+                        dir,
+                        (Paths::new(&layout.root), Paths::new(Path::new("/")), jailed, cmd),
+                    )
+                    .await;
             }
         };
-        let mut cmd = cmd;
+        let spawned = match prepared {
+            Ok(p) => self.spawn_prepared(dir, p).await,
+            Err(e) => Err(e),
+        };
+        // Firecracker opens its drives only when told to (a boot's drive
+        // calls, a restore's load): the fill had until now.
+        let filled = filling.done().await;
+        match (spawned, filled) {
+            (Ok(s), Ok(())) => Ok(s),
+            (Ok((pid, ..)), Err(e)) => {
+                process::kill(pid, &marker).await;
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// [`Self::spawn`] once the command is made.
+    async fn spawn_prepared(
+        &self,
+        dir: &Path,
+        (host, inside, jailed, mut cmd): (Paths, Paths, LaunchSpec, tokio::process::Command),
+    ) -> Result<(u32, Paths, Paths, LaunchSpec), VmmError> {
+        let marker = dir.display().to_string();
         // Firecracker leaves its sockets behind when it exits, and refuses
         // to start over a stale one.
         for f in [&host.api, &host.vsock] {
@@ -484,12 +522,14 @@ impl Firecracker {
             }
         }
         if self.jail.is_none() {
-            for f in [&host.log, &host.metrics, &host.serial] {
+            for f in [&host.log, &host.metrics] {
                 std::fs::File::create(f).map_err(|e| VmmError::io(format!("creating {}", f.display()), e))?;
             }
         }
         let vmm_log = dir.join("vmm.log");
-        let pid = process::spawn_detached(&mut cmd, &vmm_log, &marker)?;
+        // The guest's console is Firecracker's standard output: the serial
+        // log, without a `PUT /serial` round trip.
+        let pid = process::spawn_detached(&mut cmd, Some(&host.serial), &vmm_log, &marker)?;
         let end = Instant::now() + Duration::from_secs(10);
         let mut poll = Duration::from_micros(250);
         loop {
@@ -508,26 +548,11 @@ impl Firecracker {
                     log.trim()
                 )));
             }
-            // Firecracker opens its socket about 2 ms after its start:
+            // Firecracker opens its socket about 1-2 ms after its start:
             // polled finely at first, so the start is not rounded up.
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(Duration::from_millis(2));
         }
-        if let Err(e) = self.configure(&host.api, &jailed, &inside).await {
-            process::kill(pid, &marker).await;
-            let _ = std::fs::remove_file(&host.api);
-            let _ = std::fs::remove_file(&host.vsock);
-            crate::jailer::cleanup(dir).await;
-            return Err(e);
-        }
-        let paths = host;
-        Ok(Launched {
-            kind: VmmKind::Firecracker,
-            pid,
-            aux_pids: vec![],
-            api_socket: paths.api,
-            vsock_uds: paths.vsock,
-            serial_log: paths.serial,
-        })
+        Ok((pid, host, inside, jailed))
     }
 }

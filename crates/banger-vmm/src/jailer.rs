@@ -271,7 +271,11 @@ pub fn command(
     if let Some(ns) = netns {
         cmd.arg("--netns").arg(ns);
     }
-    cmd.arg("--").arg("--api-sock").arg("/firecracker.sock");
+    let inside = crate::firecracker::Paths::new(Path::new("/"));
+    cmd.arg("--")
+        .arg("--api-sock")
+        .arg(&inside.api)
+        .args(crate::firecracker::log_args(&inside));
     cmd
 }
 

@@ -72,6 +72,52 @@ pub struct LaunchSpec {
     /// Resume this snapshot instead of booting (the drives must hold what
     /// they held when it was taken).
     pub restore: Option<Restore>,
+    /// Puts the drives' contents in place (a restore's copies of its
+    /// snapshot's disks). The back-end starts it first, on a thread of its
+    /// own, and waits for it only before the VMM opens its drives, so that
+    /// the copy and the VMM process's start overlap.
+    pub fill_drives: Option<FillDrives>,
+}
+
+/// See [`LaunchSpec::fill_drives`]: blocking work.
+#[derive(Clone)]
+pub struct FillDrives(std::sync::Arc<dyn Fn() -> Result<(), VmmError> + Send + Sync>);
+
+impl FillDrives {
+    pub fn new(f: impl Fn() -> Result<(), VmmError> + Send + Sync + 'static) -> Self {
+        FillDrives(std::sync::Arc::new(f))
+    }
+
+    /// Starts the fill of `spec`, if it has one.
+    pub fn start(spec: &LaunchSpec) -> Filling {
+        Filling(
+            spec.fill_drives
+                .clone()
+                .map(|f| tokio::task::spawn_blocking(move || (f.0)())),
+        )
+    }
+}
+
+/// A fill under way: [`Filling::done`] waits for its end. Every path of a
+/// launch waits for it, so that nothing writes to the VM's disks once the
+/// launch has returned.
+pub struct Filling(Option<tokio::task::JoinHandle<Result<(), VmmError>>>);
+
+impl Filling {
+    pub async fn done(self) -> Result<(), VmmError> {
+        match self.0 {
+            Some(h) => h
+                .await
+                .map_err(|e| VmmError::Failed(format!("filling the drives: {e}")))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for FillDrives {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FillDrives")
+    }
 }
 
 /// A snapshot's files: the VMM's device and vCPU state, and the guest's
@@ -281,6 +327,7 @@ mod tests {
             vsock_cid: 3,
             net: None,
             restore: None,
+            fill_drives: None,
         }
     }
 

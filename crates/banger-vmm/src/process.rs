@@ -18,16 +18,30 @@ use std::time::{Duration, Instant};
 /// The environment variable that names the VM a process was started for.
 pub const MARKER_ENV: &str = "BANGER_VM_DIR";
 
-/// Spawns `cmd` detached (own process group, stdio to `log`), marked as belonging
-/// to the VM whose directory is `marker`. Returns its PID.
-pub fn spawn_detached(cmd: &mut tokio::process::Command, log: &Path, marker: &str) -> Result<u32, VmmError> {
+/// Spawns `cmd` detached (own process group, stdout and stderr to `log`,
+/// or stdout to `stdout`, started empty), marked as belonging to the VM
+/// whose directory is `marker`. Returns its PID.
+pub fn spawn_detached(
+    cmd: &mut tokio::process::Command,
+    stdout: Option<&Path>,
+    log: &Path,
+    marker: &str,
+) -> Result<u32, VmmError> {
     cmd.env(MARKER_ENV, marker);
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| VmmError::io(format!("opening {}", log.display()), e))?;
-    let err = out.try_clone().map_err(|e| VmmError::io("dup log fd", e))?;
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| VmmError::io(format!("opening {}", p.display()), e))
+    };
+    let err = open(log)?;
+    let out = match stdout {
+        Some(p) => {
+            std::fs::File::create(p).map_err(|e| VmmError::io(format!("creating {}", p.display()), e))?
+        }
+        None => err.try_clone().map_err(|e| VmmError::io("dup log fd", e))?,
+    };
     cmd.stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -214,7 +228,7 @@ mod tests {
             .unwrap();
         let mut ours = tokio::process::Command::new("sleep");
         ours.arg("30");
-        let pid = spawn_detached(&mut ours, &log, &marker).unwrap();
+        let pid = spawn_detached(&mut ours, None, &log, &marker).unwrap();
         // Its environment is readable as the new program's only once the
         // exec is through, which a loaded machine can delay past the spawn.
         let end = Instant::now() + Duration::from_secs(10);

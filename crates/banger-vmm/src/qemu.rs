@@ -174,6 +174,8 @@ impl Qemu {
             }
         }
 
+        // QEMU opens its drives as it starts.
+        crate::FillDrives::start(spec).done().await?;
         let mut qcmd = tokio::process::Command::new(&self.qemu);
         qcmd.args(self.args(spec, &qmp, &channel, &serial));
         if let Some(fd) = spec.net.as_ref().and_then(|n| n.fd.clone()) {
@@ -191,7 +193,7 @@ impl Qemu {
                 });
             }
         }
-        let qpid = process::spawn_detached(&mut qcmd, &log, &marker)?;
+        let qpid = process::spawn_detached(&mut qcmd, None, &log, &marker)?;
         // The bridge waits for QEMU's chardev socket by itself.
         let mut bcmd = tokio::process::Command::new(&self.bridge);
         bcmd.arg("--serial").arg(&channel).arg("--uds").arg(&uds);
@@ -200,7 +202,7 @@ impl Qemu {
             let _ = std::fs::remove_file(&answer);
             bcmd.arg("--seed").arg(plan).arg("--seeded").arg(answer);
         }
-        let bpid = match process::spawn_detached(&mut bcmd, &log, &marker) {
+        let bpid = match process::spawn_detached(&mut bcmd, None, &log, &marker) {
             Ok(p) => p,
             Err(e) => {
                 process::kill(qpid, &marker).await;

@@ -106,6 +106,7 @@ fn launch_spec() -> LaunchSpec {
             mac: "52:54:00:0a:1b:2c".into(),
         }),
         restore: None,
+        fill_drives: None,
     }
 }
 

@@ -113,6 +113,11 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "bangerd listening");
     router.serve(listener, shutdown).await;
+    // States answered before their sync (a start's `running`) reach the
+    // disk before the daemon goes.
+    if !app.store.wait_synced(std::time::Duration::from_secs(5)) {
+        tracing::warn!("the store's last states may not be on disk");
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("bangerd stopped");
     drop(pid_file);

@@ -237,6 +237,20 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     copied
 }
 
+/// Replaces `dst` with a [`sparse_copy`] of `src`, by a rename: a crash
+/// leaves `dst` whole (old or new) and at most `<dst>.fill`, which the
+/// next copy over it removes first.
+pub fn sparse_copy_over(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let mut name = dst.file_name().unwrap_or_default().to_os_string();
+    name.push(".fill");
+    let tmp = dst.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    sparse_copy(src, &tmp)?;
+    std::fs::rename(&tmp, dst).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// Bytes the files under `p` really use on disk: holes are free, and a
 /// file linked in twice (a jail's hard links to a VM's disks) counts once.
 /// Symlinks are not followed.
@@ -320,5 +334,25 @@ mod sparse_tests {
         // An existing destination is never overwritten.
         assert!(sparse_copy(&src, &dst).is_err());
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    }
+
+    #[test]
+    fn a_copy_over_replaces_the_destination_and_an_unfinished_copy() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("src"), d.path().join("disk.ext4"));
+        std::fs::write(&src, b"the snapshot's disk").unwrap();
+        std::fs::write(&dst, b"what a failed start wrote over it").unwrap();
+        std::fs::write(d.path().join("disk.ext4.fill"), b"a crash's half copy").unwrap();
+        sparse_copy_over(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), b"the snapshot's disk");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        // A source that is gone leaves the destination as it was.
+        std::fs::remove_file(&src).unwrap();
+        assert!(sparse_copy_over(&src, &dst).is_err());
+        assert_eq!(std::fs::read(&dst).unwrap(), b"the snapshot's disk");
     }
 }

@@ -71,7 +71,30 @@ impl VmService {
         // and network identity.
         let hostname = restoring.is_some().then(|| vm.name.clone());
         let net = restoring.is_some().then(|| self.seed_net(&vm)).flatten();
+        if restoring.is_none()
+            && vm.runtime.restore_from.is_some()
+            && !Path::new(&vm.runtime.overlay_path).exists()
+        {
+            let e = RpcError::not_found(format!(
+                "VM {} was never started from its snapshot, which is gone: delete it",
+                vm.name
+            ));
+            return Err(self.fail_start(vm, e).await);
+        }
         if let Some(d) = &restoring {
+            // Its disks become the snapshot's, copied while the VMM
+            // process starts: every start until one succeeds begins from
+            // the snapshot again.
+            let (from_overlay, from_work) = super::snapshot::disks(d);
+            let (overlay, work) = (
+                PathBuf::from(&vm.runtime.overlay_path),
+                PathBuf::from(&vm.runtime.work_disk_path),
+            );
+            spec.fill_drives = Some(banger_vmm::FillDrives::new(move || {
+                crate::sys::sparse_copy_over(&from_overlay, &overlay)
+                    .and_then(|_| crate::sys::sparse_copy_over(&from_work, &work))
+                    .map_err(|e| banger_vmm::VmmError::io("copying the snapshot's disks", e))
+            }));
             // A QEMU guest takes its seed in its channel's handshake, the
             // moment its agent is back: a round trip fewer than a call.
             let seed = match VmmKind::parse(&vm.spec.vmm) {
@@ -141,7 +164,7 @@ impl VmService {
         }
         vm.runtime.state = VmState::Running;
         vm.runtime.restore_from = None;
-        self.save(&vm)?;
+        self.save_sync_soon(&vm)?;
         tracing::info!(vm = %vm.name, "vm running");
         // Without a network there is no ssh to set up.
         if vm.runtime.guest_ip.is_none() {

@@ -33,9 +33,9 @@ pub(super) struct Making {
     pub start: bool,
     /// A warm-pool VM.
     pub pooled: bool,
-    /// A VM restored from a snapshot: its disks are copies of the
+    /// A VM restored from a snapshot: its disks are to be copies of the
     /// snapshot's, over the base they were made on, and its first start
-    /// loads the snapshot instead of booting.
+    /// copies them and loads the snapshot instead of booting.
     pub restore: Option<FromSnapshot>,
 }
 
@@ -216,22 +216,13 @@ impl VmService {
                 Path::new(&vm.runtime.overlay_path),
                 Path::new(&vm.runtime.work_disk_path),
             );
-            match &making.restore {
-                Some(r) => {
-                    let (from_overlay, from_work) = super::snapshot::disks(&r.dir);
-                    tokio::task::block_in_place(|| {
-                        sys::sparse_copy(&from_overlay, overlay)
-                            .and_then(|_| sys::sparse_copy(&from_work, work))
-                    })
-                    .map_err(io("copying the snapshot's disks"))?;
-                }
-                None => {
-                    let templates = self.settings.vms_dir.with_file_name("disk-templates");
-                    sys::make_ext4_from_template(&templates, overlay, OVERLAY_BYTES, "banger-overlay")
-                        .await?;
-                    sys::make_ext4_from_template(&templates, work, vm.spec.work_disk_bytes, "banger-work")
-                        .await?;
-                }
+            // A restore's disks are the snapshot's, copied by its first
+            // start while the VMM process starts (see `start_locked`).
+            if making.restore.is_none() {
+                let templates = self.settings.vms_dir.with_file_name("disk-templates");
+                sys::make_ext4_from_template(&templates, overlay, OVERLAY_BYTES, "banger-overlay").await?;
+                sys::make_ext4_from_template(&templates, work, vm.spec.work_disk_bytes, "banger-work")
+                    .await?;
             }
             cancelled()?;
             Ok::<_, RpcError>(())

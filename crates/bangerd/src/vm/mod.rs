@@ -206,6 +206,16 @@ impl VmService {
             .map_err(store_err)
     }
 
+    /// Saves the state that ends a start (`running`), synced right after
+    /// the answer instead of before it (see
+    /// `Store::update_vm_runtime_sync_soon`): a power loss ends every VM,
+    /// so a `running` only matters to a daemon that outlives it.
+    fn save_sync_soon(&self, vm: &VmRecord) -> Result<(), RpcError> {
+        self.store
+            .update_vm_runtime_sync_soon(&vm.id, &vm.runtime)
+            .map_err(store_err)
+    }
+
     fn cached(&self, id: &str) -> Option<VmHandles> {
         self.handles.locked().get(id).cloned()
     }

@@ -21,6 +21,13 @@ impl VmService {
                 vm.name
             )));
         }
+        if vm.runtime.restore_from.is_some() {
+            // Its disks and machine are the snapshot's until it first runs.
+            return Err(RpcError::bad_request(format!(
+                "{} has not yet been started from its snapshot: start it first (banger vm start {})",
+                vm.name, vm.name
+            )));
+        }
         let new = spec::resized(&vm.spec, &p)?;
         if new.work_disk_bytes > vm.spec.work_disk_bytes {
             grow(Path::new(&vm.runtime.work_disk_path), new.work_disk_bytes).await?;

@@ -120,6 +120,7 @@ impl VmService {
             vsock_cid: vm.runtime.vsock_cid,
             net: None,
             restore: None,
+            fill_drives: None,
         })
     }
 
