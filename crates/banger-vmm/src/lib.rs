@@ -11,6 +11,7 @@
 
 pub mod firecracker;
 pub mod jailer;
+pub mod listening;
 pub mod pause;
 pub mod process;
 pub mod qemu;
