@@ -9,7 +9,7 @@
 use crate::{process, LaunchFuture, LaunchSpec, Launched, Vmm, VmmError, VmmKind};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -530,20 +530,28 @@ impl Firecracker {
         // The guest's console is Firecracker's standard output: the serial
         // log, without a `PUT /serial` round trip.
         let pid = process::spawn_detached(&mut cmd, Some(&host.serial), &vmm_log, &marker)?;
-        // The child just started is simply watched: a jailer is
-        // recognised as the VM's only once in its jail, and a process
-        // caught in its exec shows no marker yet.
-        let listening =
-            crate::listening::until_listening(&host.api, Duration::from_secs(10), || process::running(pid))
-                .await;
-        if let Err(e) = listening {
-            process::kill(pid, &marker).await;
-            crate::jailer::cleanup(dir).await;
-            let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
-            return Err(VmmError::Failed(format!(
-                "firecracker did not open its API socket ({e}): {}",
-                log.trim()
-            )));
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut poll = Duration::from_micros(250);
+        loop {
+            if UnixStream::connect(&host.api).await.is_ok() {
+                break;
+            }
+            // The child just started is simply watched: a jailer is
+            // recognised as the VM's only once in its jail, and a process
+            // caught in its exec shows no marker yet.
+            if !process::running(pid) || Instant::now() > end {
+                process::kill(pid, &marker).await;
+                crate::jailer::cleanup(dir).await;
+                let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+                return Err(VmmError::Failed(format!(
+                    "firecracker did not open its API socket: {}",
+                    log.trim()
+                )));
+            }
+            // Firecracker opens its socket about 1-2 ms after its start:
+            // polled finely at first, so the start is not rounded up.
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(2));
         }
         Ok((pid, host, inside, jailed))
     }

@@ -11,7 +11,6 @@
 
 pub mod firecracker;
 pub mod jailer;
-pub mod listening;
 pub mod pause;
 pub mod process;
 pub mod qemu;
