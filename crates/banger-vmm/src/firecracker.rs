@@ -344,6 +344,24 @@ pub async fn request(
     ApiConn::connect(sock).await?.send(method, path, body).await
 }
 
+/// A Firecracker process about to be started: its files on the host and
+/// as it names them (the same, or inside its jail), the spec as it sees
+/// it, and its command.
+struct Prepared {
+    host: Paths,
+    inside: Paths,
+    spec: LaunchSpec,
+    cmd: tokio::process::Command,
+}
+
+/// A Firecracker process whose API socket is up.
+struct Spawned {
+    pid: u32,
+    host: Paths,
+    inside: Paths,
+    spec: LaunchSpec,
+}
+
 pub struct Firecracker {
     pub binary: PathBuf,
     /// Started through the jailer when set.
@@ -425,8 +443,13 @@ impl Firecracker {
         let filling = crate::FillDrives::start(spec);
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
-        let (pid, host, inside, jailed) = self.spawn(spec, filling).await?;
-        if let Err(e) = self.configure(&host.api, &jailed, &inside).await {
+        let Spawned {
+            pid,
+            host,
+            inside,
+            spec: seen,
+        } = self.spawn(spec, filling).await?;
+        if let Err(e) = self.configure(&host.api, &seen, &inside).await {
             process::kill(pid, &marker).await;
             let _ = std::fs::remove_file(&host.api);
             let _ = std::fs::remove_file(&host.vsock);
@@ -444,46 +467,34 @@ impl Firecracker {
     }
 
     /// Starts the process and waits for its API socket; `filling` ends
-    /// before it returns. Returns the PID, Firecracker's files on the host
-    /// and as it names them, and the spec as it sees it.
-    async fn spawn(
-        &self,
-        spec: &LaunchSpec,
-        filling: crate::Filling,
-    ) -> Result<(u32, Paths, Paths, LaunchSpec), VmmError> {
+    /// before it returns.
+    async fn spawn(&self, spec: &LaunchSpec, mut filling: crate::Filling) -> Result<Spawned, VmmError> {
         let dir = &spec.vm_dir;
-        let marker = dir.display().to_string();
         // Firecracker's files as it names them, and where they are on the
         // host: the same in the VM directory, or its jail's root.
         let prepared = match &self.jail {
             None => drive_links(dir, &spec.drives).map(|drives| {
-                let mut cmd = tokio::process::Command::new(&self.binary);
                 let paths = Paths::new(dir);
+                let mut cmd = tokio::process::Command::new(&self.binary);
                 cmd.arg("--api-sock")
                     .arg(&paths.api)
                     .args(log_args(&paths))
                     .current_dir(dir);
-                let own = LaunchSpec {
-                    drives,
-                    ..spec.clone()
-                };
-                (Paths::new(dir), paths, own, cmd)
+                Prepared {
+                    host: Paths::new(dir),
+                    inside: paths,
+                    spec: LaunchSpec {
+                        drives,
+                        ..spec.clone()
+                    },
+                    cmd,
+                }
             }),
-            Some(jail) => {
-                // The jail links the drives: they are filled first.
-                filling.done().await?;
-                let layout = crate::jailer::layout(dir, &self.binary)?;
-                let uid = jail.uid(spec.vsock_cid);
-                let jailed = crate::jailer::prepare(spec, &self.binary, &layout, uid)?;
-                let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-                let cmd = crate::jailer::command(jail, &self.binary, &layout, uid, spec.memory_mib, netns);
-                return self
-                    .spawn_prepared(
-                        dir,
-                        (Paths::new(&layout.root), Paths::new(Path::new("/")), jailed, cmd),
-                    )
-                    .await;
-            }
+            // The jail links the drives: they are filled first.
+            Some(jail) => match filling.done().await {
+                Ok(()) => self.prepare_jailed(spec, jail),
+                Err(e) => Err(e),
+            },
         };
         let spawned = match prepared {
             Ok(p) => self.spawn_prepared(dir, p).await,
@@ -494,20 +505,40 @@ impl Firecracker {
         let filled = filling.done().await;
         match (spawned, filled) {
             (Ok(s), Ok(())) => Ok(s),
-            (Ok((pid, ..)), Err(e)) => {
-                process::kill(pid, &marker).await;
+            (Ok(s), Err(e)) => {
+                process::kill(s.pid, &dir.display().to_string()).await;
                 Err(e)
             }
             (Err(e), _) => Err(e),
         }
     }
 
-    /// [`Self::spawn`] once the command is made.
-    async fn spawn_prepared(
+    /// The jail for `spec` (its files linked in), and the jailer's command.
+    fn prepare_jailed(
         &self,
-        dir: &Path,
-        (host, inside, jailed, mut cmd): (Paths, Paths, LaunchSpec, tokio::process::Command),
-    ) -> Result<(u32, Paths, Paths, LaunchSpec), VmmError> {
+        spec: &LaunchSpec,
+        jail: &crate::jailer::JailConfig,
+    ) -> Result<Prepared, VmmError> {
+        let layout = crate::jailer::layout(&spec.vm_dir, &self.binary)?;
+        let uid = jail.uid(spec.vsock_cid);
+        let jailed = crate::jailer::prepare(spec, &self.binary, &layout, uid)?;
+        let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
+        Ok(Prepared {
+            host: Paths::new(&layout.root),
+            inside: Paths::new(Path::new("/")),
+            spec: jailed,
+            cmd: crate::jailer::command(jail, &self.binary, &layout, uid, spec.memory_mib, netns),
+        })
+    }
+
+    /// [`Self::spawn`] once the command is made.
+    async fn spawn_prepared(&self, dir: &Path, p: Prepared) -> Result<Spawned, VmmError> {
+        let Prepared {
+            host,
+            inside,
+            spec,
+            mut cmd,
+        } = p;
         let marker = dir.display().to_string();
         // Firecracker leaves its sockets behind when it exits, and refuses
         // to start over a stale one.
@@ -553,6 +584,11 @@ impl Firecracker {
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(Duration::from_millis(2));
         }
-        Ok((pid, host, inside, jailed))
+        Ok(Spawned {
+            pid,
+            host,
+            inside,
+            spec,
+        })
     }
 }

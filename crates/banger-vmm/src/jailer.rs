@@ -219,8 +219,9 @@ pub fn prepare(
             seed: None,
         });
     }
-    // Firecracker's own files, made here so they are the VM uid's.
-    for f in ["firecracker.log", "metrics.json", "serial.log"] {
+    // Firecracker's own files, made here so they are the VM uid's (its
+    // console is its standard output, which the daemon opens).
+    for f in ["firecracker.log", "metrics.json"] {
         let p = layout.root.join(f);
         std::fs::File::create(&p).map_err(io(format!("creating {}", p.display())))?;
         chown(&p, uid)?;

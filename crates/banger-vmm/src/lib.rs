@@ -104,8 +104,9 @@ impl FillDrives {
 pub struct Filling(Option<tokio::task::JoinHandle<Result<(), VmmError>>>);
 
 impl Filling {
-    pub async fn done(self) -> Result<(), VmmError> {
-        match self.0 {
+    /// The fill's outcome, the first time; `Ok` once it was taken.
+    pub async fn done(&mut self) -> Result<(), VmmError> {
+        match self.0.take() {
             Some(h) => h
                 .await
                 .map_err(|e| VmmError::Failed(format!("filling the drives: {e}")))?,

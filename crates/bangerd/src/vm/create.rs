@@ -212,13 +212,13 @@ impl VmService {
             op.stage("disks");
             let dir = Path::new(&vm.runtime.vm_dir);
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-            let (overlay, work) = (
-                Path::new(&vm.runtime.overlay_path),
-                Path::new(&vm.runtime.work_disk_path),
-            );
             // A restore's disks are the snapshot's, copied by its first
             // start while the VMM process starts (see `start_locked`).
             if making.restore.is_none() {
+                let (overlay, work) = (
+                    Path::new(&vm.runtime.overlay_path),
+                    Path::new(&vm.runtime.work_disk_path),
+                );
                 let templates = self.settings.vms_dir.with_file_name("disk-templates");
                 sys::make_ext4_from_template(&templates, overlay, OVERLAY_BYTES, "banger-overlay").await?;
                 sys::make_ext4_from_template(&templates, work, vm.spec.work_disk_bytes, "banger-work")
