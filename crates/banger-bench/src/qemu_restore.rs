@@ -107,6 +107,7 @@ async fn raw_restore(
             seed: None,
         }),
         fill_drives: None,
+        prestarted: None,
     };
     let qemu = banger_vmm::qemu::Qemu {
         qemu: "qemu-system-x86_64".into(),

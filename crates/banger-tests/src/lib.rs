@@ -171,13 +171,39 @@ impl Env {
     /// Processes that belong to this environment's VMs: those that name
     /// the VM directory, and jailed VMMs (`--id <vm id>`, their only trace:
     /// the jailer clears their environment and they name nothing outside
-    /// the jail).
+    /// the jail). Not the spare Firecracker, which is no VM's yet.
     pub fn vm_processes(&self) -> Vec<u32> {
+        let spares = self.spare_processes();
         let mut pids = processes_mentioning(&self.vms_dir().display().to_string());
         for e in std::fs::read_dir(self.vms_dir()).into_iter().flatten().flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             pids.extend(processes_mentioning(&format!("--id\u{0}{id}\u{0}")));
         }
+        pids.retain(|p| !spares.contains(p));
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// The directories of spare Firecrackers: made for a VM that has not
+    /// taken them yet (they hold a `spare` file).
+    pub fn spare_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.vms_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|d| d.join("spare").is_file())
+            .collect()
+    }
+
+    /// The processes of [`Env::spare_dirs`].
+    pub fn spare_processes(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .spare_dirs()
+            .iter()
+            .flat_map(|d| processes_mentioning(&format!("{}/", d.display())))
+            .collect();
         pids.sort_unstable();
         pids.dedup();
         pids

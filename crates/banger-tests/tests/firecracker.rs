@@ -630,11 +630,18 @@ fn a_daemon_killed_mid_snapshot_or_restore_leaves_a_whole_state() {
         (fc_api_get(&api, "/")["state"] == "Running").then_some(())
     });
 
-    // Mid-restore: once the new VM is in the store.
+    // Mid-restore: once the new VM is in the store (its directory is no
+    // longer a spare's).
     ok(&["vm", "snapshot", "src", "--name", "s3"]);
     let mut restore = background(&["vm", "restore", "s3", "--name", "r3"]);
     wait_for("the restore to begin", Duration::from_secs(20), || {
-        env.vms_dir().read_dir().ok()?.count().gt(&1).then_some(())
+        let spares = env.spare_dirs();
+        let vm_dirs = env.vms_dir().read_dir().ok()?.flatten();
+        vm_dirs
+            .filter(|e| !spares.contains(&e.path()))
+            .count()
+            .gt(&1)
+            .then_some(())
     });
     env.kill_daemon();
     let _ = restore.wait();
@@ -681,4 +688,164 @@ fn a_daemon_killed_mid_snapshot_or_restore_leaves_a_whole_state() {
         .flatten()
         .collect();
     assert!(left.is_empty(), "snapshot files left: {left:?}");
+}
+
+/// The one spare Firecracker of a daemon, once it is up: its PID and
+/// directory.
+fn one_spare(env: &Env) -> (u64, PathBuf) {
+    wait_for("a spare Firecracker", Duration::from_secs(20), || {
+        let (dirs, pids) = (env.spare_dirs(), env.spare_processes());
+        // Up: its API socket is there.
+        (dirs.len() == 1 && pids.len() == 1 && dirs[0].join("firecracker.sock").exists())
+            .then(|| (pids[0] as u64, dirs[0].clone()))
+    })
+}
+
+/// Byte for byte, holes read as zeros.
+fn same_bytes(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// A daemon whose back-end is Firecracker keeps one Firecracker started
+/// ahead of need. The next VM that starts takes that very process (its PID
+/// is the VM's), a restore takes one that holds the snapshot's disks
+/// already, as copies of its own. A daemon killed with a spare waiting
+/// leaves nothing once it is back, and a daemon that stops takes its spare
+/// with it.
+#[test]
+#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
+fn the_spare_firecracker_is_taken_by_the_next_start_and_never_leaks() {
+    let env = with_tiny_image(false, fc_ok);
+    let ok = |args: &[&str]| fc_ok(&env, args);
+
+    let (spare, spare_dir) = one_spare(&env);
+    ok(&tiny_create("src"));
+    let src = show(&env, "src");
+    assert_eq!(
+        src["pid"].as_u64(),
+        Some(spare),
+        "the new VM did not take the spare: {src}"
+    );
+    assert_eq!(src["vm_dir"].as_str(), spare_dir.to_str());
+    assert!(
+        !spare_dir.join("spare").exists(),
+        "the VM's directory is still marked a spare's"
+    );
+
+    // A restore from a snapshot: the spare then made holds its disks.
+    ok(&["vm", "snapshot", "src", "--name", "s1"]);
+    let snap = env
+        .home()
+        .join("snapshots")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let (spare, _) = one_spare(&env);
+    ok(&["vm", "restore", "s1", "--name", "r1"]);
+    assert_eq!(show(&env, "r1")["pid"].as_u64(), Some(spare));
+    let (spare, spare_dir) = one_spare(&env);
+    wait_for(
+        "the spare to hold the snapshot's disks",
+        Duration::from_secs(20),
+        || {
+            env.daemon_records()
+                .iter()
+                .any(|r| {
+                    r["message"] == "spare Firecracker ready"
+                        && r["pid"].as_u64() == Some(spare)
+                        && r["disks_of"]
+                            .as_str()
+                            .is_some_and(|d| d.contains(&*snap.to_string_lossy()))
+                })
+                .then_some(())
+        },
+    );
+    ok(&["vm", "restore", "s1", "--name", "r2"]);
+    let r2 = show(&env, "r2");
+    assert_eq!(r2["pid"].as_u64(), Some(spare));
+    let r1_dir = PathBuf::from(show(&env, "r1")["vm_dir"].as_str().unwrap());
+    use std::os::unix::fs::MetadataExt;
+    for disk in ["overlay.ext4", "work.ext4"] {
+        let mine = spare_dir.join(disk);
+        assert!(
+            same_bytes(&snap.join(disk), &mine),
+            "{disk} is not the snapshot's"
+        );
+        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+        assert_ne!(
+            ino(&mine),
+            ino(&snap.join(disk)),
+            "{disk} is the snapshot's own file"
+        );
+        assert_ne!(ino(&mine), ino(&r1_dir.join(disk)), "{disk} is shared with r1");
+    }
+    for name in ["r1", "r2", "src"] {
+        let v = show(&env, name);
+        let said = vsock_echo(
+            &PathBuf::from(v["vm_dir"].as_str().unwrap()).join("vsock.sock"),
+            name,
+        );
+        assert!(
+            said.contains(&format!("echo:{name}")),
+            "{name} does not answer: {said:?}"
+        );
+    }
+
+    // kill -9 with a spare waiting: back, the old spare is gone with its
+    // directory, a new one is up, and the VMs are adopted.
+    let (old, old_dir) = one_spare(&env);
+    env.kill_daemon();
+    assert_eq!(show(&env, "r2")["state"], "running");
+    let (new, _) = one_spare(&env);
+    assert_ne!(new, old);
+    assert!(!old_dir.exists(), "the last daemon's spare directory is left");
+    assert!(
+        !banger_tests::processes_mentioning(&format!("{}/", old_dir.display())).contains(&(old as u32)),
+        "the last daemon's spare Firecracker still runs"
+    );
+
+    // Every VM gone: only the spare runs. The daemon stopped: nothing.
+    for name in ["r1", "r2", "src"] {
+        ok(&["vm", "delete", name]);
+    }
+    ok(&["snapshot", "rm", "s1"]);
+    wait_for("the VMs' processes to end", Duration::from_secs(20), || {
+        env.vm_processes().is_empty().then_some(())
+    });
+    assert_eq!(env.spare_processes().len(), 1);
+    ok(&["daemon", "stop"]);
+    wait_for("the daemon to stop", Duration::from_secs(20), || {
+        // SAFETY: signal 0 only probes.
+        env.daemon_pid()
+            .is_none_or(|p| unsafe { libc::kill(p as i32, 0) } != 0)
+            .then_some(())
+    });
+    let left = banger_tests::processes_mentioning(&env.vms_dir().display().to_string());
+    assert!(left.is_empty(), "processes left by a stopped daemon: {left:?}");
+    let dirs: Vec<_> = env
+        .vms_dir()
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(dirs.is_empty(), "directories left by a stopped daemon: {dirs:?}");
 }

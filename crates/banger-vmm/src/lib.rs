@@ -77,6 +77,13 @@ pub struct LaunchSpec {
     /// own, and waits for it only before the VMM opens its drives, so that
     /// the copy and the VMM process's start overlap.
     pub fill_drives: Option<FillDrives>,
+    /// A Firecracker started ahead of need in `vm_dir`
+    /// ([`firecracker::Firecracker::prestart`]), by PID: the launch
+    /// configures it instead of starting one, or starts one if it is gone.
+    /// Handed over: a launch that fails kills it. Firecracker without a
+    /// jail only (a jail is made for its VM): others kill it and start
+    /// their own.
+    pub prestarted: Option<u32>,
 }
 
 /// See [`LaunchSpec::fill_drives`]: blocking work.
@@ -329,6 +336,7 @@ mod tests {
             net: None,
             restore: None,
             fill_drives: None,
+            prestarted: None,
         }
     }
 

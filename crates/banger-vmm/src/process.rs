@@ -187,6 +187,13 @@ pub async fn terminate(pid: u32, marker: &str, grace: Duration) {
     kill(pid, marker).await;
 }
 
+/// SIGKILL, without waiting for the process to disappear.
+pub fn kill_now(pid: u32, marker: &str) {
+    if alive(pid, marker) {
+        signal(pid, libc::SIGKILL);
+    }
+}
+
 /// SIGKILL and wait (bounded) for the process to disappear.
 pub async fn kill(pid: u32, marker: &str) {
     if alive(pid, marker) {

@@ -160,6 +160,9 @@ impl Qemu {
     async fn start(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         let dir = &spec.vm_dir;
         let marker = dir.display().to_string();
+        if let Some(pid) = spec.prestarted {
+            process::kill(pid, &marker).await;
+        }
         let channel = dir.join("agent.serial");
         let uds = dir.join("vsock.sock");
         let qmp = dir.join("qmp.sock");

@@ -107,6 +107,7 @@ fn launch_spec() -> LaunchSpec {
         }),
         restore: None,
         fill_drives: None,
+        prestarted: None,
     }
 }
 

@@ -89,6 +89,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             Ok(())
         }
     });
+    // A Firecracker process started ahead of the next VM's start (after
+    // reconcile, which removed the one a killed daemon left).
+    // Not supervised: it must end with the daemon, its spare stopped.
+    let spare_keeper = app
+        .vms
+        .spare_wanted()
+        .then(|| tokio::spawn(app.vms.clone().spare_keeper(shutdown.clone())));
     let watcher = app.clone();
     let watch_stop = shutdown.clone();
     supervise("vm watcher", shutdown.clone(), move || {
@@ -113,6 +120,16 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "bangerd listening");
     router.serve(listener, shutdown).await;
+    if let Some(k) = spare_keeper {
+        // A spare being started is finished, then stopped (its wait for
+        // the API socket is bounded).
+        if tokio::time::timeout(std::time::Duration::from_secs(15), k)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the spare Firecracker may still run");
+        }
+    }
     // States answered before their sync (a start's `running`) reach the
     // disk before the daemon goes.
     if !app.store.wait_synced(std::time::Duration::from_secs(5)) {

@@ -85,14 +85,15 @@ impl VmService {
             // Its disks become the snapshot's, copied while the VMM
             // process starts: every start until one succeeds begins from
             // the snapshot again.
-            let (from_overlay, from_work) = super::snapshot::disks(d);
-            let (overlay, work) = (
-                PathBuf::from(&vm.runtime.overlay_path),
-                PathBuf::from(&vm.runtime.work_disk_path),
+            let (snap, disks) = (
+                d.clone(),
+                (
+                    PathBuf::from(&vm.runtime.overlay_path),
+                    PathBuf::from(&vm.runtime.work_disk_path),
+                ),
             );
             spec.fill_drives = Some(banger_vmm::FillDrives::new(move || {
-                crate::sys::sparse_copy_over(&from_overlay, &overlay)
-                    .and_then(|_| crate::sys::sparse_copy_over(&from_work, &work))
+                super::spare::copy_disks(&snap, &disks)
                     .map_err(|e| banger_vmm::VmmError::io("copying the snapshot's disks", e))
             }));
             // A QEMU guest takes its seed in its channel's handshake, the
@@ -119,14 +120,20 @@ impl VmService {
         if let Err(e) = self.save_intent(&vm) {
             return Err(self.fail_start(vm, e).await);
         }
+        // A new VM's spare VMM process, if it took one (see `spare`), and
+        // perhaps its restore's disks, copied already.
+        let mut first = spec.clone();
+        if let Some(h) = self.spare_for_launch(&vm.id) {
+            first.prestarted = Some(h.pid);
+            if h.disks_filled && restoring.is_some() {
+                first.fill_drives = None;
+            }
+        }
         // A guest that boots but never answers on vsock (seen, rarely, with
         // the userspace vsock backend under load) gets one fresh boot.
         // `agent`: the connection that found the guest's agent up, which
         // the seed call then uses (a round trip fewer).
-        let (launched, agent) = match self
-            .boot_once(&mut vm, &op, spec.clone(), FIRST_BOOT_DEADLINE)
-            .await
-        {
+        let (launched, agent) = match self.boot_once(&mut vm, &op, first, FIRST_BOOT_DEADLINE).await {
             Ok(l) => l,
             Err((e, true)) => {
                 tracing::warn!(vm = %vm.name, error = %e.message, "the guest did not answer; booting it once more");
@@ -347,6 +354,7 @@ impl VmService {
     }
 
     async fn fail_start(&self, mut vm: VmRecord, e: RpcError) -> RpcError {
+        self.spare_release(&vm).await;
         vm.runtime.state = VmState::Stopped;
         vm.runtime.last_error = Some(e.message.clone());
         let _ = self.save(&vm);

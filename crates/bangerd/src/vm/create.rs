@@ -171,7 +171,17 @@ impl VmService {
                 )));
             }
             let cid = alloc::next_cid(all.iter().map(|v| v.runtime.vsock_cid));
-            let id = alloc::vm_id(kernel::rand_u32(), kernel::rand_u32());
+            // A VM that starts at once takes the spare VMM process, and
+            // with it the id its directory was made for.
+            let spare = if making.start || making.restore.is_some() {
+                self.spare_take(&spec.vmm, making.restore.as_ref().map(|r| r.dir.as_path()))
+            } else {
+                None
+            };
+            let id = match &spare {
+                Some(s) => s.id.clone(),
+                None => alloc::vm_id(kernel::rand_u32(), kernel::rand_u32()),
+            };
             let dir = self.settings.vms_dir.join(&id);
             let (guest_ip, tap) = if spec.netns.is_some() {
                 // The engine's address, learnt when the link is made.
@@ -202,7 +212,15 @@ impl VmService {
             };
             // Every creation ends with a synced write (its `stopped`, or a
             // start's `running`), which syncs this one too.
-            self.store.insert_vm_intent(&vm).map_err(store_err)?;
+            let inserted = self.store.insert_vm_intent(&vm).map_err(store_err);
+            if let Some(s) = spare {
+                match &inserted {
+                    Ok(()) => self.spare_handed_over(s, &dir),
+                    // Still nobody's, and still marked so.
+                    Err(_) => self.spare_put_back(s),
+                }
+            }
+            inserted?;
             vm
         };
         tracing::info!(vm = %vm.name, id = %vm.id, image = %image.name, "vm allocated");
@@ -229,7 +247,7 @@ impl VmService {
         }
         .await;
         if let Err(e) = made {
-            self.discard(&vm);
+            self.discard(&vm).await;
             return Err(e);
         }
         let mut vm = vm;
@@ -245,14 +263,18 @@ impl VmService {
             op.stage("boot");
             let lock = self.lock_for(&vm.id);
             let _g = lock.lock().await;
-            vm = self.start_locked(vm).await?;
+            let started = self.start_locked(vm).await;
+            self.spare_refill();
+            vm = started?;
         }
         op.stage("ready");
         Ok(vm)
     }
 
-    /// Removes a VM that never finished creating: directory and row.
-    pub(super) fn discard(&self, vm: &VmRecord) {
+    /// Removes a VM that never finished creating: the spare process it
+    /// took, directory and row.
+    pub(super) async fn discard(&self, vm: &VmRecord) {
+        self.spare_release(vm).await;
         if !vm.runtime.vm_dir.is_empty() {
             let _ = std::fs::remove_dir_all(&vm.runtime.vm_dir);
         }

@@ -15,7 +15,8 @@
 //! - `query`: read-only views (info, list, logs, DNS);
 //! - `observe`: read-only views from inside a guest (ports, stats), with
 //!   the agent's reply checked as hostile input;
-//! - `console`: the console log's budget and its tail.
+//! - `console`: the console log's budget and its tail;
+//! - `spare`: a Firecracker process started ahead of the next start.
 //!
 //! Locking: a per-VM async mutex is held for a whole lifecycle operation, so
 //! operations on one VM are serialised while different VMs proceed in
@@ -43,6 +44,7 @@ mod query;
 mod reconcile;
 mod resize;
 mod snapshot;
+mod spare;
 mod stop;
 mod teardown;
 mod vmm;
@@ -119,6 +121,8 @@ pub struct VmService {
     pool_base_failures: std::sync::atomic::AtomicU32,
     /// Pool VMs whose vCPUs this daemon paused while they wait.
     pool_frozen: Mutex<std::collections::HashSet<String>>,
+    /// A Firecracker started ahead of the next VM's start.
+    spares: spare::Spares,
 }
 
 impl VmService {
@@ -150,6 +154,7 @@ impl VmService {
             pool_paused: Default::default(),
             pool_base_failures: Default::default(),
             pool_frozen: Mutex::new(Default::default()),
+            spares: Default::default(),
         }
     }
 

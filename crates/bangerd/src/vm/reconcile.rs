@@ -74,7 +74,7 @@ impl VmService {
                 Recovery::Discard => {
                     tracing::warn!(vm = %vm.name, "reconcile: removing a VM whose creation was interrupted");
                     self.teardown(&vm, handles::read(&dir).as_ref()).await;
-                    self.discard(&vm);
+                    self.discard(&vm).await;
                     cleaned += 1;
                 }
                 Recovery::AdoptOrCleanUp => match handles::read(&dir) {
@@ -144,7 +144,7 @@ impl VmService {
             }
         }
         self.sweep_guest_rules().await;
-        self.sweep_vm_dirs();
+        self.sweep_vm_dirs().await;
         tracing::info!(adopted, cleaned, "reconcile finished");
     }
 
@@ -152,8 +152,9 @@ impl VmService {
     /// record never reached the disk (a power loss before its end; see
     /// `Store::insert_vm_intent`). A record is written before its
     /// directory, so one looked up after the directory was seen is there
-    /// if the VM is; a directory a process still names is left alone.
-    fn sweep_vm_dirs(&self) {
+    /// if the VM is; a directory a process still names is left alone,
+    /// unless it is a spare's (see `spare`), whose process goes with it.
+    async fn sweep_vm_dirs(&self) {
         for e in std::fs::read_dir(&self.settings.vms_dir)
             .into_iter()
             .flatten()
@@ -162,6 +163,11 @@ impl VmService {
             let dir = e.path();
             let id = e.file_name().to_string_lossy().into_owned();
             if !dir.is_dir() || !matches!(self.store.get_vm(&id), Ok(None)) {
+                continue;
+            }
+            if super::spare::is_spare_dir(&dir) {
+                tracing::info!(dir = %dir.display(), "removing the spare Firecracker of the last daemon");
+                super::spare::remove_spare_dir(dir).await;
                 continue;
             }
             if !process::find_by_marker(&dir.display().to_string()).is_empty() {

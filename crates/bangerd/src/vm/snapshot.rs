@@ -388,7 +388,9 @@ impl VmService {
         op.stage("restore");
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
-        match self.start_locked(vm.clone()).await {
+        let started = self.start_locked(vm.clone()).await;
+        self.spare_refill();
+        match started {
             Ok(vm) => {
                 // Off the answer's path: it only orders the budget's
                 // evictions, and a lost one is harmless.

@@ -121,6 +121,7 @@ impl VmService {
             net: None,
             restore: None,
             fill_drives: None,
+            prestarted: None,
         })
     }
 
