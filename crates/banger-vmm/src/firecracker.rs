@@ -606,13 +606,7 @@ impl Firecracker {
         for f in [&host.api, &host.vsock] {
             let _ = std::fs::remove_file(f);
         }
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        crate::vsock::remove_port_sockets(dir);
         if self.jail.is_none() {
             for f in [&host.log, &host.metrics] {
                 std::fs::File::create(f).map_err(|e| VmmError::io(format!("creating {}", f.display()), e))?;

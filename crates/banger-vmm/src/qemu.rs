@@ -169,13 +169,7 @@ impl Qemu {
         let serial = dir.join("serial.log");
         let log = dir.join("vmm.log");
         remove_stale(&[&channel, &uds, &qmp, &serial]);
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        crate::vsock::remove_port_sockets(dir);
 
         // QEMU opens its drives as it starts.
         crate::FillDrives::start(spec).done().await?;

@@ -19,6 +19,17 @@ pub enum VsockError {
     Timeout { port: u32, secs: u64, last: String },
 }
 
+/// Removes the sockets of guest-initiated connections in the VM directory
+/// `dir` (`vsock.sock_<port>`, see [`crate::Launched::vsock_uds`]): a VMM
+/// leaves them behind, and a listener cannot bind over a stale one.
+pub fn remove_port_sockets(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// One connection attempt.
 pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, VsockError> {
     let mut s = UnixStream::connect(uds)

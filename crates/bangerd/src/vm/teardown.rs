@@ -48,13 +48,7 @@ impl VmService {
         ] {
             let _ = std::fs::remove_file(dir.join(f));
         }
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        banger_vmm::vsock::remove_port_sockets(dir);
         // What a jailed Firecracker leaves: its jail and its cgroup.
         banger_vmm::jailer::cleanup(dir).await;
         handles::remove(dir);
