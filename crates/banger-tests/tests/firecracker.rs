@@ -701,6 +701,28 @@ fn one_spare(env: &Env) -> (u64, PathBuf) {
     })
 }
 
+/// The spare once it holds copies of the disks of the snapshot in `snap`.
+fn spare_with_disks_of(env: &Env, snap: &std::path::Path) -> (u64, PathBuf) {
+    let (pid, dir) = one_spare(env);
+    wait_for(
+        "the spare to hold the snapshot's disks",
+        Duration::from_secs(20),
+        || {
+            env.daemon_records()
+                .iter()
+                .any(|r| {
+                    r["message"] == "spare Firecracker ready"
+                        && r["pid"].as_u64() == Some(pid)
+                        && r["disks_of"]
+                            .as_str()
+                            .is_some_and(|d| d.contains(&*snap.to_string_lossy()))
+                })
+                .then_some(())
+        },
+    );
+    (pid, dir)
+}
+
 /// Byte for byte, holes read as zeros.
 fn same_bytes(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::io::Read;
@@ -761,23 +783,7 @@ fn the_spare_firecracker_is_taken_by_the_next_start_and_never_leaks() {
     let (spare, _) = one_spare(&env);
     ok(&["vm", "restore", "s1", "--name", "r1"]);
     assert_eq!(show(&env, "r1")["pid"].as_u64(), Some(spare));
-    let (spare, spare_dir) = one_spare(&env);
-    wait_for(
-        "the spare to hold the snapshot's disks",
-        Duration::from_secs(20),
-        || {
-            env.daemon_records()
-                .iter()
-                .any(|r| {
-                    r["message"] == "spare Firecracker ready"
-                        && r["pid"].as_u64() == Some(spare)
-                        && r["disks_of"]
-                            .as_str()
-                            .is_some_and(|d| d.contains(&*snap.to_string_lossy()))
-                })
-                .then_some(())
-        },
-    );
+    let (spare, spare_dir) = spare_with_disks_of(&env, &snap);
     ok(&["vm", "restore", "s1", "--name", "r2"]);
     let r2 = show(&env, "r2");
     assert_eq!(r2["pid"].as_u64(), Some(spare));
@@ -809,6 +815,17 @@ fn the_spare_firecracker_is_taken_by_the_next_start_and_never_leaks() {
         );
     }
 
+    // The snapshot removed: the spare's copies of its disks go with it.
+    let (_, spare_dir) = spare_with_disks_of(&env, &snap);
+    assert!(spare_dir.join("overlay.ext4").exists());
+    ok(&["snapshot", "rm", "s1"]);
+    for disk in ["overlay.ext4", "work.ext4"] {
+        assert!(
+            !spare_dir.join(disk).exists(),
+            "the spare kept {disk} of a removed snapshot"
+        );
+    }
+
     // kill -9 with a spare waiting: back, the old spare is gone with its
     // directory, a new one is up, and the VMs are adopted.
     let (old, old_dir) = one_spare(&env);
@@ -826,7 +843,6 @@ fn the_spare_firecracker_is_taken_by_the_next_start_and_never_leaks() {
     for name in ["r1", "r2", "src"] {
         ok(&["vm", "delete", name]);
     }
-    ok(&["snapshot", "rm", "s1"]);
     wait_for("the VMs' processes to end", Duration::from_secs(20), || {
         env.vm_processes().is_empty().then_some(())
     });

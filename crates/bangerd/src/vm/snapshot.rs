@@ -114,6 +114,8 @@ impl VmService {
     }
 
     fn remove_snapshot_dir(&self, dir: &Path) {
+        // The spare's copies of its disks go with it.
+        self.spare_forget_snapshot(dir);
         // Only ever a directory banger made for a snapshot.
         if dir.parent() == Some(self.settings.snapshots_dir.as_path()) {
             if let Err(e) = std::fs::remove_dir_all(dir) {

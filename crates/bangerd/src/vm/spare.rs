@@ -121,8 +121,9 @@ impl VmService {
             Err(e) => Err(banger_vmm::VmmError::io(format!("creating {}", dir.display()), e)),
         };
         let copied = match copying {
+            // Not if the snapshot was removed meanwhile.
             Some(c) => match c.await {
-                Ok(Ok(())) => true,
+                Ok(Ok(())) => *self.spares.restored_from.locked() == from,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "the spare holds no disks");
                     false
@@ -182,6 +183,22 @@ impl VmService {
         };
         self.spares.taken.locked().insert(spare.id, handed);
         let _ = std::fs::remove_file(vm_dir.join(SPARE_FILE));
+    }
+
+    /// Drops the spare's copies of the disks of the snapshot in `snap`,
+    /// which is being removed: its space is given back with it.
+    pub(super) fn spare_forget_snapshot(&self, snap: &Path) {
+        {
+            let mut from = self.spares.restored_from.locked();
+            if from.as_deref() == Some(snap) {
+                *from = None;
+            }
+        }
+        let mut ready = self.spares.ready.locked();
+        if let Some(s) = ready.as_mut().filter(|s| s.disks_of.as_deref() == Some(snap)) {
+            remove_disks(&self.settings.vms_dir.join(&s.id));
+            s.disks_of = None;
+        }
     }
 
     /// Returns a spare that a creation took but could not record; if
