@@ -162,3 +162,64 @@ fn reconcile_after_kill_9_runs_under_one_op_id_with_its_helper_calls() {
     assert_eq!(env.vm("rec")["state"], "stopped");
     env.banger_ok(&["vm", "delete", "rec"]);
 }
+
+/// Every other verb of a networked VM's life, each under an id of its own
+/// (handed to the CLI in `BANGER_OP_ID`, as a program driving banger
+/// does): every daemon and helper line the command causes carries that id,
+/// and the helper calls the verb needs are among them. A guarantee shown
+/// for `create` only would say nothing of `stop` or `restore`.
+#[test]
+fn every_lifecycle_verb_carries_its_op_id_into_the_daemon_and_the_helper() {
+    let env = Env::with_image();
+    env.create_small("lv", &[]);
+    // (verb, the helper calls it must make under its id)
+    let steps: [(&[&str], &[&str]); 7] = [
+        (&["vm", "stop", "lv"], &["priv.guest.revoke", "priv.tap.delete"]),
+        (&["vm", "start", "lv"], &["priv.tap.create", "priv.guest.allow"]),
+        (
+            &["vm", "restart", "lv"],
+            &["priv.tap.delete", "priv.tap.create", "priv.guest.allow"],
+        ),
+        (&["vm", "snapshot", "lv", "--name", "lvs"], &[]),
+        (
+            &["vm", "restore", "lvs", "--name", "lv2"],
+            &["priv.tap.create", "priv.guest.allow"],
+        ),
+        (
+            &["vm", "delete", "lv2"],
+            &["priv.guest.revoke", "priv.tap.delete"],
+        ),
+        (&["vm", "delete", "lv"], &["priv.guest.revoke", "priv.tap.delete"]),
+    ];
+    for (i, (args, calls)) in steps.iter().enumerate() {
+        let op = format!("op-0000f{i:05x}");
+        let (d0, h0) = (env.daemon_records().len(), env.helper_records().len());
+        let out = env
+            .cmd("banger")
+            .env("BANGER_OP_ID", &op)
+            .args(*args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "banger {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        all_carry(&format!("daemon ({args:?})"), &env.daemon_records(), d0, &op);
+        let helper = env.helper_records();
+        if calls.is_empty() {
+            let strays: Vec<&Value> = helper[h0..].iter().filter(|l| op_of(l) != Some(&op)).collect();
+            assert!(
+                strays.is_empty(),
+                "helper lines of {args:?} not carrying {op}: {strays:#?}"
+            );
+        } else {
+            all_carry(&format!("helper ({args:?})"), &helper, h0, &op);
+            let called = methods(&helper, h0);
+            for m in *calls {
+                assert!(called.iter().any(|c| c == m), "{args:?}: no {m} in {called:?}");
+            }
+        }
+    }
+    env.banger_ok(&["snapshot", "rm", "lvs"]);
+}
