@@ -865,3 +865,57 @@ fn the_spare_firecracker_is_taken_by_the_next_start_and_never_leaks() {
         .collect();
     assert!(dirs.is_empty(), "directories left by a stopped daemon: {dirs:?}");
 }
+
+/// A creation refused after it took the spare Firecracker (here: every
+/// address of the bridge is taken) gives it back untouched: the next
+/// start takes that very process, and nothing is left of the refused VM.
+#[test]
+#[ignore = "needs a Firecracker binary: set BANGER_TEST_FIRECRACKER and run with --ignored"]
+fn a_refused_creation_leaves_the_spare_to_the_next() {
+    let env = with_tiny_image(true, fc_ok);
+    // One guest address: the bridge's /30 holds the gateway and one more.
+    std::fs::write(
+        env.home().join("config.toml"),
+        "bridge_address = \"172.31.99.1/30\"\n",
+    )
+    .unwrap();
+    fc_ok(&env, &["daemon", "stop"]);
+    wait_for("the daemon to stop", Duration::from_secs(20), || {
+        // SAFETY: signal 0 only probes.
+        env.daemon_pid()
+            .is_none_or(|p| unsafe { libc::kill(p as i32, 0) } != 0)
+            .then_some(())
+    });
+    let networked = |name: &'static str| {
+        vec![
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "tiny",
+            "--vcpus",
+            "1",
+            "--memory",
+            "128",
+            "--disk-size",
+            "64",
+        ]
+    };
+    fc_ok(&env, &networked("n1"));
+    let (spare, spare_dir) = one_spare(&env);
+    let refused = fc(&env, &networked("n2"));
+    assert!(!refused.status.success(), "a second address was handed out");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("free address"), "{err}");
+    let vms: Value = serde_json::from_str(&fc_ok(&env, &["vm", "list", "--json"])).unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    assert_eq!(one_spare(&env), (spare, spare_dir.clone()));
+    // The address free again: the next start takes the same spare.
+    fc_ok(&env, &["vm", "delete", "n1"]);
+    fc_ok(&env, &networked("n3"));
+    let n3 = show(&env, "n3");
+    assert_eq!(n3["pid"].as_u64(), Some(spare), "the spare was lost: {n3}");
+    assert_eq!(n3["vm_dir"].as_str(), spare_dir.to_str());
+    fc_ok(&env, &["vm", "delete", "n3"]);
+}

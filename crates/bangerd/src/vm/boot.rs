@@ -71,10 +71,9 @@ impl VmService {
         // and network identity.
         let hostname = restoring.is_some().then(|| vm.name.clone());
         let net = restoring.is_some().then(|| self.seed_net(&vm)).flatten();
-        if restoring.is_none()
-            && vm.runtime.restore_from.is_some()
-            && !Path::new(&vm.runtime.overlay_path).exists()
-        {
+        // Whatever disks it may hold already (a spare's copies, an earlier
+        // attempt's), a VM made to resume a snapshot never boots cold.
+        if restoring.is_none() && vm.runtime.restore_from.is_some() {
             let e = RpcError::not_found(format!(
                 "VM {} was never started from its snapshot, which is gone: delete it",
                 vm.name

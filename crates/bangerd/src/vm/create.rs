@@ -171,8 +171,15 @@ impl VmService {
                 )));
             }
             let cid = alloc::next_cid(all.iter().map(|v| v.runtime.vsock_cid));
+            // The engine's address (`netns`) is learnt when the link is made.
+            let lease = if spec.network && spec.netns.is_none() {
+                Some(self.network.allocate(&alloc::used_addresses(&all))?)
+            } else {
+                None
+            };
             // A VM that starts at once takes the spare VMM process, and
-            // with it the id its directory was made for.
+            // with it the id its directory was made for: after everything
+            // that can refuse the creation, so a refusal never drops it.
             let spare = if making.start || making.restore.is_some() {
                 self.spare_take(&spec.vmm, making.restore.as_ref().map(|r| r.dir.as_path()))
             } else {
@@ -183,18 +190,8 @@ impl VmService {
                 None => alloc::vm_id(kernel::rand_u32(), kernel::rand_u32()),
             };
             let dir = self.settings.vms_dir.join(&id);
-            let (guest_ip, tap) = if spec.netns.is_some() {
-                // The engine's address, learnt when the link is made.
-                (None, Some(alloc::tap_name(&id)))
-            } else if spec.network {
-                let lease = self.network.allocate(&alloc::used_addresses(&all))?;
-                (
-                    Some(alloc::guest_cidr(lease.ip, lease.prefix)),
-                    Some(alloc::tap_name(&id)),
-                )
-            } else {
-                (None, None)
-            };
+            let guest_ip = lease.map(|l| alloc::guest_cidr(l.ip, l.prefix));
+            let tap = (spec.network || spec.netns.is_some()).then(|| alloc::tap_name(&id));
             let mut runtime = alloc::creating_runtime(&dir, cid, guest_ip, tap);
             runtime.pooled = making.pooled;
             // Pinned: this VM's overlay sits on exactly this file.
@@ -216,8 +213,7 @@ impl VmService {
             if let Some(s) = spare {
                 match &inserted {
                     Ok(()) => self.spare_handed_over(s, &dir),
-                    // Still nobody's, and still marked so.
-                    Err(_) => self.spare_put_back(s),
+                    Err(_) => self.spare_drop(s),
                 }
             }
             inserted?;
@@ -254,10 +250,14 @@ impl VmService {
         vm.runtime.state = VmState::Stopped;
         // A start follows at once (a restore always starts), and its end
         // is the write that must reach the disk.
-        if making.start || making.restore.is_some() {
-            self.save_intent(&vm)?;
+        let saved = if making.start || making.restore.is_some() {
+            self.save_intent(&vm)
         } else {
-            self.save(&vm)?;
+            self.save(&vm)
+        };
+        if let Err(e) = saved {
+            self.discard(&vm).await;
+            return Err(e);
         }
         if making.start {
             op.stage("boot");

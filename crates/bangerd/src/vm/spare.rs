@@ -201,18 +201,14 @@ impl VmService {
         }
     }
 
-    /// Returns a spare that a creation took but could not record; if
-    /// another is ready by now, this one goes.
-    pub(super) fn spare_put_back(&self, spare: Spare) {
-        let mut ready = self.spares.ready.locked();
-        if ready.is_none() {
-            *ready = Some(spare);
-            return;
-        }
-        drop(ready);
+    /// Stops a spare that a creation took but could not record, and asks
+    /// for a new one. Never put back: the keeper may be making the next
+    /// one already, and the ready slot is its alone to fill.
+    pub(super) fn spare_drop(&self, spare: Spare) {
         let dir = self.settings.vms_dir.join(&spare.id);
         process::kill_now(spare.pid, &dir.display().to_string());
         let _ = std::fs::remove_dir_all(&dir);
+        self.spare_refill();
     }
 
     /// What VM `id` took from its spare, for its launch.
