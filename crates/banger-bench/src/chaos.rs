@@ -11,7 +11,9 @@
 //!   socket file;
 //! - no process, tap, NAT rule or VM directory belongs to no VM;
 //! - no guest session is left `starting`, and none of a stopped VM is
-//!   `running` (the catalog settles to what the guest says).
+//!   `running` (the catalog settles to what the guest says);
+//! - every snapshot listed has its directory and every snapshot directory
+//!   is listed: none is left half written (`.tmp`).
 //!
 //! The whole stack runs in a network namespace of its own (the process
 //! unshares one at start), so taps, the bridge and nft rules never touch
@@ -212,6 +214,29 @@ impl Chaos {
                 }
             }
         }
+        let snaps: Value = serde_json::from_str(&self.banger(&["snapshot", "list", "--json"])?)?;
+        let listed: Vec<String> = snaps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["id"].as_str().map(str::to_owned))
+            .collect();
+        let snap_dirs: Vec<String> = std::fs::read_dir(self.home.join("snapshots"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        for d in &snap_dirs {
+            if !listed.contains(d) {
+                v.push(format!("snapshot directory {d} without a snapshot"));
+            }
+        }
+        for id in &listed {
+            if !snap_dirs.contains(id) {
+                v.push(format!("snapshot {id} without its files"));
+            }
+        }
         for line in taps.lines() {
             if let Some(tap) = line
                 .split(':')
@@ -371,12 +396,43 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
     let started = Instant::now();
     for round in 1..=rounds {
         let name = VMS[rng.below(VMS.len() as u64) as usize];
-        let exists = c.vms()?.iter().any(|v| v["name"] == name);
+        let vms = c.vms()?;
+        let exists = vms.iter().any(|v| v["name"] == name);
         let cp_host = c.home.join("chaos-cp");
         let cp_host = cp_host.to_str().unwrap_or_default().to_string();
         let cp_guest = format!("{name}:/root/chaos-cp");
         let cp_out = format!("{name}:/etc/hostname");
         let session = format!("s{}", rng.below(3));
+        // Each VM's snapshot, and the VM restored from it. A snapshot is
+        // taken of a running VM and a restore made from a snapshot that
+        // exists, when there is one: a refusal tests little.
+        let running: Vec<&str> = vms
+            .iter()
+            .filter(|v| v["state"] == "running")
+            .filter_map(|v| v["name"].as_str())
+            .filter(|n| VMS.contains(n))
+            .collect();
+        let snap_of = running
+            .get(rng.below(running.len().max(1) as u64) as usize)
+            .copied()
+            .unwrap_or(name);
+        let snaps: Value = serde_json::from_str(&c.banger(&["snapshot", "list", "--json"])?)?;
+        let taken: Vec<&str> = snaps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["vm"].as_str())
+            .filter(|n| VMS.contains(n))
+            .collect();
+        let from = taken
+            .get(rng.below(taken.len().max(1) as u64) as usize)
+            .copied()
+            .unwrap_or(name);
+        let (new_snap, snap, restored) = (
+            format!("{snap_of}-snap"),
+            format!("{from}-snap"),
+            format!("{from}-r"),
+        );
         let verb: Vec<&str> = if !exists && name == "chaos2" {
             // The pool's spec (the defaults): taken from the pool if ready.
             vec!["vm", "create", "--name", name]
@@ -396,7 +452,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                 nat,
             ]
         } else {
-            match rng.below(14) {
+            match rng.below(18) {
                 0 => vec!["vm", "start", name],
                 1 => vec!["vm", "stop", name],
                 2 => vec!["vm", "restart", name],
@@ -425,6 +481,13 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
                 // The warm pool emptied and refilled under the kills.
                 12 => vec!["pool", "drain"],
                 13 => vec!["pool", "fill"],
+                // Snapshots: taken (refused when the name is taken or the VM
+                // is not running), restored as a new VM, removed, and that
+                // VM deleted again.
+                14 => vec!["vm", "snapshot", snap_of, "--name", &new_snap],
+                15 => vec!["vm", "restore", &snap, "--name", &restored],
+                16 => vec!["snapshot", "rm", &snap],
+                17 => vec!["vm", "delete", &restored],
                 _ => vec!["vm", "start", name],
             }
         };
@@ -436,7 +499,10 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
             _ => Victim::Nobody,
         };
         // Kill points spread over how long the verb usually takes here.
-        let slow = matches!(verb[1], "create" | "start" | "restart" | "drain");
+        let slow = matches!(
+            verb[1],
+            "create" | "start" | "restart" | "drain" | "snapshot" | "restore"
+        );
         let delay = Duration::from_millis(rng.below(if slow { 2000 } else { 400 }));
         let t = Instant::now();
         let mut child = c
@@ -467,17 +533,29 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
             }
             _ => "no kill".into(),
         };
+        // Why a command was refused (or failed), in its own words.
+        let mut said = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut said);
+        }
+        let first = said.lines().next().unwrap_or("");
+        let why: String = first.trim_start_matches("error: ").chars().take(70).collect();
         let ended = match status {
             None => {
                 hung += 1;
                 "HUNG".to_string()
             }
-            Some(st) => format!("exit {}", st.code().map_or("signal".into(), |c| c.to_string())),
+            Some(st) if st.success() => "exit 0".to_string(),
+            Some(st) => format!(
+                "exit {} ({why})",
+                st.code().map_or("signal".into(), |c| c.to_string())
+            ),
         };
         let v = c.check()?;
         violations += v.len();
         println!(
-            "round {round:>3}: {:<40} {what:<34} {ended:<10} {}",
+            "round {round:>3}: {:<40} {what:<34} {ended} {}",
             verb[..verb.len().min(3)].join(" "),
             if v.is_empty() {
                 "ok".to_string()
@@ -490,6 +568,8 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
     let _ = c.banger(&["pool", "drain"]);
     for name in VMS {
         let _ = c.banger(&["vm", "delete", name]);
+        let _ = c.banger(&["vm", "delete", &format!("{name}-r")]);
+        let _ = c.banger(&["snapshot", "rm", &format!("{name}-snap")]);
     }
     let _ = c.banger(&["daemon", "stop"]);
     if let Some(pid) = helper_pid(&c.home.join("helper.sock")) {

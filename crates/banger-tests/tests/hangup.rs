@@ -171,3 +171,63 @@ fn a_client_killed_mid_verb_leaves_a_record_that_matches_reality() {
     assert!(outcomes.iter().any(|(v, a)| *v == "delete" && a == "gone"));
     let _ = env.banger(&["vm", "delete", "hu"]);
 }
+
+/// `vm set --disk-size` grows a stopped VM's work disk (the file, e2fsck,
+/// resize2fs) and writes the spec last. A client killed at any point of it
+/// must not cut it short: an interrupted resize2fs can leave the user's
+/// filesystem broken. After each kill the verb has finished on its own:
+/// the disk is the size the spec says, and its filesystem checks clean.
+#[test]
+fn a_client_killed_mid_vm_set_leaves_the_work_disk_grown_and_whole() {
+    let env = Env::with_image();
+    env.banger_ok(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--no-network",
+        "--name",
+        "hs",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512",
+        "--disk-size",
+        "128",
+    ]);
+    let dir = std::path::PathBuf::from(env.vm("hs")["vm_dir"].as_str().unwrap().to_string());
+    let disk = dir.join("work.ext4");
+    let (mut before, mut grown) = (128u64 << 20, 0);
+    // Kill points spread over the grow's usual duration.
+    for (round, delay) in [4u64, 7, 10, 13, 16, 20, 25, 30].into_iter().enumerate() {
+        let mib = 256 + 128 * round as u64;
+        let mut child = env
+            .cmd("banger")
+            .args(["vm", "set", "hs", "--disk-size", &mib.to_string()])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        settle(&env);
+        let spec = env.vm("hs")["work_disk_bytes"].as_u64().unwrap();
+        let size = std::fs::metadata(&disk).unwrap().len();
+        eprintln!("round {round}: killed after {delay} ms: spec {spec}, file {size}");
+        // Not sent yet (a client killed at once), or finished.
+        assert!(spec == before || spec == mib << 20, "round {round}: spec {spec}");
+        assert_eq!(size, spec, "round {round}: disk and spec disagree");
+        grown += usize::from(spec == mib << 20);
+        before = spec;
+        let fsck = std::process::Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "round {round}: the work disk's filesystem is damaged: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+    }
+    assert!(grown >= 4, "most sets never reached the daemon: {grown} of 8");
+    env.banger_ok(&["vm", "delete", "hs"]);
+}

@@ -174,3 +174,58 @@ fn the_pool_hands_out_booted_vms_refills_and_survives_a_daemon_kill() {
         "taps left"
     );
 }
+
+/// `pool drain` deletes VMs, and a client that hangs up while it does
+/// (Ctrl-C, a dropped connection) must not leave one half deleted: the
+/// drain runs to its end without it. The client is killed the moment a
+/// pool VM shows `deleting`.
+#[test]
+fn a_drain_whose_client_hangs_up_still_deletes_every_pool_vm() {
+    let env = Env::with_image_in_netns();
+    std::fs::write(env.home().join("config.toml"), "warm_pool = { size = 2 }\n").unwrap();
+    env.banger_ok(&["daemon", "stop"]);
+    let list = |env: &Env| -> Vec<Value> {
+        serde_json::from_str::<Value>(&env.banger_ok(&["vm", "list", "--json"]))
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut caught = false;
+    for _ in 0..5 {
+        env.banger_ok(&["pool", "fill", "--wait"]);
+        let mut drain = env.cmd("banger").args(["pool", "drain"]).spawn().unwrap();
+        loop {
+            if list(&env).iter().any(|v| v["state"] == "deleting") {
+                let _ = drain.kill();
+                caught = true;
+                break;
+            }
+            if drain.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        let _ = drain.wait();
+        // Every pool VM goes, the one being deleted when the client went
+        // included, and none is left half deleted.
+        wait_for(
+            "the drain to end without its client",
+            Duration::from_secs(60),
+            || {
+                let vms = list(&env);
+                vms.iter()
+                    .all(|v| !v["name"].as_str().unwrap_or("").starts_with("pool-"))
+                    .then_some(())
+            },
+        );
+        if caught {
+            break;
+        }
+    }
+    assert!(caught, "no drain was ever seen deleting a pool VM");
+    assert!(
+        env.vm_processes().is_empty(),
+        "processes left: {:?}",
+        env.vm_processes()
+    );
+}

@@ -194,7 +194,9 @@ pub fn router(app: &Arc<App>) -> Router {
         .method::<d::VmCreateBegin, _, _>(handler!(app, |ctx, p| app.vms.create_begin(&ctx, p)))
         .method::<d::VmCreateStatusM, _, _>(handler!(app, |_, p| app.vms.create_status(&p.op_id)))
         .method::<d::VmCreateCancel, _, _>(handler!(app, |_, p| app.vms.create_cancel(&p.op_id)))
-        .method::<d::VmSetM, _, _>(handler!(app, |_, p| app.vms.set(p).await))
+        // Grows a disk with e2fsck and resize2fs under the VM's lock: a
+        // hang-up must not release the lock while they still run.
+        .method::<d::VmSetM, _, _>(vm_operation!(app, "vm.set", |vms, _op, p| vms.set(p).await))
         .method::<d::VmSnapshotM, _, _>(vm_operation!(app, "vm.snapshot", |vms, op, p| vms
             .snapshot(&op, p)
             .await))
@@ -214,7 +216,15 @@ pub fn router(app: &Arc<App>) -> Router {
             .map(|_| Empty {})))
         .method::<d::PoolStatusM, _, _>(handler!(app, |_, _| app.vms.pool_status()))
         .method::<d::PoolFillM, _, _>(handler!(app, |_, p| app.vms.pool_fill(p.wait).await))
-        .method::<d::PoolDrainM, _, _>(handler!(app, |ctx, _| app.vms.pool_drain(&ctx.op_id).await))
+        // Deletes VMs: a hang-up must not leave one half deleted.
+        .method::<d::PoolDrainM, _, _>(handler!(app, |ctx, _| {
+            let (vms, op) = (app.vms.clone(), ctx.op_id.clone());
+            app.ops
+                .run(&ctx.op_id, "pool.drain", "warm pool", async move {
+                    vms.pool_drain(&op).await
+                })
+                .await
+        }))
         .method::<d::VmStart, _, _>(vm_operation!(app, "vm.start", |vms, _op, p| vms
             .start(&p.name)
             .await))
