@@ -48,6 +48,11 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+
+    /// One of `items`, if there is any.
+    fn pick<'a>(&mut self, items: &[&'a str]) -> Option<&'a str> {
+        items.get(self.below(items.len().max(1) as u64) as usize).copied()
+    }
 }
 
 struct Chaos {
@@ -412,10 +417,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
             .filter_map(|v| v["name"].as_str())
             .filter(|n| VMS.contains(n))
             .collect();
-        let snap_of = running
-            .get(rng.below(running.len().max(1) as u64) as usize)
-            .copied()
-            .unwrap_or(name);
+        let snap_of = rng.pick(&running).unwrap_or(name);
         let snaps: Value = serde_json::from_str(&c.banger(&["snapshot", "list", "--json"])?)?;
         let taken: Vec<&str> = snaps
             .as_array()
@@ -424,10 +426,7 @@ pub fn run(bin: &Path, home: &Path, rounds: usize, seed: Option<u64>) -> Result<
             .filter_map(|s| s["vm"].as_str())
             .filter(|n| VMS.contains(n))
             .collect();
-        let from = taken
-            .get(rng.below(taken.len().max(1) as u64) as usize)
-            .copied()
-            .unwrap_or(name);
+        let from = rng.pick(&taken).unwrap_or(name);
         let (new_snap, snap, restored) = (
             format!("{snap_of}-snap"),
             format!("{from}-snap"),

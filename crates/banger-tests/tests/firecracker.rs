@@ -690,6 +690,17 @@ fn a_daemon_killed_mid_snapshot_or_restore_leaves_a_whole_state() {
     assert!(left.is_empty(), "snapshot files left: {left:?}");
 }
 
+/// `daemon stop`, until the daemon is gone.
+fn stop_daemon(env: &Env) {
+    fc_ok(env, &["daemon", "stop"]);
+    wait_for("the daemon to stop", Duration::from_secs(20), || {
+        // SAFETY: signal 0 only probes.
+        env.daemon_pid()
+            .is_none_or(|p| unsafe { libc::kill(p as i32, 0) } != 0)
+            .then_some(())
+    });
+}
+
 /// The one spare Firecracker of a daemon, once it is up: its PID and
 /// directory.
 fn one_spare(env: &Env) -> (u64, PathBuf) {
@@ -847,13 +858,7 @@ fn the_spare_firecracker_is_taken_by_the_next_start_and_never_leaks() {
         env.vm_processes().is_empty().then_some(())
     });
     assert_eq!(env.spare_processes().len(), 1);
-    ok(&["daemon", "stop"]);
-    wait_for("the daemon to stop", Duration::from_secs(20), || {
-        // SAFETY: signal 0 only probes.
-        env.daemon_pid()
-            .is_none_or(|p| unsafe { libc::kill(p as i32, 0) } != 0)
-            .then_some(())
-    });
+    stop_daemon(&env);
     let left = banger_tests::processes_mentioning(&env.vms_dir().display().to_string());
     assert!(left.is_empty(), "processes left by a stopped daemon: {left:?}");
     let dirs: Vec<_> = env
@@ -879,28 +884,12 @@ fn a_refused_creation_leaves_the_spare_to_the_next() {
         "bridge_address = \"172.31.99.1/30\"\n",
     )
     .unwrap();
-    fc_ok(&env, &["daemon", "stop"]);
-    wait_for("the daemon to stop", Duration::from_secs(20), || {
-        // SAFETY: signal 0 only probes.
-        env.daemon_pid()
-            .is_none_or(|p| unsafe { libc::kill(p as i32, 0) } != 0)
-            .then_some(())
-    });
-    let networked = |name: &'static str| {
-        vec![
-            "vm",
-            "create",
-            "--name",
-            name,
-            "--image",
-            "tiny",
-            "--vcpus",
-            "1",
-            "--memory",
-            "128",
-            "--disk-size",
-            "64",
-        ]
+    stop_daemon(&env);
+    let networked = |name: &'static str| -> Vec<&str> {
+        tiny_create(name)
+            .into_iter()
+            .filter(|a| *a != "--no-network")
+            .collect()
     };
     fc_ok(&env, &networked("n1"));
     let (spare, spare_dir) = one_spare(&env);

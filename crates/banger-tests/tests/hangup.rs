@@ -180,20 +180,7 @@ fn a_client_killed_mid_verb_leaves_a_record_that_matches_reality() {
 #[test]
 fn a_client_killed_mid_vm_set_leaves_the_work_disk_grown_and_whole() {
     let env = Env::with_image();
-    env.banger_ok(&[
-        "vm",
-        "create",
-        "--no-start",
-        "--no-network",
-        "--name",
-        "hs",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--disk-size",
-        "128",
-    ]);
+    env.create_small("hs", &["--no-start", "--no-network"]);
     let dir = std::path::PathBuf::from(env.vm("hs")["vm_dir"].as_str().unwrap().to_string());
     let disk = dir.join("work.ext4");
     let (mut before, mut grown) = (128u64 << 20, 0);
